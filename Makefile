@@ -1,0 +1,53 @@
+# One entry point for people, CI and the devcontainer. `make help` lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+YEAR ?= 2023
+MONTH ?= 3
+COLOR ?= green
+PYTEST_ARGS ?=
+
+# Installed only when the pinned lock or the package metadata changes.
+ENV_STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+.PHONY: help env run lab test test-fast lock clean-outputs strip-notebooks
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@echo "  Knobs: YEAR=$(YEAR) MONTH=$(MONTH) COLOR=$(COLOR); env TAXI_DATA_SOURCE, MLFLOW_TRACKING_URI, PREFECT_API_URL (see README)"
+
+env: $(ENV_STAMP) ## Create .venv from requirements.lock (the one install path)
+
+$(ENV_STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $@
+
+run: env ## Run the pipeline for YEAR-MONTH (default 2023-03) and COLOR
+	$(BIN)/python flows/pipeline.py --year $(YEAR) --month $(MONTH) --color $(COLOR)
+
+lab: env ## JupyterLab on notebooks/, kernel from the project environment
+	cd notebooks && ../$(BIN)/jupyter lab --notebook-dir=.
+
+test: env ## Run the whole test suite (unit, notebooks, end to end)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: env ## Unit tests only
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+lock: ## Re-resolve requirements.in into requirements.lock (needs the package index)
+	rm -rf /tmp/taxi-lock-venv && $(PYTHON) -m venv /tmp/taxi-lock-venv
+	/tmp/taxi-lock-venv/bin/pip install --quiet -r requirements.in
+	{ sed -n '1,3p' requirements.lock; /tmp/taxi-lock-venv/bin/pip freeze; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock
+
+strip-notebooks: env ## Remove outputs from notebooks/ before committing
+	$(BIN)/nbstripout notebooks/*.ipynb
+
+clean-outputs: ## Delete generated outputs (runs, reports); keeps data/ and MLflow
+	find outputs -mindepth 1 ! -name .gitkeep ! -name README.md -exec rm -rf {} +

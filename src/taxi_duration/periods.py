@@ -1,0 +1,94 @@
+"""Pipeline parameters: which month of which taxi colour, and whether TLC publishes it."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+COLORS = ("green", "yellow")
+
+# First month TLC published for each colour (yellow records start in 2009; green, the
+# street-hail livery, in August 2013).
+FIRST_PUBLISHED = {"yellow": (2009, 1), "green": (2013, 8)}
+
+
+class InvalidParameterError(ValueError):
+    """A pipeline parameter that cannot be right; raised before anything is downloaded."""
+
+
+@dataclass(frozen=True, order=True)
+class Month:
+    year: int
+    month: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.month <= 12:
+            raise InvalidParameterError(f"month must be between 1 and 12, got {self.month}")
+
+    def next(self) -> Month:
+        """The following month; December rolls over to January of the next year."""
+        if self.month == 12:
+            return Month(self.year + 1, 1)
+        return Month(self.year, self.month + 1)
+
+    def label(self) -> str:
+        return f"{self.year:04d}-{self.month:02d}"
+
+    def __str__(self) -> str:
+        return self.label()
+
+
+def _as_int(name: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise InvalidParameterError(f"{name} must be a whole number, got {value!r}")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if not text.isdigit():
+        raise InvalidParameterError(f"{name} must be a whole number, got {value!r}")
+    return int(text)
+
+
+@dataclass(frozen=True)
+class PipelineParams:
+    """Validated year, month and colour of one pipeline run (train month; validation is the next)."""
+
+    year: int
+    month: int
+    color: str = "green"
+
+    @classmethod
+    def parse(cls, year: object, month: object, color: object = "green", today: dt.date | None = None) -> PipelineParams:
+        """Validate raw values (CLI strings or UI input) and name what is wrong."""
+        year_int = _as_int("year", year)
+        month_int = _as_int("month", month)
+        if not 1 <= month_int <= 12:
+            raise InvalidParameterError(f"month must be between 1 and 12, got {month_int}")
+        color_text = str(color).strip().lower()
+        if color_text not in COLORS:
+            raise InvalidParameterError(f"color must be one of {', '.join(COLORS)}, got {color!r}")
+        params = cls(year_int, month_int, color_text)
+        params._check_published(today or dt.date.today())
+        return params
+
+    def _check_published(self, today: dt.date) -> None:
+        first = Month(*FIRST_PUBLISHED[self.color])
+        if self.train_month < first:
+            raise InvalidParameterError(
+                f"TLC publishes {self.color} taxi trips from {first} on; {self.train_month} has no data"
+            )
+        # The validation month must have ended before its file can exist.
+        current = Month(today.year, today.month)
+        if self.validation_month >= current:
+            raise InvalidParameterError(
+                f"{self.train_month} needs the following month ({self.validation_month}) as validation data, "
+                f"and that month has not ended yet (today is {today.isoformat()})"
+            )
+
+    @property
+    def train_month(self) -> Month:
+        return Month(self.year, self.month)
+
+    @property
+    def validation_month(self) -> Month:
+        return self.train_month.next()

@@ -1,0 +1,78 @@
+"""Figures the notebooks show. Each function takes data and returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from taxi_duration.features import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES
+
+
+def _figure(width: float = 8, height: float = 3.5) -> tuple[Figure, object]:
+    # Figure() rather than pyplot: no global state, safe in any backend.
+    figure = Figure(figsize=(width, height), layout="constrained")
+    return figure, figure.add_subplot()
+
+
+def trips_per_day(pickups: pd.Series) -> Figure:
+    figure, axes = _figure()
+    counts = pickups.dt.floor("D").value_counts().sort_index()
+    axes.plot(counts.index, counts.to_numpy(), marker="o", markersize=3)
+    axes.set(title="Trips per day (by pickup date)", xlabel="pickup date", ylabel="trips")
+    figure.autofmt_xdate()
+    return figure
+
+
+def duration_histogram(duration_minutes: pd.Series, upper: float = 120) -> Figure:
+    """Durations up to `upper` minutes, with the 1-60 minute training window shaded."""
+    figure, axes = _figure()
+    shown = duration_minutes[(duration_minutes >= -5) & (duration_minutes <= upper)]
+    axes.hist(shown, bins=120, color="#4c72b0")
+    axes.axvspan(MIN_DURATION_MINUTES, MAX_DURATION_MINUTES, color="#55a868", alpha=0.15, label="kept: 1-60 min")
+    hidden = int(duration_minutes.size - shown.size)
+    axes.set(title=f"Trip duration ({hidden:,} trips outside -5..{upper:g} min not shown)", xlabel="minutes", ylabel="trips")
+    axes.legend()
+    return figure
+
+
+def null_counts_bar(nulls: pd.Series) -> Figure:
+    figure, axes = _figure(height=max(2.5, 0.25 * len(nulls)))
+    axes.barh(nulls.index.astype(str), nulls.to_numpy(), color="#c44e52")
+    axes.invert_yaxis()
+    axes.set(title="Nulls per column", xlabel="null values")
+    return figure
+
+
+def top_zones_bar(pickup_zones: pd.DataFrame, dropoff_zones: pd.DataFrame) -> Figure:
+    figure = Figure(figsize=(10, 3.5), layout="constrained")
+    for axes, zones, title in zip(figure.subplots(1, 2), (pickup_zones, dropoff_zones), ("pickup", "dropoff")):
+        axes.barh(zones["zone"], zones["trips"], color="#8172b2")
+        axes.invert_yaxis()
+        axes.set(title=f"Busiest {title} zones", xlabel="trips", ylabel="zone id")
+    return figure
+
+
+def distance_histogram(distance: pd.Series, upper: float = 30) -> Figure:
+    figure, axes = _figure()
+    axes.hist(distance[(distance >= 0) & (distance <= upper)], bins=100, color="#dd8452")
+    axes.set(title=f"Trip distance (0..{upper:g} miles)", xlabel="miles", ylabel="trips")
+    return figure
+
+
+def predicted_vs_actual(actual: np.ndarray, predicted: np.ndarray) -> Figure:
+    figure, axes = _figure(6, 5)
+    hexes = axes.hexbin(actual, predicted, gridsize=60, bins="log", mincnt=1, cmap="viridis")
+    axes.plot([0, MAX_DURATION_MINUTES], [0, MAX_DURATION_MINUTES], color="red", linewidth=1, label="perfect")
+    axes.set(title="Predicted vs actual duration (validation)", xlabel="actual minutes", ylabel="predicted minutes")
+    axes.legend(loc="upper left")
+    figure.colorbar(hexes, ax=axes, label="trips (log)")
+    return figure
+
+
+def residual_histogram(actual: np.ndarray, predicted: np.ndarray) -> Figure:
+    figure, axes = _figure()
+    axes.hist(np.asarray(predicted) - np.asarray(actual), bins=120, range=(-40, 40), color="#4c72b0")
+    axes.axvline(0, color="red", linewidth=1)
+    axes.set(title="Residuals (predicted - actual)", xlabel="minutes", ylabel="trips")
+    return figure

@@ -1,0 +1,116 @@
+"""Files a run writes into its folder: stage manifests, feature matrices, the preprocessor.
+
+Notebooks hand results to each other and to the flow through these files, never through
+cell outputs. Every write goes to a temporary name first, then is renamed into place, so a
+reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import scipy.sparse
+from sklearn.feature_extraction import DictVectorizer
+
+from taxi_duration.features import FeatureMatrices
+
+PREPROCESSOR_FILENAME = "preprocessor.b"
+
+
+class MissingRunFileError(FileNotFoundError):
+    """A stage's input is not in the run folder: the stage before it did not run or failed."""
+
+
+@contextmanager
+def atomic_path(destination: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `destination`; rename it into place if the block succeeds."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix=f".{destination.name}.", suffix=".part", dir=destination.parent)
+    os.close(handle)
+    temporary = Path(name)
+    try:
+        yield temporary
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; run files are meant to be shared
+        os.replace(temporary, destination)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def manifest_path(run_dir: Path, stage: str) -> Path:
+    return Path(run_dir) / f"{stage}.manifest.json"
+
+
+def write_manifest(run_dir: Path, stage: str, content: dict[str, Any]) -> Path:
+    """Record what a stage produced (paths, counts, metrics) as JSON in the run folder."""
+    path = manifest_path(run_dir, stage)
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps({"stage": stage, **content}, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def read_manifest(run_dir: Path, stage: str) -> dict[str, Any]:
+    path = manifest_path(run_dir, stage)
+    if not path.is_file():
+        raise MissingRunFileError(f"{path} does not exist: stage {stage} has not completed in {run_dir}")
+    return json.loads(path.read_text())
+
+
+def _matrix_paths(run_dir: Path) -> dict[str, Path]:
+    folder = Path(run_dir) / "features"
+    return {
+        "X_train": folder / "X_train.npz",
+        "y_train": folder / "y_train.npy",
+        "X_val": folder / "X_val.npz",
+        "y_val": folder / "y_val.npy",
+        "preprocessor": Path(run_dir) / PREPROCESSOR_FILENAME,
+    }
+
+
+def save_matrices(run_dir: Path, matrices: FeatureMatrices) -> dict[str, str]:
+    """Write the matrices, targets and fitted DictVectorizer; return their paths."""
+    paths = _matrix_paths(run_dir)
+    for name in ("X_train", "X_val"):
+        with atomic_path(paths[name]) as temporary:
+            with open(temporary, "wb") as sink:
+                scipy.sparse.save_npz(sink, getattr(matrices, name))
+    for name in ("y_train", "y_val"):
+        with atomic_path(paths[name]) as temporary:
+            with open(temporary, "wb") as sink:
+                np.save(sink, getattr(matrices, name))
+    save_preprocessor(paths["preprocessor"], matrices.vectorizer)
+    return {name: str(path) for name, path in paths.items()}
+
+
+def load_matrices(run_dir: Path) -> FeatureMatrices:
+    """Read what `save_matrices` wrote; a clear error if 02_features has not run."""
+    paths = _matrix_paths(run_dir)
+    missing = [str(path) for path in paths.values() if not path.is_file()]
+    if missing:
+        raise MissingRunFileError(f"feature files missing (run 02_features first): {', '.join(missing)}")
+    return FeatureMatrices(
+        X_train=scipy.sparse.load_npz(paths["X_train"]).tocsr(),
+        y_train=np.load(paths["y_train"]),
+        X_val=scipy.sparse.load_npz(paths["X_val"]).tocsr(),
+        y_val=np.load(paths["y_val"]),
+        vectorizer=load_preprocessor(paths["preprocessor"]),
+    )
+
+
+def save_preprocessor(path: Path, vectorizer: DictVectorizer) -> None:
+    """Pickle the fitted DictVectorizer (the course's `preprocessor.b`, read by serving code)."""
+    with atomic_path(path) as temporary:
+        with open(temporary, "wb") as sink:
+            pickle.dump(vectorizer, sink)
+
+
+def load_preprocessor(path: Path) -> DictVectorizer:
+    with open(path, "rb") as source:
+        return pickle.load(source)

@@ -1,0 +1,95 @@
+"""Where things live and which knobs exist.
+
+Every knob is an environment variable with a default that works on a fresh clone, so that
+`make run` needs no configuration. Nothing here touches the file system or a service: the
+functions only compute values (no side effects at import time).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+TLC_TRIP_DATA_URL = "https://d37ci6vzurychx.cloudfront.net/trip-data"
+DEFAULT_EXPERIMENT = "nyc-taxi-duration"
+DEFAULT_NOTEBOOK_TIMEOUT_SECONDS = 1800
+
+
+def project_dir() -> Path:
+    """The project checkout: `TAXI_PROJECT_DIR`, else the folder holding `src/`."""
+    configured = os.environ.get("TAXI_PROJECT_DIR")
+    if configured:
+        return Path(configured).resolve()
+    return Path(__file__).resolve().parents[2]
+
+
+def notebooks_dir() -> Path:
+    """The parameterized notebooks the pipeline executes."""
+    return project_dir() / "notebooks"
+
+
+def data_dir() -> Path:
+    """Cache of downloaded trip files: `TAXI_DATA_DIR`, default `<project>/data`."""
+    return Path(os.environ.get("TAXI_DATA_DIR") or project_dir() / "data").resolve()
+
+
+def outputs_dir() -> Path:
+    """Executed notebooks and reports: `TAXI_OUTPUTS_DIR`, default `<project>/outputs`."""
+    return Path(os.environ.get("TAXI_OUTPUTS_DIR") or project_dir() / "outputs").resolve()
+
+
+def data_source() -> str:
+    """Where trip files come from: `TAXI_DATA_SOURCE` (URL prefix or folder), default TLC."""
+    return os.environ.get("TAXI_DATA_SOURCE") or TLC_TRIP_DATA_URL
+
+
+def tracking_uri() -> str:
+    """MLflow tracking URI: `MLFLOW_TRACKING_URI`, else a SQLite file in the project.
+
+    The default is absolute on purpose: MLflow resolves relative store paths against the
+    working directory, which differs between the flow (project root) and a kernel
+    (`notebooks/`), and it refuses a bare `./mlruns` file store.
+    """
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_dir() / 'mlflow.db'}"
+
+
+def local_artifact_root() -> Path:
+    """Artifact folder used with the embedded SQLite store (`<project>/mlartifacts`)."""
+    return project_dir() / "mlartifacts"
+
+
+def experiment_name(explicit: str | None = None) -> str:
+    """`--experiment`, else `MLFLOW_EXPERIMENT_NAME`, else `nyc-taxi-duration`."""
+    return explicit or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+
+
+def notebook_timeout_seconds() -> int:
+    """Wall-clock limit for one notebook: `TAXI_NOTEBOOK_TIMEOUT` seconds, default 1800."""
+    raw = os.environ.get("TAXI_NOTEBOOK_TIMEOUT")
+    if not raw:
+        return DEFAULT_NOTEBOOK_TIMEOUT_SECONDS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"TAXI_NOTEBOOK_TIMEOUT must be a whole number of seconds, got {raw!r}") from None
+    if value <= 0:
+        raise ValueError(f"TAXI_NOTEBOOK_TIMEOUT must be positive, got {value}")
+    return value
+
+
+# Offline-friendly defaults for the libraries' own telemetry; applied by entry points
+# (flows, CLI) before Prefect is imported, because Prefect reads its settings at import.
+QUIET_ENVIRONMENT = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    # The ephemeral Prefect server started per run would otherwise check for UI updates.
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+}
+
+
+def apply_quiet_environment() -> None:
+    """Turn off telemetry unless the user already chose otherwise."""
+    for key, value in QUIET_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)

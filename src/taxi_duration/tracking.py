@@ -1,0 +1,147 @@
+"""MLflow helpers shared by the flow (which owns the run) and the training notebook.
+
+Everything goes through `MlflowClient` with an explicit run id instead of MLflow's fluent
+"active run": the fluent API ends a run as FINISHED when a process exits, which would let a
+notebook kernel close the flow's run before the pipeline has finished.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import urlparse
+
+from taxi_duration import settings
+
+
+def _client(tracking_uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri)
+
+
+def artifact_location_for(tracking_uri: str) -> str | None:
+    """Where a new experiment keeps artifacts when MLflow would otherwise pick `./mlruns`.
+
+    Database stores default to a folder relative to the working directory, so the flow and a
+    kernel would scatter artifacts in two places; a SQLite store keeps them beside its file.
+    A tracking server decides for itself (None).
+    """
+    scheme = urlparse(tracking_uri).scheme
+    if scheme in ("http", "https", "databricks"):
+        return None
+    if scheme == "sqlite":
+        database = Path(tracking_uri.removeprefix("sqlite:///"))
+        if database.is_absolute():
+            return (database.parent / "mlartifacts").as_uri()
+    return settings.local_artifact_root().as_uri()
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """Id of experiment `name`, created (with a stable artifact location) if needed."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        if experiment.lifecycle_stage == "deleted":
+            raise ValueError(f"MLflow experiment {name!r} is deleted; restore it or choose another name")
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location_for(tracking_uri))
+    except MlflowException:
+        # Another pipeline created it between our look-up and create.
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def start_run(
+    tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
+) -> str:
+    """Create a RUNNING run with its parameters and tags; return its id."""
+    from mlflow.entities import Param
+
+    client = _client(tracking_uri)
+    run = client.create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name, tags=tags)
+    client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    return run.info.run_id
+
+
+def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    _client(tracking_uri).log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+
+
+def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
+    """Set the run's final status: FINISHED, FAILED or KILLED."""
+    _client(tracking_uri).set_terminated(run_id, status=status)
+
+
+def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    from mlflow.entities import Param
+
+    _client(tracking_uri).log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+
+
+def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    _client(tracking_uri).log_batch(
+        run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()]
+    )
+
+
+def log_files(tracking_uri: str, run_id: str, paths: Iterable[Path], artifact_path: str) -> None:
+    """Archive local files under `artifact_path/` of the run."""
+    client = _client(tracking_uri)
+    for path in paths:
+        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+
+
+def git_commit(directory: Path | None = None) -> str | None:
+    """The checkout's HEAD commit, or None outside a git checkout."""
+    try:
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=directory or settings.project_dir(),
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if result.returncode != 0:
+        return None
+    return result.stdout.strip() or None
+
+
+def model_pip_requirements() -> list[str]:
+    """Exact requirements of the logged model, given so MLflow need not infer them (slow)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name)}" for name in ("mlflow", "xgboost", "scikit-learn", "scipy", "numpy", "pandas")]
+
+
+def log_xgboost_model(tracking_uri: str, run_id: str, booster, input_example_matrix, predictions) -> str:
+    """Log the booster as `model` with a signature on the given run; return the model URI."""
+    import mlflow
+    import mlflow.xgboost
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(tracking_uri)
+    signature = infer_signature(input_example_matrix, predictions)
+    info = mlflow.xgboost.log_model(
+        booster,
+        name="model",
+        signature=signature,
+        pip_requirements=model_pip_requirements(),
+        run_id=run_id,
+    )
+    return info.model_uri
