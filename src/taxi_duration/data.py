@@ -111,7 +111,9 @@ def download_file(url: str, destination: Path, timeout_seconds: float = 60.0, va
     import requests  # imported here: only downloads need it
 
     destination.parent.mkdir(parents=True, exist_ok=True)
-    with requests.get(url, stream=True, timeout=timeout_seconds) as response:
+    # Ask for the bytes as stored: Content-Length then counts what we write.
+    headers = {"Accept-Encoding": "identity"}
+    with requests.get(url, stream=True, timeout=timeout_seconds, headers=headers) as response:
         if response.status_code in (403, 404):
             raise TripFileNotFound(f"{url} answered HTTP {response.status_code}: not published or not found")
         response.raise_for_status()
@@ -122,11 +124,14 @@ def download_file(url: str, destination: Path, timeout_seconds: float = 60.0, va
             with os.fdopen(handle, "wb") as sink:
                 for chunk in response.iter_content(chunk_size=1 << 20):
                     sink.write(chunk)
-            received = temporary.stat().st_size
+            # Bytes that crossed the wire (before any Content-Encoding was undone), which is
+            # what Content-Length counts.
+            received = response.raw.tell()
             if expected is not None and received != int(expected):
                 raise TripDataError(f"{url}: received {received} bytes of {expected}; the download was cut short")
             if validate is not None:
                 validate(temporary)
+            os.chmod(temporary, 0o644)  # mkstemp creates 0600; a shared cache must be readable
             os.replace(temporary, destination)
         finally:
             temporary.unlink(missing_ok=True)

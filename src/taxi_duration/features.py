@@ -41,8 +41,13 @@ def prepare_trips(frame: pd.DataFrame, color: str) -> pd.DataFrame:
     trips = normalize_trips(frame, color)
     trips["duration"] = trip_duration_minutes(trips, color)
     trips = trips[in_duration_window(trips["duration"])].copy()
-    trips["PU_DO"] = trips["PULocationID"].astype(str) + "_" + trips["DOLocationID"].astype(str)
+    trips["PU_DO"] = _zone_text(trips["PULocationID"]) + "_" + _zone_text(trips["DOLocationID"])
     return trips
+
+
+def _zone_text(zone_ids: pd.Series) -> pd.Series:
+    # A null id must stay categorical: left as NaN, DictVectorizer would make it a numeric column.
+    return zone_ids.astype("string").fillna("unknown").astype(object)
 
 
 def feature_records(trips: pd.DataFrame) -> list[dict[str, object]]:

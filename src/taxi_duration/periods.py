@@ -44,7 +44,7 @@ def _as_int(name: str, value: object) -> int:
     if isinstance(value, int):
         return value
     text = str(value).strip()
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):
         raise InvalidParameterError(f"{name} must be a whole number, got {value!r}")
     return int(text)
 

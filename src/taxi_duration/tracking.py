@@ -29,7 +29,7 @@ def artifact_location_for(tracking_uri: str) -> str | None:
     A tracking server decides for itself (None).
     """
     scheme = urlparse(tracking_uri).scheme
-    if scheme in ("http", "https", "databricks"):
+    if scheme in ("http", "https", "databricks") or tracking_uri == "databricks":
         return None
     if scheme == "sqlite":
         database = Path(tracking_uri.removeprefix("sqlite:///"))
@@ -136,6 +136,9 @@ def log_xgboost_model(tracking_uri: str, run_id: str, booster, input_example_mat
     from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(tracking_uri)
+    # MLflow 3 files the LoggedModel under the fluent "current" experiment, not the run's:
+    # without this it lands in "Default" when the run was passed in by id.
+    mlflow.set_experiment(experiment_id=_client(tracking_uri).get_run(run_id).info.experiment_id)
     signature = infer_signature(input_example_matrix, predictions)
     info = mlflow.xgboost.log_model(
         booster,

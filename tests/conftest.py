@@ -1,0 +1,56 @@
+"""Shared fixtures: real TLC files when present, small synthetic files always, isolated stores."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from taxi_duration import settings
+from taxi_duration.periods import Month
+from taxi_duration.synthetic import write_trip_file
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+REAL_DATA_DIR = Path(os.environ.get("TAXI_REAL_DATA_DIR", PROJECT_DIR.parent / "shared" / "data" / "tlc"))
+SYNTHETIC_ROWS = 3000
+
+
+@pytest.fixture(scope="session")
+def real_tlc_dir() -> Path:
+    """The real green-taxi files beside the project; the test is skipped when they are absent."""
+    needed = [REAL_DATA_DIR / f"green_tripdata_2023-0{month}.parquet" for month in (3, 4)]
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        pytest.skip(f"real TLC files not present: {', '.join(missing)}")
+    return REAL_DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(tmp_path_factory) -> Path:
+    """A folder of small TLC-shaped files: both colours, 2023-02 to 2023-05."""
+    folder = tmp_path_factory.mktemp("synthetic-tlc")
+    for color in ("green", "yellow"):
+        month = Month(2023, 2)
+        while month <= Month(2023, 5):
+            write_trip_file(folder, color, month, SYNTHETIC_ROWS, seed=7)
+            month = month.next()
+    return folder
+
+
+@pytest.fixture
+def isolated_stores(tmp_path, monkeypatch) -> dict[str, Path | str]:
+    """MLflow, outputs and the download cache in this test's temporary folder."""
+    stores = {
+        "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "outputs": tmp_path / "outputs",
+        "data": tmp_path / "data",
+    }
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stores["tracking_uri"])
+    monkeypatch.setenv("TAXI_OUTPUTS_DIR", str(stores["outputs"]))
+    monkeypatch.setenv("TAXI_DATA_DIR", str(stores["data"]))
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    monkeypatch.delenv("TAXI_DATA_SOURCE", raising=False)
+    for key, value in settings.QUIET_ENVIRONMENT.items():
+        monkeypatch.setenv(key, value)
+    return stores

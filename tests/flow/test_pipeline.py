@@ -1,0 +1,131 @@
+"""The whole flow, end to end, through its command line, read back through MlflowClient."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import mlflow
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from mlflow.tracking import MlflowClient
+
+from taxi_duration import model, runfiles
+
+pytestmark = pytest.mark.flow
+
+NOTEBOOKS = ["01_explore", "02_features", "03_train"]
+
+
+def _only_run(tracking_uri: str, experiment: str = "nyc-taxi-duration"):
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, f"one MLflow run per pipeline execution, found {len(runs)}"
+    return client, runs[0]
+
+
+def _artifact_names(client, run_id, folder):
+    return sorted(Path(artifact.path).name for artifact in client.list_artifacts(run_id, folder))
+
+
+@pytest.mark.realdata
+def test_real_green_2023_03_reproduces_the_reference_model(run_pipeline, real_tlc_dir, isolated_stores):
+    completed = run_pipeline("--year", "2023", "--month", "3", "--data-source", str(real_tlc_dir))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    # The terminal ends with the figures users look for.
+    tail = completed.stdout[completed.stdout.index("Pipeline finished"):]
+    assert re.search(r"train matrix\s+69,392 rows\s+138,784 non-zeros", tail)
+    assert re.search(r"validation matrix\s+62,979 rows\s+122,674 non-zeros", tail)
+    assert re.search(r"features\s+6,053", tail)
+    assert re.search(r"validation RMSE\s+5\.47\d minutes", tail)
+
+    client, run = _only_run(isolated_stores["tracking_uri"])
+    run_id = run.info.run_id
+    assert f"MLflow run        {run_id}" in tail
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert (metrics["train_nnz"], metrics["val_nnz"], metrics["n_features"]) == (138_784, 122_674, 6_053)
+    assert (metrics["train_rows"], metrics["val_rows"]) == (69_392, 62_979)
+    assert metrics["rmse"] == pytest.approx(5.47, abs=0.01)
+    params = run.data.params
+    assert (params["year"], params["month"], params["color"]) == ("2023", "3", "green")
+    assert params["learning_rate"] == "0.09585355369315604" and params["num_boost_round"] == "30"
+    assert params["early_stopping_rounds"] == "50" and params["seed"] == "42"
+    tags = run.data.tags
+    assert re.fullmatch(r"[0-9a-f-]{36}", tags["prefect.flow_run_id"])
+    assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
+
+    assert _artifact_names(client, run_id, "notebooks") == [f"{name}.ipynb" for name in NOTEBOOKS]
+    assert _artifact_names(client, run_id, "reports") == [f"{name}.html" for name in NOTEBOOKS]
+    assert _artifact_names(client, run_id, "preprocessor") == ["preprocessor.b"]
+    report = Path(client.download_artifacts(run_id, "reports/03_train.html"))
+    assert "data:image/png;base64" in report.read_text()
+
+    # The logged model has a signature and, loaded back, scores the same validation RMSE.
+    run_dir = Path(tags["taxi.run_dir"])
+    assert run_dir.is_relative_to(isolated_stores["outputs"] / "green" / "2023-03")
+    assert sorted(path.name for path in run_dir.glob("*.html")) == [f"{name}.html" for name in NOTEBOOKS]
+    model_uri = runfiles.read_manifest(run_dir, "03_train")["model_uri"]
+    mlflow.set_tracking_uri(isolated_stores["tracking_uri"])
+    assert mlflow.models.get_model_info(model_uri).signature is not None
+    booster = mlflow.xgboost.load_model(model_uri)
+    matrices = runfiles.load_matrices(run_dir)
+    assert model.rmse(matrices.y_val, model.predict(booster, matrices.X_val)) == pytest.approx(metrics["rmse"], rel=1e-6)
+    logged = client.search_logged_models([run.info.experiment_id])
+    assert [m.name for m in logged] == ["model"] and logged[0].source_run_id == run_id
+
+
+def test_yellow_taxis_run_end_to_end_with_another_experiment(run_pipeline, synthetic_source, isolated_stores):
+    completed = run_pipeline(
+        "--year", "2023", "--month", "4", "--color", "yellow",
+        "--data-source", str(synthetic_source), "--experiment", "yellow-check",
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    client, run = _only_run(isolated_stores["tracking_uri"], "yellow-check")
+    assert run.info.status == "FINISHED"
+    assert run.data.params["color"] == "yellow"
+    assert run.data.tags["taxi.validation_month"] == "2023-05"
+    assert run.data.metrics["rmse"] < run.data.metrics["baseline_rmse"]
+    assert _artifact_names(client, run.info.run_id, "reports") == [f"{name}.html" for name in NOTEBOOKS]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--month", "13"], "month must be between 1 and 12"),
+        (["--month", "0"], "month must be between 1 and 12"),
+        (["--year", "20x4"], "year must be a whole number"),
+        (["--color", "purple"], "color must be one of green, yellow"),
+        (["--year", "2012", "--color", "green"], "from 2013-08 on"),
+        (["--data-source", "/no/such/folder"], "no such folder"),
+    ],
+)
+def test_bad_parameters_are_rejected_before_anything_runs(run_pipeline, isolated_stores, args, message):
+    completed = run_pipeline(*args)
+    assert completed.returncode == 2
+    assert message in completed.stderr
+    assert not Path(isolated_stores["tracking_uri"].removeprefix("sqlite:///")).exists(), "no MLflow run may be created"
+    assert not isolated_stores["data"].exists(), "nothing may be downloaded"
+
+
+def test_a_failing_notebook_marks_the_run_failed_and_archives_what_ran(run_pipeline, synthetic_source, isolated_stores, tmp_path):
+    # A training month in which every trip lasts zero minutes: 02_features has nothing to fit.
+    source = tmp_path / "broken-source"
+    source.mkdir()
+    table = pq.read_table(synthetic_source / "green_tripdata_2023-03.parquet")
+    frame = table.to_pandas()
+    frame["lpep_dropoff_datetime"] = frame["lpep_pickup_datetime"]
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), source / "green_tripdata_2023-03.parquet")
+    (source / "green_tripdata_2023-04.parquet").write_bytes((synthetic_source / "green_tripdata_2023-04.parquet").read_bytes())
+
+    completed = run_pipeline("--data-source", str(source))
+    assert completed.returncode == 1
+    assert "02_features.ipynb failed" in completed.stderr and "no training trips left" in completed.stderr
+
+    client, run = _only_run(isolated_stores["tracking_uri"])
+    assert run.info.status == "FAILED"
+    assert _artifact_names(client, run.info.run_id, "notebooks") == ["01_explore.ipynb", "02_features.ipynb"]
+    assert _artifact_names(client, run.info.run_id, "reports") == ["01_explore.html", "02_features.html"]
+    assert "rmse" not in run.data.metrics

@@ -1,0 +1,88 @@
+"""Each notebook executed with papermill on small synthetic data, as the pipeline runs it."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from taxi_duration import runfiles, settings
+from taxi_duration.notebooks import NotebookExecutionError, execute_notebook
+
+pytestmark = pytest.mark.notebooks
+TIMEOUT = 300
+
+
+def _run(stage, run_dir, parameters):
+    return execute_notebook(settings.notebooks_dir() / f"{stage}.ipynb", run_dir / f"{stage}.ipynb", parameters, TIMEOUT)
+
+
+def _outputs(executed_notebook):
+    notebook = json.loads(executed_notebook.read_text())
+    return [output for cell in notebook["cells"] for output in cell.get("outputs", [])]
+
+
+def _data_parameters(source, run_dir, data_dir, color="green"):
+    return {"year": 2023, "month": 3, "color": color, "data_source": str(source), "data_dir": str(data_dir), "run_dir": str(run_dir)}
+
+
+@pytest.mark.parametrize("color", ["green", "yellow"])
+def test_explore_profiles_the_month_with_plots(synthetic_source, isolated_stores, tmp_path, color):
+    run_dir = tmp_path / "run"
+    result = _run("01_explore", run_dir, _data_parameters(synthetic_source, run_dir, isolated_stores["data"], color))
+
+    manifest = runfiles.read_manifest(run_dir, "01_explore")
+    assert manifest["rows"] == 3000
+    assert 0 < manifest["filter"]["kept"] < 3000
+    assert manifest["share_dropped_by_filter"] == pytest.approx(1 - manifest["filter"]["kept"] / 3000)
+    images = [output for output in _outputs(result.executed_notebook) if "image/png" in output.get("data", {})]
+    assert len(images) >= 4, "trips per day, nulls, duration and zone plots"
+    assert "data:image/png;base64" in result.html_report.read_text()
+
+
+def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_stores, tmp_path):
+    run_dir = tmp_path / "run"
+    _run("02_features", run_dir, _data_parameters(synthetic_source, run_dir, isolated_stores["data"]))
+    features = runfiles.read_manifest(run_dir, "02_features")
+    assert (features["train_month"], features["validation_month"]) == ("2023-03", "2023-04")
+    assert features["train_rows"] > 2500 and features["val_rows"] > 2500
+    assert (run_dir / "preprocessor.b").is_file()
+
+    client = MlflowClient(isolated_stores["tracking_uri"])
+    experiment_id = client.create_experiment("notebook-test")
+    run_id = client.create_run(experiment_id).info.run_id
+    _run("03_train", run_dir, {"run_dir": str(run_dir), "tracking_uri": isolated_stores["tracking_uri"], "mlflow_run_id": run_id})
+
+    run = client.get_run(run_id)
+    assert run.info.status == "RUNNING", "the notebook must leave the caller's run open: the flow owns its status"
+    assert run.data.metrics["train_nnz"] == features["train_nnz"]
+    assert run.data.metrics["rmse"] < run.data.metrics["baseline_rmse"]
+    assert run.data.params["max_depth"] == "30"
+    assert [a.path for a in client.list_artifacts(run_id, "preprocessor")] == ["preprocessor/preprocessor.b"]
+    trained = runfiles.read_manifest(run_dir, "03_train")
+    mlflow.set_tracking_uri(isolated_stores["tracking_uri"])
+    assert mlflow.xgboost.load_model(trained["model_uri"]).num_features() == features["n_features"]
+
+
+def test_train_standalone_starts_and_finishes_its_own_run(synthetic_source, isolated_stores, tmp_path):
+    run_dir = tmp_path / "run"
+    _run("02_features", run_dir, _data_parameters(synthetic_source, run_dir, isolated_stores["data"]))
+    _run("03_train", run_dir, {"run_dir": str(run_dir)})  # tracking from MLFLOW_TRACKING_URI, no run id
+
+    run_id = runfiles.read_manifest(run_dir, "03_train")["mlflow_run_id"]
+    run = MlflowClient(isolated_stores["tracking_uri"]).get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["color"] == "green"
+
+
+def test_train_without_features_fails_naming_the_cell_and_keeps_the_notebook(isolated_stores, tmp_path):
+    run_dir = tmp_path / "empty-run"
+    with pytest.raises(NotebookExecutionError) as raised:
+        _run("03_train", run_dir, {"run_dir": str(run_dir)})
+
+    message = str(raised.value)
+    assert "03_train.ipynb" in message and "MissingRunFileError" in message and "cell" in message
+    assert raised.value.result.executed_notebook.is_file()
+    assert raised.value.result.html_report.is_file()
