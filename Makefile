@@ -13,7 +13,7 @@ ENV_STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 
-.PHONY: help env run lab test test-fast lock clean-outputs strip-notebooks
+.PHONY: help env run lab test test-fast lock clean-outputs strip-notebooks browser-deps reports
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -30,6 +30,13 @@ $(ENV_STAMP): requirements.lock pyproject.toml
 
 run: env ## Run the pipeline for YEAR-MONTH (default 2023-03) and COLOR
 	$(BIN)/python flows/pipeline.py --year $(YEAR) --month $(MONTH) --color $(COLOR)
+
+reports: ## Print where the run gallery is (open it in a browser: no server needed)
+	@if [ -f outputs/index.html ]; then echo "file://$(CURDIR)/outputs/index.html"; else echo "no runs yet: make run"; fi
+
+browser-deps: ## Install Debian's Chromium for the browser tests (root; apt)
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version
 
 lab: env ## JupyterLab on notebooks/, kernel from the project environment
 	cd notebooks && ../$(BIN)/jupyter lab --notebook-dir=.

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,10 @@ from taxi_duration import settings
 settings.apply_quiet_environment()
 
 from prefect import flow, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from taxi_duration import data, notebooks, runfiles, tracking  # noqa: E402
+from taxi_duration import data, gallery, notebooks, runfiles, tracking  # noqa: E402
 from taxi_duration.periods import InvalidParameterError, PipelineParams  # noqa: E402
 
 STAGES = ("01_explore", "02_features", "03_train")
@@ -67,8 +69,8 @@ def run_notebook(
 def _archive(result: notebooks.NotebookResult, tracking_uri: str, run_id: str) -> None:
     if result.executed_notebook.is_file():
         tracking.log_files(tracking_uri, run_id, [result.executed_notebook], "notebooks")
-    if result.html_report is not None:
-        tracking.log_files(tracking_uri, run_id, [result.html_report], "reports")
+    if result.reports is not None:
+        tracking.log_files(tracking_uri, run_id, [result.reports.full, result.reports.review], "reports")
 
 
 def run_folder(params: PipelineParams, started: dt.datetime, run_id: str) -> Path:
@@ -133,17 +135,26 @@ def taxi_duration_pipeline(
         },
     }
     status = "FAILED"
+    error: BaseException | None = None
     manifests: dict[str, dict[str, Any]] = {}
+    timings: list[dict[str, Any]] = []
     try:
-        fetch_trip_files(params, source)
+        _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(params, source))
         for stage in STAGES:
-            manifests[stage] = run_notebook(stage, stage_parameters[stage], run_dir, tracking_uri, run_id, timeout_seconds)
+            manifests[stage] = _timed(
+                timings, stage,
+                lambda: run_notebook(stage, stage_parameters[stage], run_dir, tracking_uri, run_id, timeout_seconds),
+            )
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
+    except KeyboardInterrupt as interrupted:
+        status, error = "KILLED", interrupted
+        raise
+    except Exception as failed:
+        error = failed
         raise
     finally:
         tracking.finish_run(tracking_uri, run_id, status)
+        gallery_path = _report_run(params, started, run_id, experiment_name, tracking_uri, status, error, manifests, timings, run_dir)
 
     metrics = manifests["03_train"]["metrics"]
     return {
@@ -155,9 +166,97 @@ def taxi_duration_pipeline(
         "tracking_uri": tracking_uri,
         "model_uri": manifests["03_train"]["model_uri"],
         "run_dir": str(run_dir),
-        "reports": [str(run_dir / f"{stage}.html") for stage in STAGES],
+        "reports": [str(run_dir / f"{stage}.review.html") for stage in STAGES],
+        "gallery": str(gallery_path),
         **{key: metrics[key] for key in SUMMARY_METRICS},
     }
+
+
+def _timed(timings: list[dict[str, Any]], stage: str, work):
+    """Run `work`, recording the stage's wall time and outcome even when it raises."""
+    started = time.monotonic()
+    entry = {"stage": stage, "status": "FAILED", "seconds": None}
+    timings.append(entry)
+    try:
+        result = work()
+        entry["status"] = "COMPLETED"
+        return result
+    finally:
+        entry["seconds"] = round(time.monotonic() - started, 2)
+
+
+def _report_run(params, started, run_id, experiment_name, tracking_uri, status, error, manifests, timings, run_dir) -> Path:
+    """Record the run, rebuild the gallery, publish Prefect artifacts.
+
+    Runs on the way out of a failing flow too, so it must not replace the real error with
+    its own: a reporting problem is printed, and the run's own outcome stands.
+    """
+    gallery_path = settings.outputs_dir() / gallery.GALLERY
+    try:
+        record = _run_record(params, started, run_id, experiment_name, tracking_uri, status, error, manifests, timings)
+        gallery.write_run_record(run_dir, record)
+        gallery_path = gallery.build_gallery(settings.outputs_dir())
+        _publish_prefect_artifacts(record, run_dir, gallery_path)
+    except Exception as problem:  # noqa: BLE001 - reporting must not mask the pipeline's result
+        print(f"warning: could not record the run in the gallery or Prefect artifacts: {problem!r}")
+    return gallery_path
+
+
+def _run_record(params, started, run_id, experiment_name, tracking_uri, status, error, manifests, timings) -> dict[str, Any]:
+    """What the gallery shows of one run; written into the run folder as run.json."""
+    finished = dt.datetime.now(dt.timezone.utc)
+    experiment_id = tracking.experiment_id_of(tracking_uri, run_id)
+    metrics = manifests.get("03_train", {}).get("metrics", {})
+    stages = []
+    for timing in timings:
+        entry = dict(timing)
+        if timing["stage"] in STAGES:
+            for key, suffix in (("full_report", ".html"), ("review_report", ".review.html")):
+                entry[key] = f"{timing['stage']}{suffix}"
+        stages.append(entry)
+    return {
+        "color": params.color,
+        "train_month": params.train_month.label(),
+        "validation_month": params.validation_month.label(),
+        "status": status,
+        "error": None if error is None else (str(error) or type(error).__name__),
+        "started": started.isoformat(),
+        "finished": finished.isoformat(),
+        "seconds": round((finished - started).total_seconds(), 1),
+        "rmse": metrics.get("rmse"),
+        "baseline_rmse": metrics.get("baseline_rmse"),
+        "mlflow_run_id": run_id,
+        "experiment": experiment_name,
+        "experiment_id": experiment_id,
+        "tracking_uri": tracking_uri,
+        "mlflow_url": gallery.mlflow_run_url(tracking_uri, experiment_id, run_id),
+        "prefect_flow_run_id": str(flow_run.id),
+        "stages": stages,
+    }
+
+
+def _publish_prefect_artifacts(record: dict[str, Any], run_dir: Path, gallery_path: Path) -> None:
+    """A metrics summary (markdown) and the stage timings (table), shown in the Prefect UI."""
+    key = f"taxi-duration-{record['color']}-{record['train_month']}"
+    rmse = "n/a" if record["rmse"] is None else f"{record['rmse']:.3f}"
+    baseline = "n/a" if record["baseline_rmse"] is None else f"{record['baseline_rmse']:.3f}"
+    reports = "\n".join(
+        f"- {stage['stage']}: `{run_dir / stage['review_report']}` (full: `{stage['full_report']}`)"
+        for stage in record["stages"] if "review_report" in stage
+    )
+    markdown = (
+        f"# {record['color']} taxis, {record['train_month']} → {record['validation_month']}: {record['status']}\n\n"
+        f"| metric | value |\n|---|---|\n| validation RMSE (min) | {rmse} |\n| baseline RMSE (min) | {baseline} |\n"
+        f"| MLflow run | `{record['mlflow_run_id']}` ({record['experiment']}) |\n| duration | {record['seconds']} s |\n\n"
+        + (f"**Error:** {record['error']}\n\n" if record["error"] else "")
+        + f"## Reports\n{reports}\n\nAll runs: `{gallery_path}`\n"
+    )
+    create_markdown_artifact(markdown=markdown, key=key, description="Pipeline run summary")
+    create_table_artifact(
+        table=[{"stage": s["stage"], "status": s["status"], "seconds": s["seconds"]} for s in record["stages"]],
+        key=f"{key}-timings",
+        description="Wall time of each stage",
+    )
 
 
 def format_summary(result: dict[str, Any]) -> str:
@@ -171,9 +270,10 @@ def format_summary(result: dict[str, Any]) -> str:
         f"  validation RMSE   {result['rmse']:>10.3f} minutes",
         f"  MLflow run        {result['mlflow_run_id']} (experiment {result['experiment']!r}, {result['tracking_uri']})",
         f"  model             {result['model_uri']}",
-        f"  reports           {result['run_dir']}/",
+        f"  reports (review)  {result['run_dir']}/",
     ]
     lines += [f"                    {Path(report).name}" for report in result["reports"]]
+    lines.append(f"  all runs          {result['gallery']}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -54,3 +56,31 @@ def isolated_stores(tmp_path, monkeypatch) -> dict[str, Path | str]:
     for key, value in settings.QUIET_ENVIRONMENT.items():
         monkeypatch.setenv(key, value)
     return stores
+
+
+FLOW_TIMEOUT = 900
+
+
+@pytest.fixture(scope="session")
+def prefect_home(tmp_path_factory) -> Path:
+    """One Prefect home for the session's flow runs, away from the user's ~/.prefect."""
+    return tmp_path_factory.mktemp("prefect-home")
+
+
+@pytest.fixture(scope="session")
+def pipeline_cli(prefect_home):
+    """Run `python flows/pipeline.py ARGS` as a user would, with `env` on top of ours."""
+
+    def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+        full_env = {**os.environ, **settings.QUIET_ENVIRONMENT, "PREFECT_HOME": str(prefect_home), **env}
+        full_env.pop("PREFECT_API_URL", None)  # the embedded default: no server to install
+        return subprocess.run(
+            [sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), *args],
+            cwd=PROJECT_DIR,
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=FLOW_TIMEOUT,
+        )
+
+    return run

@@ -69,6 +69,10 @@ class FeatureMatrices:
     def feature_names(self) -> list[str]:
         return list(self.vectorizer.get_feature_names_out())
 
+    def validation_column(self, feature: str) -> np.ndarray:
+        """Dense values of one feature (e.g. trip_distance) for the validation rows."""
+        return self.X_val[:, self.vectorizer.vocabulary_[feature]].toarray().ravel()
+
     def summary(self) -> dict[str, int]:
         """Figures users compare runs by: shapes and non-zero counts."""
         return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import scipy.sparse
 import xgboost as xgb
 
@@ -61,3 +62,29 @@ def rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     if y_true.size == 0:
         raise ValueError("cannot compute RMSE of zero trips")
     return float(np.sqrt(np.mean((y_true - y_pred) ** 2)))
+
+
+DISTANCE_BUCKETS_MILES = (0, 1, 2, 3, 5, 8, 12, 20, float("inf"))
+
+
+def error_by_distance(distance: np.ndarray, actual: np.ndarray, predicted: np.ndarray) -> pd.DataFrame:
+    """RMSE and mean error per trip-distance bucket: where the model is weak."""
+    frame = pd.DataFrame({"distance": distance, "error": np.asarray(predicted) - np.asarray(actual)})
+    frame["bucket"] = pd.cut(frame["distance"], DISTANCE_BUCKETS_MILES, right=False)
+    grouped = frame.groupby("bucket", observed=True)["error"]
+    return pd.DataFrame(
+        {
+            "trips": grouped.size(),
+            "rmse": grouped.apply(lambda errors: float(np.sqrt(np.mean(errors**2)))),
+            "mean_error": grouped.mean(),
+        }
+    ).rename_axis("miles")
+
+
+def feature_importances(booster: xgb.Booster, feature_names: list[str], top: int = 15) -> pd.DataFrame:
+    """The `top` features by total gain, with their names from the preprocessor."""
+    gains = booster.get_score(importance_type="total_gain")
+    rows = [(feature_names[int(key.removeprefix("f"))] if key.startswith("f") else key, gain) for key, gain in gains.items()]
+    frame = pd.DataFrame(rows, columns=["feature", "total_gain"]).sort_values("total_gain", ascending=False)
+    frame["share"] = frame["total_gain"] / frame["total_gain"].sum() if len(frame) else []
+    return frame.head(top).reset_index(drop=True)

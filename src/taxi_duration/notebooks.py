@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from taxi_duration.reports import ReportPaths, render_reports
+
 # Values a `parameters` cell can take and papermill can write back as Python literals.
 PLAIN_TYPES = (str, int, float, bool, type(None))
 STOP_GRACE_SECONDS = 20
@@ -41,7 +43,7 @@ class NotebookExecutionError(RuntimeError):
 class NotebookResult:
     notebook: str
     executed_notebook: Path
-    html_report: Path | None
+    reports: ReportPaths | None  # full and review HTML; None if papermill wrote nothing
     succeeded: bool
     error: str | None
     seconds: float
@@ -106,8 +108,8 @@ def execute_notebook(
         _stop(child)
         error = f"did not finish within {timeout_seconds:g} s (TAXI_NOTEBOOK_TIMEOUT) and was stopped"
     seconds = time.monotonic() - started
-    html = render_html(executed_notebook) if executed_notebook.is_file() else None
-    result = NotebookResult(notebook.stem, executed_notebook, html, error is None, error, seconds)
+    reports = render_reports(executed_notebook, failure=error) if executed_notebook.is_file() else None
+    result = NotebookResult(notebook.stem, executed_notebook, reports, error is None, error, seconds)
     if error is not None:
         raise NotebookExecutionError(f"notebook {notebook.name} failed: {error} (executed copy: {executed_notebook})", result)
     return result
@@ -132,18 +134,6 @@ def _stop(child: subprocess.Popen) -> None:
         child.communicate()
     except ProcessLookupError:
         pass
-
-
-def render_html(executed_notebook: Path) -> Path:
-    """Render the executed notebook next to it as `<name>.html` (code and outputs)."""
-    import nbformat
-    from nbconvert import HTMLExporter
-
-    notebook = nbformat.read(executed_notebook, as_version=4)
-    body, _ = HTMLExporter().from_notebook_node(notebook)
-    html_path = executed_notebook.with_suffix(".html")
-    html_path.write_text(body, encoding="utf-8")
-    return html_path
 
 
 _ERROR_PREFIX = "NOTEBOOK-ERROR:"

@@ -76,3 +76,32 @@ def residual_histogram(actual: np.ndarray, predicted: np.ndarray) -> Figure:
     axes.axvline(0, color="red", linewidth=1)
     axes.set(title="Residuals (predicted - actual)", xlabel="minutes", ylabel="trips")
     return figure
+
+
+def filter_breakdown_bar(breakdown: dict[str, float]) -> Figure:
+    """Share of the month's trips each duration filter drops, and the share kept."""
+    figure, axes = _figure(height=2.8)
+    labels = ["kept (1-60 min)", "shorter than 1 min", "longer than 60 min", "no duration"]
+    counts = [breakdown["kept"], breakdown["too_short"], breakdown["too_long"], breakdown["unknown_duration"]]
+    total = max(breakdown["rows"], 1)
+    bars = axes.barh(labels, counts, color=["#55a868", "#c44e52", "#dd8452", "#8c8c8c"])
+    axes.bar_label(bars, labels=[f"{count / total:.2%}" for count in counts], padding=3)
+    axes.invert_yaxis()
+    axes.set(title="What the duration filter keeps and drops", xlabel="trips")
+    return figure
+
+
+def error_by_distance_bar(table: pd.DataFrame) -> Figure:
+    figure, axes = _figure()
+    labels = [str(interval) for interval in table.index]
+    axes.bar(labels, table["rmse"], color="#4c72b0")
+    axes.set(title="Validation RMSE by trip distance", xlabel="miles", ylabel="RMSE (minutes)")
+    return figure
+
+
+def feature_importance_bar(table: pd.DataFrame) -> Figure:
+    figure, axes = _figure(height=max(2.5, 0.3 * len(table)))
+    axes.barh(table["feature"], table["share"], color="#8172b2")
+    axes.invert_yaxis()
+    axes.set(title="Top features by total gain", xlabel="share of total gain")
+    return figure

@@ -8,6 +8,7 @@ notebook kernel close the flow's run before the pipeline has finished.
 from __future__ import annotations
 
 import subprocess
+import warnings
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
@@ -15,10 +16,18 @@ from urllib.parse import urlparse
 from taxi_duration import settings
 
 
-def _client(tracking_uri: str):
-    from mlflow.tracking import MlflowClient
+def _import_mlflow():
+    # MLflow imports tqdm.auto, which in a kernel without ipywidgets warns on import;
+    # the warning would end up in every training report.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="IProgress not found")
+        import mlflow
 
-    return MlflowClient(tracking_uri=tracking_uri)
+    return mlflow
+
+
+def _client(tracking_uri: str):
+    return _import_mlflow().MlflowClient(tracking_uri=tracking_uri)
 
 
 def artifact_location_for(tracking_uri: str) -> str | None:
@@ -40,9 +49,9 @@ def artifact_location_for(tracking_uri: str) -> str | None:
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Id of experiment `name`, created (with a stable artifact location) if needed."""
+    client = _client(tracking_uri)
     from mlflow.exceptions import MlflowException
 
-    client = _client(tracking_uri)
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
         if experiment.lifecycle_stage == "deleted":
@@ -62,18 +71,16 @@ def start_run(
     tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
 ) -> str:
     """Create a RUNNING run with its parameters and tags; return its id."""
-    from mlflow.entities import Param
-
-    client = _client(tracking_uri)
-    run = client.create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name, tags=tags)
-    client.log_batch(run.info.run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    run = _client(tracking_uri).create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name, tags=tags)
+    log_params(tracking_uri, run.info.run_id, params)
     return run.info.run_id
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
+    client = _client(tracking_uri)
     from mlflow.entities import RunTag
 
-    _client(tracking_uri).log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
+    client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
 
 
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
@@ -82,18 +89,20 @@ def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
 
 
 def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
+    client = _client(tracking_uri)
     from mlflow.entities import Param
 
-    _client(tracking_uri).log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
 
 
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
     import time
 
+    client = _client(tracking_uri)
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    _client(tracking_uri).log_batch(
+    client.log_batch(
         run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()]
     )
 
@@ -131,7 +140,7 @@ def model_pip_requirements() -> list[str]:
 
 def log_xgboost_model(tracking_uri: str, run_id: str, booster, input_example_matrix, predictions) -> str:
     """Log the booster as `model` with a signature on the given run; return the model URI."""
-    import mlflow
+    mlflow = _import_mlflow()
     import mlflow.xgboost
     from mlflow.models import infer_signature
 
@@ -148,3 +157,31 @@ def log_xgboost_model(tracking_uri: str, run_id: str, booster, input_example_mat
         run_id=run_id,
     )
     return info.model_uri
+
+
+def experiment_id_of(tracking_uri: str, run_id: str) -> str:
+    return _client(tracking_uri).get_run(run_id).info.experiment_id
+
+
+def previous_best(
+    tracking_uri: str, run_id: str, color: str, validation_month: str
+) -> dict[str, Any] | None:
+    """The best finished run of the same experiment, colour and validation month (not `run_id`).
+
+    Same validation month means same data, so the RMSEs are comparable.
+    """
+    client = _client(tracking_uri)
+    experiment_id = client.get_run(run_id).info.experiment_id
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"tags.`taxi.color` = '{color}' and tags.`taxi.validation_month` = '{validation_month}' "
+            "and attributes.status = 'FINISHED'"
+        ),
+        order_by=["metrics.rmse ASC"],
+        max_results=50,
+    )
+    for run in runs:
+        if run.info.run_id != run_id and "rmse" in run.data.metrics:
+            return {"run_id": run.info.run_id, "rmse": run.data.metrics["rmse"], "run_name": run.info.run_name}
+    return None

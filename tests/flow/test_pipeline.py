@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import mlflow
@@ -15,7 +19,9 @@ from taxi_duration import model, runfiles
 
 pytestmark = pytest.mark.flow
 
+INLINE_PNG = re.compile(r'<img [^>]*src="data:image/png;base64,')
 NOTEBOOKS = ["01_explore", "02_features", "03_train"]
+REPORTS = sorted(f"{name}{suffix}" for name in NOTEBOOKS for suffix in (".html", ".review.html"))
 
 
 def _only_run(tracking_uri: str, experiment: str = "nyc-taxi-duration"):
@@ -58,15 +64,16 @@ def test_real_green_2023_03_reproduces_the_reference_model(run_pipeline, real_tl
     assert re.fullmatch(r"[0-9a-f]{40}", tags["mlflow.source.git.commit"])
 
     assert _artifact_names(client, run_id, "notebooks") == [f"{name}.ipynb" for name in NOTEBOOKS]
-    assert _artifact_names(client, run_id, "reports") == [f"{name}.html" for name in NOTEBOOKS]
+    assert _artifact_names(client, run_id, "reports") == REPORTS
     assert _artifact_names(client, run_id, "preprocessor") == ["preprocessor.b"]
-    report = Path(client.download_artifacts(run_id, "reports/03_train.html"))
-    assert "data:image/png;base64" in report.read_text()
+    report = Path(client.download_artifacts(run_id, "reports/03_train.review.html")).read_text()
+    assert len(INLINE_PNG.findall(report)) >= 4, "predicted-vs-actual, residuals, error by distance, importances"
+    assert "5.470923" in report and "baseline: training mean" in report
 
     # The logged model has a signature and, loaded back, scores the same validation RMSE.
     run_dir = Path(tags["taxi.run_dir"])
     assert run_dir.is_relative_to(isolated_stores["outputs"] / "green" / "2023-03")
-    assert sorted(path.name for path in run_dir.glob("*.html")) == [f"{name}.html" for name in NOTEBOOKS]
+    assert sorted(path.name for path in run_dir.glob("*.html")) == REPORTS
     model_uri = runfiles.read_manifest(run_dir, "03_train")["model_uri"]
     mlflow.set_tracking_uri(isolated_stores["tracking_uri"])
     assert mlflow.models.get_model_info(model_uri).signature is not None
@@ -76,8 +83,33 @@ def test_real_green_2023_03_reproduces_the_reference_model(run_pipeline, real_tl
     logged = client.search_logged_models([run.info.experiment_id])
     assert [m.name for m in logged] == ["model"] and logged[0].source_run_id == run_id
 
+    # The gallery lists the run with its RMSE and links to every report.
+    index = (isolated_stores["outputs"] / "index.html").read_text()
+    folder = run_dir.relative_to(isolated_stores["outputs"]).as_posix()
+    assert "5.471" in index and "FINISHED" in index
+    for name in REPORTS:
+        assert f'href="{folder}/{name}"' in index
 
-def test_yellow_taxis_run_end_to_end_with_another_experiment(run_pipeline, synthetic_source, isolated_stores):
+
+def read_prefect_artifacts(prefect_home: Path) -> list[dict]:
+    """Artifacts as the Prefect UI would show them, read through Prefect's own client."""
+    code = (
+        "import asyncio, json\n"
+        "from prefect.client.orchestration import get_client\n"
+        "async def main():\n"
+        "    async with get_client() as client:\n"
+        "        found = await client.read_artifacts()\n"
+        "    print(json.dumps([{'key': a.key, 'type': a.type, 'data': a.data, 'flow_run_id': str(a.flow_run_id)} for a in found]))\n"
+        "asyncio.run(main())\n"
+    )
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home)}
+    env.pop("PREFECT_API_URL", None)
+    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def test_yellow_taxis_run_end_to_end_with_another_experiment(run_pipeline, synthetic_source, isolated_stores, prefect_home):
     completed = run_pipeline(
         "--year", "2023", "--month", "4", "--color", "yellow",
         "--data-source", str(synthetic_source), "--experiment", "yellow-check",
@@ -88,7 +120,15 @@ def test_yellow_taxis_run_end_to_end_with_another_experiment(run_pipeline, synth
     assert run.data.params["color"] == "yellow"
     assert run.data.tags["taxi.validation_month"] == "2023-05"
     assert run.data.metrics["rmse"] < run.data.metrics["baseline_rmse"]
-    assert _artifact_names(client, run.info.run_id, "reports") == [f"{name}.html" for name in NOTEBOOKS]
+    assert _artifact_names(client, run.info.run_id, "reports") == REPORTS
+
+    artifacts = {artifact["key"]: artifact for artifact in read_prefect_artifacts(prefect_home)
+                 if artifact["flow_run_id"] == run.data.tags["prefect.flow_run_id"]}
+    summary = artifacts["taxi-duration-yellow-2023-04"]
+    assert summary["type"] == "markdown" and f"{run.data.metrics['rmse']:.3f}" in summary["data"]
+    timings = json.loads(artifacts["taxi-duration-yellow-2023-04-timings"]["data"])
+    assert [row["stage"] for row in timings] == ["fetch-trip-files", *NOTEBOOKS]
+    assert all(row["status"] == "COMPLETED" and row["seconds"] > 0 for row in timings)
 
 
 @pytest.mark.parametrize(
@@ -127,5 +167,14 @@ def test_a_failing_notebook_marks_the_run_failed_and_archives_what_ran(run_pipel
     client, run = _only_run(isolated_stores["tracking_uri"])
     assert run.info.status == "FAILED"
     assert _artifact_names(client, run.info.run_id, "notebooks") == ["01_explore.ipynb", "02_features.ipynb"]
-    assert _artifact_names(client, run.info.run_id, "reports") == ["01_explore.html", "02_features.html"]
+    assert _artifact_names(client, run.info.run_id, "reports") == REPORTS[:4]
     assert "rmse" not in run.data.metrics
+
+    # The gallery shows the failure; the failed stage's report says why at the top.
+    record = json.loads(next(isolated_stores["outputs"].glob("green/2023-03/*/run.json")).read_text())
+    assert record["status"] == "FAILED" and "no training trips left" in record["error"]
+    assert [(s["stage"], s["status"]) for s in record["stages"]] == [
+        ("fetch-trip-files", "COMPLETED"), ("01_explore", "COMPLETED"), ("02_features", "FAILED")]
+    assert "FAILED" in (isolated_stores["outputs"] / "index.html").read_text()
+    review = next(isolated_stores["outputs"].glob("green/2023-03/*/02_features.review.html")).read_text()
+    assert review.index("This notebook failed") < review.index("02 · Features")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlflow
 import pytest
@@ -12,6 +13,7 @@ from taxi_duration import runfiles, settings
 from taxi_duration.notebooks import NotebookExecutionError, execute_notebook
 
 pytestmark = pytest.mark.notebooks
+INLINE_PNG = re.compile(r'<img [^>]*src="data:image/png;base64,')
 TIMEOUT = 300
 
 
@@ -39,7 +41,8 @@ def test_explore_profiles_the_month_with_plots(synthetic_source, isolated_stores
     assert manifest["share_dropped_by_filter"] == pytest.approx(1 - manifest["filter"]["kept"] / 3000)
     images = [output for output in _outputs(result.executed_notebook) if "image/png" in output.get("data", {})]
     assert len(images) >= 4, "trips per day, nulls, duration and zone plots"
-    assert "data:image/png;base64" in result.html_report.read_text()
+    assert len(INLINE_PNG.findall(result.reports.full.read_text())) == len(images)
+    assert len(INLINE_PNG.findall(result.reports.review.read_text())) == len(images)
 
 
 def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_stores, tmp_path):
@@ -85,4 +88,5 @@ def test_train_without_features_fails_naming_the_cell_and_keeps_the_notebook(iso
     message = str(raised.value)
     assert "03_train.ipynb" in message and "MissingRunFileError" in message and "cell" in message
     assert raised.value.result.executed_notebook.is_file()
-    assert raised.value.result.html_report.is_file()
+    review = raised.value.result.reports.review.read_text()
+    assert "This notebook failed" in review and "MissingRunFileError" in review

@@ -1,0 +1,112 @@
+"""A reviewer's view: the gallery and the reports opened from disk in headless Chromium."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+# Flags for a closed network: without them Chromium keeps trying to reach Google's services.
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, pipeline_cli, synthetic_source) -> Path:
+    """Outputs of one real pipeline run (CLI, embedded MLflow), as `make run` leaves them."""
+    root = tmp_path_factory.mktemp("browser-run")
+    completed = pipeline_cli(
+        "--data-source", str(synthetic_source),
+        env={"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
+             "TAXI_DATA_DIR": str(root / "data")},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return root / "outputs"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if CHROMIUM is None:
+        pytest.skip("Chromium is not installed: `make browser-deps` installs Debian's chromium package")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+def _open(browser, url: str, screenshot: Path) -> tuple[object, list[str], list[str]]:
+    """Load `url`; return the page, console/page errors and requests that left the disk."""
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    remote: list[str] = []
+    page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+    page.on("pageerror", lambda error: errors.append(str(error)))
+    page.on("request", lambda request: remote.append(request.url) if not request.url.startswith(("file:", "data:")) else None)
+    page.goto(url, wait_until="load")
+    page.screenshot(path=str(screenshot), full_page=True)
+    return page, errors, remote
+
+
+def _image_states(page) -> list[tuple[bool, int]]:
+    return page.eval_on_selector_all("img", "images => images.map(image => [image.complete, image.naturalWidth])")
+
+
+def test_gallery_and_review_reports_render_offline(browser, finished_run, tmp_path):
+    gallery_page, errors, remote = _open(browser, (finished_run / "index.html").as_uri(), tmp_path / "gallery.png")
+    assert errors == [] and remote == []
+    assert gallery_page.locator("tbody tr").count() == 1
+    assert gallery_page.locator("tbody tr .status").inner_text() == "FINISHED"
+    review_links = gallery_page.locator("a", has_text="review")
+    assert review_links.count() == 3
+
+    images_seen = 0
+    for index in range(3):
+        href = review_links.nth(index).get_attribute("href")
+        report, errors, remote = _open(browser, (finished_run / href).as_uri(), tmp_path / f"review-{index}.png")
+        images = _image_states(report)
+        assert images, f"{href} should show its plots"
+        images_seen += len(images)
+        assert all(complete and width > 0 for complete, width in images), f"an image in {href} did not load"
+        assert errors == [], f"console errors in {href}: {errors}"
+        assert remote == [], f"{href} fetched {remote}"
+        assert report.locator(".jp-CodeCell .jp-InputArea-editor").count() == 0, "review reports hide code"
+        report.close()
+    assert images_seen >= 10, "5 plots in 01_explore, 1 in 02_features, 4 in 03_train"
+    assert (tmp_path / "review-2.png").stat().st_size > 10_000
+
+
+def test_full_report_shows_code_and_the_failure_banner_is_visible(browser, finished_run, tmp_path):
+    full = next(finished_run.glob("green/2023-03/*/03_train.html"))
+    page, errors, remote = _open(browser, full.as_uri(), tmp_path / "full.png")
+    assert errors == [] and remote == []
+    assert page.locator(".jp-CodeCell .jp-InputArea-editor").count() > 5
+    assert page.locator("#taxi-failure").count() == 0
+
+
+def test_hostile_output_does_not_run_in_the_report(browser, tmp_path):
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook, new_output
+
+    from taxi_duration.reports import render_reports
+
+    notebook = new_notebook(cells=[new_code_cell("x", execution_count=1, outputs=[
+        new_output("display_data", {"text/html": '<img src="nope" onerror="window.pwned=1"><script>window.pwned=2</script>'}),
+        new_output("display_data", {"application/javascript": "window.pwned = 3"}),
+        new_output("error", ename="ValueError", evalue="bad month", traceback=[]),
+    ])], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    path = tmp_path / "hostile.ipynb"
+    nbformat.write(notebook, path)
+    reports = render_reports(path)
+
+    page, errors, _ = _open(browser, reports.review.as_uri(), tmp_path / "hostile.png")
+    assert page.evaluate("window.pwned === undefined")
+    assert page.locator("#taxi-failure").is_visible()
+    assert "ValueError: bad month" in page.locator("#taxi-failure").inner_text()
