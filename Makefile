@@ -7,13 +7,15 @@ YEAR ?= 2023
 MONTH ?= 3
 COLOR ?= green
 PYTEST_ARGS ?=
+PARALLEL ?= 2
+FORCE ?=
 
 # Installed only when the pinned lock or the package metadata changes.
 ENV_STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 
-.PHONY: help env run lab test test-fast lock clean-outputs strip-notebooks browser-deps reports
+.PHONY: help env run backfill serve lab test test-fast lock clean-outputs strip-notebooks browser-deps reports
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -28,8 +30,15 @@ $(ENV_STAMP): requirements.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-run: env ## Run the pipeline for YEAR-MONTH (default 2023-03) and COLOR
-	$(BIN)/python flows/pipeline.py --year $(YEAR) --month $(MONTH) --color $(COLOR)
+run: env ## Run the pipeline for YEAR-MONTH (default 2023-03) and COLOR; unchanged stages are reused
+	$(BIN)/python flows/pipeline.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(FORCE),--force)
+
+backfill: env ## Run every month FROM=YYYY-MM TO=YYYY-MM (PARALLEL=2 at a time)
+	@test -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make backfill FROM=2023-01 TO=2023-04 [COLOR=green] [PARALLEL=2]"; exit 2; }
+	$(BIN)/python flows/backfill.py --from $(FROM) --to $(TO) --color $(COLOR) --max-parallel $(PARALLEL) $(if $(FORCE),--force)
+
+serve: env ## Serve the monthly scheduled deployment (Ctrl-C stops); needs PREFECT_API_URL for the UI
+	$(BIN)/python flows/serve.py
 
 reports: ## Print where the run gallery is (open it in a browser: no server needed)
 	@if [ -f outputs/index.html ]; then echo "file://$(CURDIR)/outputs/index.html"; else echo "no runs yet: make run"; fi

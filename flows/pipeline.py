@@ -14,6 +14,7 @@ import argparse
 import datetime as dt
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,11 @@ from taxi_duration import settings
 settings.apply_quiet_environment()
 
 from prefect import flow, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from taxi_duration import data, gallery, notebooks, runfiles, tracking  # noqa: E402
+from taxi_duration import data, gallery, model, notebooks, runfiles, stagecache, tracking  # noqa: E402
 from taxi_duration.periods import InvalidParameterError, PipelineParams  # noqa: E402
 
 STAGES = ("01_explore", "02_features", "03_train")
@@ -38,7 +40,10 @@ def _retry_unless_bad_data(task, task_run, state) -> bool:
     return not isinstance(state.data, data.TripDataError)
 
 
-@task(name="fetch-trip-files", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_data)
+@task(
+    name="fetch-trip-files", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_data,
+    cache_policy=NO_CACHE,
+)
 def fetch_trip_files(params: PipelineParams, source: data.TripSource) -> dict[str, str]:
     """Make the training and validation files local and validated before any notebook runs."""
     return {
@@ -47,11 +52,66 @@ def fetch_trip_files(params: PipelineParams, source: data.TripSource) -> dict[st
     }
 
 
-@task(name="run-notebook", task_run_name="{stage}")
-def run_notebook(
+@task(name="run-notebook", task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_stage(
+    stage: str,
+    parameters: dict[str, Any],
+    run_dir: Path,
+    tracking_uri: str,
+    run_id: str,
+    timeout_seconds: int,
+    key: str,
+    cache_root: Path | None,
+) -> dict[str, Any]:
+    """Reuse the stage's earlier outputs if its key is cached, else execute it; archive either way.
+
+    Returns the stage's manifest, plus `reused_from` (the cache entry) when nothing ran.
+    """
+    cache = stagecache.StageCache(cache_root) if cache_root else None
+    entry = cache.lookup(stage, key) if cache else None
+    if entry is not None:
+        stagecache.StageCache.restore(entry, run_dir)
+        _archive_stage_files(run_dir, stage, tracking_uri, run_id)
+        manifest = runfiles.read_manifest(run_dir, stage)
+        if stage == "03_train":
+            _replay_training(tracking_uri, run_id, run_dir, manifest)
+        print(f"{stage}: inputs unchanged, reused from {entry.run_dir} (MLflow run {entry.mlflow_run_id})")
+        return {**manifest, "reused_from": asdict(entry)}
+    manifest = _execute_notebook(stage, parameters, run_dir, tracking_uri, run_id, timeout_seconds)
+    if cache is not None:
+        cache.store(stage, key, run_dir, run_id, _stage_files(stage, manifest))
+    return manifest
+
+
+def _stage_files(stage: str, manifest: dict[str, Any]) -> list[str]:
+    """What a stage leaves in the run folder (relative paths): what a reuse must bring back."""
+    own = [f"{stage}.ipynb", f"{stage}.html", f"{stage}.review.html", runfiles.manifest_path(Path(), stage).name]
+    return own + list(manifest.get("files", {}).values())
+
+
+def _archive_stage_files(run_dir: Path, stage: str, tracking_uri: str, run_id: str) -> None:
+    tracking.log_files(tracking_uri, run_id, [run_dir / f"{stage}.ipynb"], "notebooks")
+    tracking.log_files(tracking_uri, run_id, [run_dir / f"{stage}.html", run_dir / f"{stage}.review.html"], "reports")
+
+
+def _replay_training(tracking_uri: str, run_id: str, run_dir: Path, manifest: dict[str, Any]) -> None:
+    """Give a run whose training was reused the same params, metrics and preprocessor."""
+    tracking.log_params(tracking_uri, run_id, model.training_params())
+    tracking.log_metrics(tracking_uri, run_id, manifest["metrics"])
+    tracking.log_files(tracking_uri, run_id, [run_dir / runfiles.PREPROCESSOR_FILENAME], "preprocessor")
+    tracking.set_tags(tracking_uri, run_id, {
+        "taxi.model_uri": manifest["model_uri"],
+        # The registry saw this model when its training ran; registering it again would
+        # only add a duplicate version.
+        "taxi.promotion.decision": "reused",
+        "taxi.promotion.reason": f"training reused from run {manifest['mlflow_run_id']}, whose model was registered and gated then",
+    })
+
+
+def _execute_notebook(
     stage: str, parameters: dict[str, Any], run_dir: Path, tracking_uri: str, run_id: str, timeout_seconds: int
 ) -> dict[str, Any]:
-    """Execute one notebook, archive the executed copy and its report, return its manifest."""
+    """Execute one notebook, archive the executed copy and its reports, return its manifest."""
     try:
         result = notebooks.execute_notebook(
             settings.notebooks_dir() / f"{stage}.ipynb",
@@ -80,16 +140,31 @@ def run_folder(params: PipelineParams, started: dt.datetime, run_id: str) -> Pat
 
 @flow(name="nyc-taxi-duration", log_prints=True)
 def taxi_duration_pipeline(
-    year: int = 2023,
-    month: int = 3,
+    year: int | None = 2023,
+    month: int | None = 3,
     color: str = "green",
     data_source: str | None = None,
     experiment: str | None = None,
+    force: bool = False,
+    registered_model: str | None = "nyc-taxi-duration",
 ) -> dict[str, Any]:
-    """Train and evaluate the trip-duration model on YEAR-MONTH, validated on the month after."""
-    params = PipelineParams.parse(year, month, color)
+    """Train and evaluate the trip-duration model on YEAR-MONTH, validated on the month after.
+
+    With year and month both None (the scheduled deployment), trains on the newest month
+    whose data and following month are published. Stages whose inputs have not changed
+    since an earlier successful run are reused unless `force`. The trained model is registered
+    as a version of `registered_model` and becomes its `champion` only if it beats the current
+    one on this validation month (None: no registration).
+    """
     source = data.trip_source(data_source)
     data.check_source_location(source.location)
+    if year is None and month is None:
+        from taxi_duration import schedule
+
+        newest = schedule.newest_trainable_month(source.location, color)
+        year, month = newest.year, newest.month
+        print(f"No month given: training on {newest}, the newest month with its following month published")
+    params = PipelineParams.parse(year, month, color)
     timeout_seconds = settings.notebook_timeout_seconds()
     tracking_uri = settings.tracking_uri()
     experiment_name = settings.experiment_name(experiment)
@@ -132,18 +207,23 @@ def taxi_duration_pipeline(
             "tracking_uri": tracking_uri,
             "experiment_name": experiment_name,
             "mlflow_run_id": run_id,
+            "registered_model": registered_model,
         },
     }
+    cache_root = None if force else settings.stage_cache_dir()
     status = "FAILED"
     error: BaseException | None = None
     manifests: dict[str, dict[str, Any]] = {}
     timings: list[dict[str, Any]] = []
     try:
-        _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(params, source))
+        trip_files = _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(params, source))
+        keys = _stage_keys(params, trip_files, stage_parameters)
         for stage in STAGES:
             manifests[stage] = _timed(
                 timings, stage,
-                lambda: run_notebook(stage, stage_parameters[stage], run_dir, tracking_uri, run_id, timeout_seconds),
+                lambda: run_stage(stage, stage_parameters[stage], run_dir, tracking_uri, run_id, timeout_seconds,
+                                  keys[stage], cache_root),
+                cached=lambda manifest: "reused_from" in manifest,
             )
         status = "FINISHED"
     except KeyboardInterrupt as interrupted:
@@ -153,6 +233,7 @@ def taxi_duration_pipeline(
         error = failed
         raise
     finally:
+        _tag_reused_stages(tracking_uri, run_id, manifests)
         tracking.finish_run(tracking_uri, run_id, status)
         gallery_path = _report_run(params, started, run_id, experiment_name, tracking_uri, status, error, manifests, timings, run_dir)
 
@@ -168,18 +249,49 @@ def taxi_duration_pipeline(
         "run_dir": str(run_dir),
         "reports": [str(run_dir / f"{stage}.review.html") for stage in STAGES],
         "gallery": str(gallery_path),
+        "promotion": manifests["03_train"].get("promotion") if "reused_from" not in manifests["03_train"] else None,
+        "reused_stages": {stage: m["reused_from"]["mlflow_run_id"] for stage, m in manifests.items() if "reused_from" in m},
         **{key: metrics[key] for key in SUMMARY_METRICS},
     }
 
 
-def _timed(timings: list[dict[str, Any]], stage: str, work):
+def _stage_keys(params: PipelineParams, trip_files: dict[str, str], stage_parameters: dict[str, dict]) -> dict[str, str]:
+    """Cache keys: notebook bytes, the parameters that matter, input file digests, upstream keys."""
+    train_digest = stagecache.file_sha256(Path(trip_files[params.train_month.label()]))
+    validation_digest = stagecache.file_sha256(Path(trip_files[params.validation_month.label()]))
+    period = {"year": params.year, "month": params.month, "color": params.color}
+    notebook = {stage: settings.notebooks_dir() / f"{stage}.ipynb" for stage in STAGES}
+    keys = {
+        "01_explore": stagecache.stage_key("01_explore", notebook["01_explore"], period, {"train": train_digest}, {}),
+        "02_features": stagecache.stage_key(
+            "02_features", notebook["02_features"], period, {"train": train_digest, "validation": validation_digest}, {}
+        ),
+    }
+    # Training reads only what 02_features wrote; where it logs (store, experiment) matters
+    # too, since a reuse does not log the model again.
+    training = {name: stage_parameters["03_train"][name] for name in ("tracking_uri", "experiment_name", "registered_model")}
+    keys["03_train"] = stagecache.stage_key("03_train", notebook["03_train"], training, {}, {"02_features": keys["02_features"]})
+    return keys
+
+
+def _tag_reused_stages(tracking_uri: str, run_id: str, manifests: dict[str, dict[str, Any]]) -> None:
+    """Say on the MLflow run which stages were reused, and from which run and folder."""
+    tags = {"taxi.reused_stages": ",".join(stage for stage, m in manifests.items() if "reused_from" in m)}
+    for stage, manifest in manifests.items():
+        if "reused_from" in manifest:
+            tags[f"taxi.stage.{stage}.reused_from_run"] = manifest["reused_from"]["mlflow_run_id"]
+            tags[f"taxi.stage.{stage}.reused_from_dir"] = manifest["reused_from"]["run_dir"]
+    tracking.set_tags(tracking_uri, run_id, tags)
+
+
+def _timed(timings: list[dict[str, Any]], stage: str, work, cached=lambda result: False):
     """Run `work`, recording the stage's wall time and outcome even when it raises."""
     started = time.monotonic()
     entry = {"stage": stage, "status": "FAILED", "seconds": None}
     timings.append(entry)
     try:
         result = work()
-        entry["status"] = "COMPLETED"
+        entry["status"] = "CACHED" if cached(result) else "COMPLETED"
         return result
     finally:
         entry["seconds"] = round(time.monotonic() - started, 2)
@@ -273,6 +385,11 @@ def format_summary(result: dict[str, Any]) -> str:
         f"  reports (review)  {result['run_dir']}/",
     ]
     lines += [f"                    {Path(report).name}" for report in result["reports"]]
+    if result.get("promotion"):
+        lines.append(f"  model registry    {result['promotion']['taxi.promotion.reason']}")
+    if result["reused_stages"]:
+        reused = ", ".join(f"{stage} (run {run[:8]})" for stage, run in result["reused_stages"].items())
+        lines.append(f"  reused, unchanged {reused}")
     lines.append(f"  all runs          {result['gallery']}")
     return "\n".join(lines)
 
@@ -284,6 +401,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--color", default="green", help="green (default) or yellow")
     parser.add_argument("--data-source", help="URL prefix or folder of trip files (default $TAXI_DATA_SOURCE, else TLC)")
     parser.add_argument("--experiment", help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else nyc-taxi-duration)")
+    parser.add_argument("--latest", action="store_true", help="train on the newest month whose data and next month are published")
+    parser.add_argument("--force", action="store_true", help="rerun every stage, even those whose inputs have not changed")
     return parser.parse_args(argv)
 
 
@@ -291,6 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Fail on bad input before Prefect starts anything or MLflow records a run.
     try:
+        if args.latest:
+            from taxi_duration import schedule
+
+            newest = schedule.newest_trainable_month(data.trip_source(args.data_source).location, args.color)
+            args.year, args.month = newest.year, newest.month
         params = PipelineParams.parse(args.year, args.month, args.color)
         data.check_source_location(data.trip_source(args.data_source).location)
         settings.notebook_timeout_seconds()
@@ -300,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = taxi_duration_pipeline(
             year=params.year, month=params.month, color=params.color,
-            data_source=args.data_source, experiment=args.experiment,
+            data_source=args.data_source, experiment=args.experiment, force=args.force,
         )
     except Exception as error:
         print(f"\nPipeline failed: {error}", file=sys.stderr)

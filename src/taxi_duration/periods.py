@@ -92,3 +92,27 @@ class PipelineParams:
     @property
     def validation_month(self) -> Month:
         return self.train_month.next()
+
+
+MAX_BACKFILL_MONTHS = 240
+
+
+def parse_month(text: str) -> Month:
+    """'2023-04' -> Month(2023, 4), naming the expected format when it is not that."""
+    parts = str(text).strip().split("-")
+    if len(parts) != 2 or not all(part.isascii() and part.isdigit() for part in parts):
+        raise InvalidParameterError(f"months are written YYYY-MM, got {text!r}")
+    return Month(int(parts[0]), int(parts[1]))
+
+
+def month_range(first: str, last: str) -> list[Month]:
+    """Every month from `first` to `last` inclusive (YYYY-MM)."""
+    start, end = parse_month(first), parse_month(last)
+    if end < start:
+        raise InvalidParameterError(f"--to {end} is before --from {start}")
+    months = [start]
+    while months[-1] < end:
+        months.append(months[-1].next())
+        if len(months) > MAX_BACKFILL_MONTHS:
+            raise InvalidParameterError(f"{start}..{end} spans more than {MAX_BACKFILL_MONTHS} months")
+    return months

@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import pandas as pd
 import scipy.sparse
 from sklearn.feature_extraction import DictVectorizer
 
 from taxi_duration.features import FeatureMatrices
 
 PREPROCESSOR_FILENAME = "preprocessor.b"
+VALIDATION_RECORDS = "features/validation_records.parquet"
 
 
 class MissingRunFileError(FileNotFoundError):
@@ -75,7 +77,7 @@ def _matrix_paths(run_dir: Path) -> dict[str, Path]:
 
 
 def save_matrices(run_dir: Path, matrices: FeatureMatrices) -> dict[str, str]:
-    """Write the matrices, targets and fitted DictVectorizer; return their paths."""
+    """Write the matrices, targets and fitted DictVectorizer; return their paths relative to `run_dir`."""
     paths = _matrix_paths(run_dir)
     for name in ("X_train", "X_val"):
         with atomic_path(paths[name]) as temporary:
@@ -86,7 +88,22 @@ def save_matrices(run_dir: Path, matrices: FeatureMatrices) -> dict[str, str]:
             with open(temporary, "wb") as sink:
                 np.save(sink, getattr(matrices, name))
     save_preprocessor(paths["preprocessor"], matrices.vectorizer)
-    return {name: str(path) for name, path in paths.items()}
+    return {name: path.relative_to(run_dir).as_posix() for name, path in paths.items()}
+
+
+def save_validation_records(run_dir: Path, records: pd.DataFrame) -> str:
+    """Keep the validation trips' raw features so other models can be re-scored on them."""
+    path = Path(run_dir) / VALIDATION_RECORDS
+    with atomic_path(path) as temporary:
+        records.reset_index(drop=True).to_parquet(temporary, index=False)
+    return VALIDATION_RECORDS
+
+
+def load_validation_records(run_dir: Path) -> pd.DataFrame:
+    path = Path(run_dir) / VALIDATION_RECORDS
+    if not path.is_file():
+        raise MissingRunFileError(f"{path} does not exist: run 02_features first")
+    return pd.read_parquet(path)
 
 
 def load_matrices(run_dir: Path) -> FeatureMatrices:

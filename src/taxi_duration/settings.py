@@ -38,6 +38,11 @@ def outputs_dir() -> Path:
     return Path(os.environ.get("TAXI_OUTPUTS_DIR") or project_dir() / "outputs").resolve()
 
 
+def stage_cache_dir() -> Path:
+    """Where stage cache entries live: `TAXI_CACHE_DIR`, default `<outputs>/.stage-cache`."""
+    return Path(os.environ.get("TAXI_CACHE_DIR") or outputs_dir() / ".stage-cache").resolve()
+
+
 def data_source() -> str:
     """Where trip files come from: `TAXI_DATA_SOURCE` (URL prefix or folder), default TLC."""
     return os.environ.get("TAXI_DATA_SOURCE") or TLC_TRIP_DATA_URL

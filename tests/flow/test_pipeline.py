@@ -83,6 +83,11 @@ def test_real_green_2023_03_reproduces_the_reference_model(run_pipeline, real_tl
     logged = client.search_logged_models([run.info.experiment_id])
     assert [m.name for m in logged] == ["model"] and logged[0].source_run_id == run_id
 
+    # The first model in a fresh registry becomes champion, and the run says why.
+    version = client.get_model_version_by_alias("nyc-taxi-duration", "champion")
+    assert version.run_id == run_id
+    assert tags["taxi.promotion.decision"] == "promoted" and "first" in tags["taxi.promotion.reason"]
+
     # The gallery lists the run with its RMSE and links to every report.
     index = (isolated_stores["outputs"] / "index.html").read_text()
     folder = run_dir.relative_to(isolated_stores["outputs"]).as_posix()

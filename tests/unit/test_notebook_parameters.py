@@ -18,7 +18,7 @@ TRAIN = NOTEBOOKS / "03_train.ipynb"
 def test_real_notebooks_declare_the_expected_parameters():
     assert set(declared_parameters(EXPLORE)) == {"year", "month", "color", "data_source", "data_dir", "run_dir"}
     assert set(declared_parameters(FEATURES)) == {"year", "month", "color", "data_source", "data_dir", "run_dir"}
-    assert set(declared_parameters(TRAIN)) == {"run_dir", "tracking_uri", "experiment_name", "mlflow_run_id"}
+    assert set(declared_parameters(TRAIN)) == {"run_dir", "tracking_uri", "experiment_name", "mlflow_run_id", "registered_model"}
 
 
 def test_valid_explore_parameters_pass():

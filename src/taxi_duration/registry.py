@@ -1,0 +1,378 @@
+"""Model registry with a promotion gate: a run's model becomes "champion" only if it is better.
+
+Every gated run registers its model as a new version of one registered model. The alias
+`champion` moves to that version only when the challenger's validation RMSE is strictly lower
+than the current champion's RMSE *re-scored on the same validation trips*: the champion's
+logged RMSE was measured on whatever month it was validated on, so comparing it with a
+different month's RMSE would reward an easy month rather than a better model.
+
+Each version keeps its own feature space: a DictVectorizer fitted on its own training month.
+The champion is therefore re-scored with the `preprocessor/preprocessor.b` its source run
+logged, never with the challenger's vectorizer (whose column order and width differ).
+
+Every MLflow call goes through an `MlflowClient` built for the given tracking URI. MLflow's
+shortcuts for this (`mlflow.register_model`, `load_model("models:/name@champion")`) resolve
+against the process-wide tracking/registry URI instead, so they silently act on another store
+when the caller's URI is not also the global one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+import numpy as np
+
+from taxi_duration import tracking
+from taxi_duration.features import CATEGORICAL_FEATURES, NUMERICAL_FEATURES
+from taxi_duration.model import rmse
+from taxi_duration.runfiles import PREPROCESSOR_FILENAME
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import xgboost as xgb
+    from sklearn.feature_extraction import DictVectorizer
+
+DEFAULT_REGISTERED_MODEL = "nyc-taxi-duration"
+CHAMPION_ALIAS = "champion"
+# Where the training notebook logs the fitted DictVectorizer (tracking.log_files(..., "preprocessor")).
+PREPROCESSOR_ARTIFACT_DIR = "preprocessor"
+PREPROCESSOR_ARTIFACT_PATH = f"{PREPROCESSOR_ARTIFACT_DIR}/{PREPROCESSOR_FILENAME}"
+
+TAG_PREFIX = "taxi.promotion."
+VERSION_TAG_RUN_ID = "taxi.run_id"
+VERSION_TAG_VALIDATION_MONTH = "taxi.validation_month"
+VERSION_TAG_VALIDATION_RMSE = "taxi.validation_rmse"
+VERSION_TAG_MODEL_URI = "taxi.model_uri"
+# Tag value for "there was no champion", so the keys are always present and searchable.
+NO_CHAMPION = "none"
+
+FEATURE_COLUMNS = CATEGORICAL_FEATURES + NUMERICAL_FEATURES
+
+
+class RegistryError(RuntimeError):
+    """The registry is not in a state the promotion gate can work with."""
+
+
+class MissingChampionArtifactError(RegistryError, FileNotFoundError):
+    """The champion's source run lacks an artifact needed to re-score it (its preprocessor)."""
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """What the gate did with one run's model, and why."""
+
+    registered_model: str
+    version: str  # the version this run registered
+    promoted: bool  # the champion alias now points at `version`
+    challenger_rmse: float
+    champion_rmse: float | None  # previous champion re-scored on this run's validation data
+    champion_version: str | None  # previous champion's version; None if there was none
+    reason: str  # one human sentence
+
+    def tags(self) -> dict[str, str]:
+        """Run tags recording the decision; RMSEs at full precision so they can be compared."""
+        champion_rmse = NO_CHAMPION if self.champion_rmse is None else repr(float(self.champion_rmse))
+        return {
+            f"{TAG_PREFIX}decision": "promoted" if self.promoted else "kept",
+            f"{TAG_PREFIX}reason": self.reason,
+            f"{TAG_PREFIX}challenger_rmse": repr(float(self.challenger_rmse)),
+            f"{TAG_PREFIX}champion_rmse": champion_rmse,
+            f"{TAG_PREFIX}champion_version": NO_CHAMPION if self.champion_version is None else self.champion_version,
+            f"{TAG_PREFIX}registered_version": self.version,
+        }
+
+    def report_line(self) -> str:
+        """The line the training report prints about the registry."""
+        outcome = f"promoted to {CHAMPION_ALIAS}" if self.promoted else f"registered, not {CHAMPION_ALIAS}"
+        return f"Model registry: {self.registered_model} v{self.version} {outcome}; {self.reason}"
+
+
+def register_and_gate(
+    tracking_uri: str,
+    run_id: str,
+    model_uri: str,
+    validation_records: Sequence[dict[str, Any]] | pd.DataFrame,
+    y_val: np.ndarray,
+    challenger_rmse: float,
+    validation_month: str,
+    registered_model: str = DEFAULT_REGISTERED_MODEL,
+) -> PromotionDecision:
+    """Register the run's model and move the champion alias to it if it beats the champion.
+
+    `model_uri` is the logged model of run `run_id` ("models:/m-...", as returned by
+    `tracking.log_xgboost_model`); `validation_records` are the run's validation trips
+    (dicts or a frame with PU_DO and trip_distance) and `y_val` their durations, the data
+    `challenger_rmse` was measured on. The current champion is re-scored on those trips with
+    its own preprocessor; the alias moves only if `challenger_rmse` is strictly lower.
+
+    The champion is scored before anything is written, so a champion that cannot be scored
+    (MissingChampionArtifactError, RegistryError) leaves the registry and the run untouched.
+    The decision is tagged on the run (`PromotionDecision.tags`), which stays RUNNING: the
+    caller owns its status.
+    """
+    records = _records(validation_records)
+    targets = np.asarray(y_val, dtype="float64")
+    if targets.shape != (len(records),):
+        raise ValueError(f"y_val has shape {targets.shape}; expected one target per validation record ({len(records)})")
+    if not records:
+        raise ValueError("no validation records: cannot compare the challenger with the champion")
+    challenger_rmse = float(challenger_rmse)
+    if not math.isfinite(challenger_rmse):
+        raise ValueError(f"challenger RMSE must be a finite number, got {challenger_rmse}")
+
+    model_id = _logged_model_id(model_uri)
+    client = tracking._client(tracking_uri)
+    logged_model = client.get_logged_model(model_id)
+    if logged_model.source_run_id != run_id:
+        raise ValueError(
+            f"{model_uri} was logged by run {logged_model.source_run_id}, not run {run_id}: "
+            "a run can only register its own model"
+        )
+
+    # Read the alias once and work with that version throughout, so a champion alias moved by
+    # someone else meanwhile cannot make us score one version and name another.
+    champion_version = _champion_version(client, registered_model)
+    champion_rmse = None
+    if champion_version is not None:
+        champion_rmse = rescore_version(tracking_uri, registered_model, champion_version, records, targets)
+
+    version = _create_version(client, registered_model, logged_model, run_id, validation_month, challenger_rmse)
+    decision = _decide(
+        registered_model, version, challenger_rmse, champion_rmse, champion_version, validation_month
+    )
+    if decision.promoted:
+        client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
+    tags = decision.tags()
+    # On the version too, so someone browsing the registry sees why it is (not) champion.
+    for key in (f"{TAG_PREFIX}decision", f"{TAG_PREFIX}reason"):
+        client.set_model_version_tag(registered_model, version, key, tags[key])
+    tracking.set_tags(tracking_uri, run_id, tags)
+    return decision
+
+
+def rescore_version(
+    tracking_uri: str,
+    registered_model: str,
+    version: str,
+    validation_records: Sequence[dict[str, Any]] | pd.DataFrame,
+    y_val: np.ndarray,
+) -> float:
+    """RMSE of registered `version` on the given trips, featurized by its own preprocessor."""
+    import xgboost as xgb
+
+    records = _records(validation_records)
+    client = tracking._client(tracking_uri)
+    source_run_id = version_run_id(tracking_uri, registered_model, version)
+    with tempfile.TemporaryDirectory(prefix="taxi-champion-") as scratch:
+        vectorizer = _download_preprocessor(client, source_run_id, registered_model, version, Path(scratch))
+        booster = _download_booster(tracking_uri, client, registered_model, version, Path(scratch))
+    width = len(vectorizer.feature_names_)
+    if booster.num_features() != width:
+        raise RegistryError(
+            f"{registered_model} version {version}: its booster expects {booster.num_features()} features "
+            f"but the preprocessor of run {source_run_id} ({PREPROCESSOR_ARTIFACT_PATH}) makes {width}; "
+            "they are not from the same training"
+        )
+    # Categories the champion never saw are dropped by its vectorizer, as they would be in serving.
+    predictions = booster.predict(xgb.DMatrix(vectorizer.transform(records)))
+    return rmse(np.asarray(y_val, dtype="float64"), predictions)
+
+
+def version_run_id(tracking_uri: str, registered_model: str, version: str) -> str:
+    """Id of the run that trained `version`.
+
+    ModelVersion.run_id is set when a version is registered with a run id or from a logged
+    model (the SQL store copies the LoggedModel's source_run_id); versions registered from
+    some other source may lack it, so fall back to the logged model the source points at.
+    """
+    client = tracking._client(tracking_uri)
+    model_version = client.get_model_version(registered_model, version)
+    if model_version.run_id:
+        return model_version.run_id
+    run_id = (model_version.tags or {}).get(VERSION_TAG_RUN_ID)
+    if run_id:
+        return run_id
+    for uri in (model_version.source, (model_version.tags or {}).get(VERSION_TAG_MODEL_URI)):
+        try:
+            model_id = _logged_model_id(uri or "")
+        except ValueError:
+            continue
+        source_run_id = client.get_logged_model(model_id).source_run_id
+        if source_run_id:
+            return source_run_id
+    raise RegistryError(
+        f"{registered_model} version {version} (source {model_version.source}) names no run, "
+        f"so its preprocessor ({PREPROCESSOR_ARTIFACT_PATH}) cannot be found"
+    )
+
+
+def _records(validation_records: Sequence[dict[str, Any]] | pd.DataFrame) -> list[dict[str, Any]]:
+    """Validation trips as the dicts DictVectorizer takes, checked for the feature columns."""
+    if hasattr(validation_records, "to_dict") and hasattr(validation_records, "columns"):
+        missing = [column for column in FEATURE_COLUMNS if column not in validation_records.columns]
+        if missing:
+            raise ValueError(
+                f"validation frame lacks feature column(s) {missing}; it has {list(validation_records.columns)}"
+            )
+        return validation_records[FEATURE_COLUMNS].to_dict(orient="records")
+    records = list(validation_records)
+    if records:
+        missing = [column for column in FEATURE_COLUMNS if column not in records[0]]
+        if missing:
+            raise ValueError(f"validation records lack feature key(s) {missing}; the first has {sorted(records[0])}")
+    return records
+
+
+def _logged_model_id(model_uri: str) -> str:
+    """`m-...` from "models:/m-...", the URI of a logged (not registered) MLflow 3 model."""
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
+    if not model_id or "/" in model_id or "@" in model_id:
+        raise ValueError(
+            f"expected a logged model URI 'models:/<model_id>' (as log_xgboost_model returns), got {model_uri!r}"
+        )
+    return model_id
+
+
+def _champion_version(client, registered_model: str) -> str | None:
+    """The version the champion alias points at, or None (also when the model is not registered yet)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        aliases = client.get_registered_model(registered_model).aliases
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    version = aliases.get(CHAMPION_ALIAS)
+    return None if version is None else str(version)
+
+
+def _create_version(
+    client, registered_model: str, logged_model, run_id: str, validation_month: str, challenger_rmse: float
+) -> str:
+    """Register the logged model as a new version of `registered_model`; return its number."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    try:
+        client.create_registered_model(registered_model)
+    except MlflowException as error:
+        # Already registered (by an earlier run or a concurrent one): add a version to it.
+        if error.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+
+    model_uri = f"models:/{logged_model.model_id}"
+    # Source is the logged model's artifact location, not "models:/m-...": given a models:/ source
+    # the SQL registry store looks the LoggedModel up through the *global* tracking URI and fails
+    # (or finds another store) when that is not `client`'s. The URI is kept as a version tag.
+    model_version = client.create_model_version(
+        name=registered_model,
+        source=logged_model.artifact_location,
+        run_id=run_id,
+        tags={
+            VERSION_TAG_RUN_ID: run_id,
+            VERSION_TAG_VALIDATION_MONTH: validation_month,
+            VERSION_TAG_VALIDATION_RMSE: repr(challenger_rmse),
+            VERSION_TAG_MODEL_URI: model_uri,
+        },
+        model_id=logged_model.model_id,
+    )
+    version = str(model_version.version)
+
+    # What mlflow.register_model does too: lets the LoggedModel page list its registered versions.
+    entries = json.loads(client.get_logged_model(logged_model.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    entries.append({"name": registered_model, "version": version})
+    client.set_logged_model_tags(logged_model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(entries)})
+    return version
+
+
+def _download_preprocessor(
+    client, run_id: str, registered_model: str, version: str, scratch: Path
+) -> DictVectorizer:
+    """The fitted DictVectorizer logged by `run_id`; MissingChampionArtifactError if absent."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        logged = {info.path for info in client.list_artifacts(run_id, PREPROCESSOR_ARTIFACT_DIR)}
+    except MlflowException as error:
+        raise RegistryError(
+            f"cannot read the artifacts of run {run_id}, source of {registered_model} version {version}: {error}"
+        ) from error
+    if PREPROCESSOR_ARTIFACT_PATH not in logged:
+        raise MissingChampionArtifactError(
+            f"{registered_model} version {version} cannot be re-scored: its run {run_id} has no artifact "
+            f"{PREPROCESSOR_ARTIFACT_PATH} (the DictVectorizer it was trained with)"
+        )
+    local = client.download_artifacts(run_id, PREPROCESSOR_ARTIFACT_PATH, str(scratch))
+    with open(local, "rb") as source:
+        return pickle.load(source)
+
+
+def _download_booster(tracking_uri: str, client, registered_model: str, version: str, scratch: Path) -> xgb.Booster:
+    """The version's XGBoost model, fetched through `tracking_uri` (not the global registry URI)."""
+    import xgboost as xgb
+
+    tracking._import_mlflow()  # first import through the helper that silences its import warning
+    import mlflow.artifacts
+    import mlflow.xgboost
+
+    download_uri = client.get_model_version_download_uri(registered_model, version)
+    local = mlflow.artifacts.download_artifacts(
+        artifact_uri=download_uri, dst_path=str(scratch / "model"), tracking_uri=tracking_uri
+    )
+    loaded = mlflow.xgboost.load_model(local)
+    # A model logged through the scikit-learn API (XGBRegressor) loads as that class.
+    return loaded if isinstance(loaded, xgb.Booster) else loaded.get_booster()
+
+
+def _decide(
+    registered_model: str,
+    version: str,
+    challenger_rmse: float,
+    champion_rmse: float | None,
+    champion_version: str | None,
+    validation_month: str,
+) -> PromotionDecision:
+    if champion_version is None or champion_rmse is None:
+        if version == "1":
+            reason = "first registered model becomes champion"
+        else:
+            reason = f"no {CHAMPION_ALIAS} alias on {registered_model}: version {version} becomes champion"
+        promoted = True
+    else:
+        challenger_text, champion_text = _distinct(challenger_rmse, champion_rmse)
+        promoted = challenger_rmse < champion_rmse
+        if promoted:
+            reason = (
+                f"challenger RMSE {challenger_text} beats champion v{champion_version} "
+                f"re-scored on {validation_month}: {champion_text}"
+            )
+        else:
+            reason = (
+                f"champion v{champion_version} ({champion_text} on {validation_month}) stays: "
+                f"challenger {challenger_text} is not better"
+            )
+    return PromotionDecision(
+        registered_model=registered_model,
+        version=version,
+        promoted=promoted,
+        challenger_rmse=challenger_rmse,
+        champion_rmse=champion_rmse,
+        champion_version=champion_version,
+        reason=reason,
+    )
+
+
+def _distinct(first: float, second: float) -> tuple[str, str]:
+    """Both numbers with 3 decimals, or more when 3 would print two different RMSEs alike."""
+    for decimals in range(3, 10):
+        texts = f"{first:.{decimals}f}", f"{second:.{decimals}f}"
+        if texts[0] != texts[1] or first == second:
+            return texts
+    return repr(first), repr(second)

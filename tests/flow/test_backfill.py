@@ -1,0 +1,71 @@
+"""Backfill over several months: bounded parallelism, a summary, and cheap repeats."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from taxi_duration.periods import Month
+from taxi_duration.synthetic import write_trip_file
+
+pytestmark = pytest.mark.flow
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+def _backfill(prefect_home: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home)}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "flows" / "backfill.py"), *args],
+        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=1800,
+    )
+
+
+def test_backfill_three_months_then_repeat_is_all_cached(tmp_path, isolated_stores, prefect_home):
+    source = tmp_path / "source"
+    month = Month(2023, 1)
+    while month <= Month(2023, 4):
+        write_trip_file(source, "green", month, 2000, seed=5)
+        month = month.next()
+
+    first = _backfill(prefect_home, "--from", "2023-01", "--to", "2023-03", "--data-source", str(source), "--max-parallel", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "3 of 3 months finished" in first.stdout
+    for label in ("2023-01", "2023-02", "2023-03"):
+        assert any(line.startswith(f"{label}  FINISHED") for line in first.stdout.splitlines())
+
+    client = MlflowClient(isolated_stores["tracking_uri"])
+    experiment = client.get_experiment_by_name("nyc-taxi-duration")
+    runs = client.search_runs([experiment.experiment_id])
+    assert sorted(run.data.tags["taxi.train_month"] for run in runs) == ["2023-01", "2023-02", "2023-03"]
+    assert {run.info.status for run in runs} == {"FINISHED"}
+
+    repeat = _backfill(prefect_home, "--from", "2023-01", "--to", "2023-03", "--data-source", str(source))
+    assert repeat.returncode == 0, repeat.stderr[-3000:]
+    table = [line for line in repeat.stdout.splitlines() if line.startswith("2023-0")]
+    assert len(table) == 3
+    assert all("01_explore, 02_features, 03_train" in line for line in table)
+
+
+def test_backfill_reports_a_failed_month_and_exits_non_zero(tmp_path, isolated_stores, prefect_home):
+    source = tmp_path / "source"
+    for month in (Month(2023, 1), Month(2023, 2)):  # 2023-03 is missing: 2023-02 cannot validate
+        write_trip_file(source, "green", month, 2000, seed=5)
+
+    completed = _backfill(prefect_home, "--from", "2023-01", "--to", "2023-02", "--data-source", str(source))
+    assert completed.returncode == 1
+    rows = {line[:7]: line for line in completed.stdout.splitlines() if line.startswith("2023-0")}
+    assert "FINISHED" in rows["2023-01"]
+    assert "FAILED" in rows["2023-02"] and "green_tripdata_2023-03.parquet" in rows["2023-02"]
+    assert "1 of 2 months finished, 1 failed" in completed.stdout
+
+
+def test_backfill_rejects_a_bad_range_before_running(isolated_stores, prefect_home):
+    completed = _backfill(prefect_home, "--from", "2023-05", "--to", "2023-02")
+    assert completed.returncode == 2 and "before --from" in completed.stderr

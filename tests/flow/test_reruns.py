@@ -1,0 +1,123 @@
+"""Reruns: unchanged stages are reused, edits and new data invalidate downstream, failures resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nbformat
+import pytest
+from mlflow.tracking import MlflowClient
+from nbformat.v4 import new_code_cell, new_markdown_cell
+
+from taxi_duration.periods import Month
+from taxi_duration.synthetic import write_trip_file
+
+pytestmark = pytest.mark.flow
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+STAGES = ["01_explore", "02_features", "03_train"]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A copy of the notebooks this test may edit, used through TAXI_PROJECT_DIR."""
+    copy = tmp_path / "project"
+    shutil.copytree(PROJECT_DIR / "notebooks", copy / "notebooks")
+    monkeypatch.setenv("TAXI_PROJECT_DIR", str(copy))
+    return copy
+
+
+@pytest.fixture
+def source(tmp_path) -> Path:
+    """Trip files this test may replace."""
+    folder = tmp_path / "source"
+    for month in (Month(2023, 3), Month(2023, 4)):
+        write_trip_file(folder, "green", month, 2500, seed=3)
+    return folder
+
+
+def _runs(run_pipeline, source, project, *extra):
+    completed = run_pipeline("--data-source", str(source), *extra, extra_env={"TAXI_PROJECT_DIR": str(project)})
+    return completed
+
+
+def _records(outputs: Path) -> list[dict]:
+    records = [json.loads(path.read_text()) for path in outputs.glob("green/2023-03/*/run.json")]
+    return sorted(records, key=lambda record: record["started"])
+
+
+def _stage_status(record: dict) -> dict[str, str]:
+    return {stage["stage"]: stage["status"] for stage in record["stages"] if stage["stage"] in STAGES}
+
+
+def _edit(notebook: Path, cell, position: int | None = None) -> None:
+    content = nbformat.read(notebook, as_version=4)
+    if position is None:
+        content.cells.append(cell)
+    else:
+        content.cells.insert(position, cell)
+    nbformat.write(content, notebook)
+
+
+def test_identical_rerun_reuses_every_stage_with_identical_results(run_pipeline, source, project, isolated_stores):
+    first = _runs(run_pipeline, source, project)
+    second = _runs(run_pipeline, source, project)
+    assert first.returncode == 0 and second.returncode == 0, second.stderr[-3000:]
+
+    before, after = _records(isolated_stores["outputs"])
+    assert set(_stage_status(before).values()) == {"COMPLETED"}
+    assert _stage_status(after) == {stage: "CACHED" for stage in STAGES}
+    assert after["rmse"] == before["rmse"]
+    assert "reused, unchanged 01_explore" in second.stdout
+
+    client = MlflowClient(isolated_stores["tracking_uri"])
+    rerun = client.get_run(after["mlflow_run_id"])
+    assert rerun.info.status == "FINISHED"
+    assert rerun.data.tags["taxi.reused_stages"] == "01_explore,02_features,03_train"
+    assert rerun.data.tags["taxi.stage.03_train.reused_from_run"] == before["mlflow_run_id"]
+    assert rerun.data.metrics["rmse"] == before["rmse"]
+    assert sorted(a.path for a in client.list_artifacts(rerun.info.run_id, "notebooks")) == [
+        f"notebooks/{stage}.ipynb" for stage in STAGES
+    ]
+    # The rerun's folder is complete on its own.
+    run_dir = Path(rerun.data.tags["taxi.run_dir"])
+    assert (run_dir / "features" / "X_train.npz").is_file() and (run_dir / "03_train.review.html").is_file()
+
+    forced = _runs(run_pipeline, source, project, "--force")
+    assert forced.returncode == 0
+    assert set(_stage_status(_records(isolated_stores["outputs"])[-1]).values()) == {"COMPLETED"}
+
+
+def test_editing_a_notebook_or_replacing_data_reruns_only_what_depends_on_it(run_pipeline, source, project, isolated_stores):
+    assert _runs(run_pipeline, source, project).returncode == 0
+
+    _edit(project / "notebooks" / "02_features.ipynb", new_markdown_cell("A note added by a reviewer."))
+    assert _runs(run_pipeline, source, project).returncode == 0
+    assert _stage_status(_records(isolated_stores["outputs"])[-1]) == {
+        "01_explore": "CACHED", "02_features": "COMPLETED", "03_train": "COMPLETED"}
+
+    # New validation data: exploration reads only the training month, so it stays cached.
+    write_trip_file(source, "green", Month(2023, 4), 2500, seed=99)
+    assert _runs(run_pipeline, source, project).returncode == 0
+    assert _stage_status(_records(isolated_stores["outputs"])[-1]) == {
+        "01_explore": "CACHED", "02_features": "COMPLETED", "03_train": "COMPLETED"}
+
+
+def test_after_a_failure_the_rerun_resumes_at_the_failed_stage(run_pipeline, source, project, isolated_stores):
+    training = project / "notebooks" / "03_train.ipynb"
+    original = training.read_bytes()
+    _edit(training, new_code_cell('raise RuntimeError("kernel trouble, injected by the test")'), position=2)
+
+    failed = _runs(run_pipeline, source, project)
+    assert failed.returncode == 1 and "injected by the test" in failed.stderr
+    assert _stage_status(_records(isolated_stores["outputs"])[-1]) == {
+        "01_explore": "COMPLETED", "02_features": "COMPLETED", "03_train": "FAILED"}
+
+    training.write_bytes(original)
+    resumed = _runs(run_pipeline, source, project)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    last = _records(isolated_stores["outputs"])[-1]
+    assert _stage_status(last) == {"01_explore": "CACHED", "02_features": "CACHED", "03_train": "COMPLETED"}
+    assert last["status"] == "FINISHED"
