@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # flows/ is a folder o
 
 from taxi_duration import settings  # noqa: E402
 
-settings.apply_quiet_environment()
+settings.apply_environment_defaults()
 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402

@@ -21,7 +21,7 @@ from typing import Any
 from taxi_duration import settings
 
 # Before Prefect is imported: Prefect reads its settings (telemetry included) at import.
-settings.apply_quiet_environment()
+settings.apply_environment_defaults()
 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -169,8 +169,13 @@ def taxi_duration_pipeline(
     tracking_uri = settings.tracking_uri()
     experiment_name = settings.experiment_name(experiment)
 
+    tracking.check_reachable(tracking_uri)
+    for orphan in tracking.mark_orphaned_runs_killed(tracking_uri, experiment_name):
+        print(f"MLflow run {orphan} was left RUNNING by a pipeline process that no longer exists: marked KILLED")
+
     started = dt.datetime.now(dt.timezone.utc)
     tags = {
+        **tracking.process_tags(),
         "prefect.flow_run_id": str(flow_run.id),
         "prefect.flow_run_name": str(flow_run.name),
         "taxi.color": params.color,
@@ -226,15 +231,14 @@ def taxi_duration_pipeline(
                 cached=lambda manifest: "reused_from" in manifest,
             )
         status = "FINISHED"
-    except KeyboardInterrupt as interrupted:
-        status, error = "KILLED", interrupted
-        raise
     except Exception as failed:
         error = failed
         raise
+    except BaseException as stopped:  # Ctrl-C, or SIGTERM (Prefect turns it into TerminationSignal)
+        status, error = "KILLED", stopped
+        raise
     finally:
-        _tag_reused_stages(tracking_uri, run_id, manifests)
-        tracking.finish_run(tracking_uri, run_id, status)
+        _close_run(tracking_uri, run_id, status, manifests)
         gallery_path = _report_run(params, started, run_id, experiment_name, tracking_uri, status, error, manifests, timings, run_dir)
 
     metrics = manifests["03_train"]["metrics"]
@@ -272,6 +276,18 @@ def _stage_keys(params: PipelineParams, trip_files: dict[str, str], stage_parame
     training = {name: stage_parameters["03_train"][name] for name in ("tracking_uri", "experiment_name", "registered_model")}
     keys["03_train"] = stagecache.stage_key("03_train", notebook["03_train"], training, {}, {"02_features": keys["02_features"]})
     return keys
+
+
+def _close_run(tracking_uri: str, run_id: str, status: str, manifests: dict[str, dict[str, Any]]) -> None:
+    """Record reuse and the final status; on the way out of a failure, never mask the real error."""
+    try:
+        _tag_reused_stages(tracking_uri, run_id, manifests)
+        tracking.finish_run(tracking_uri, run_id, status)
+    except Exception as problem:  # noqa: BLE001 - e.g. the tracking server went away mid-run
+        print(f"warning: could not set MLflow run {run_id} to {status}: {problem!r}; "
+              "the next pipeline start on this host marks it KILLED if it stays RUNNING")
+        if status == "FINISHED":
+            raise
 
 
 def _tag_reused_stages(tracking_uri: str, run_id: str, manifests: dict[str, dict[str, Any]]) -> None:
@@ -421,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     except (InvalidParameterError, data.TripDataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    try:
+        tracking.check_reachable(settings.tracking_uri())
+    except tracking.TrackingUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     try:
         result = taxi_duration_pipeline(
             year=params.year, month=params.month, color=params.color,

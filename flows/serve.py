@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from taxi_duration import settings
 
 # Before Prefect is imported: Prefect reads its settings (telemetry included) at import.
-settings.apply_quiet_environment()
+settings.apply_environment_defaults()
 
 from taxi_duration.schedule import (  # noqa: E402
     DEPLOYMENT_DESCRIPTION,

@@ -53,7 +53,7 @@ def isolated_stores(tmp_path, monkeypatch) -> dict[str, Path | str]:
     monkeypatch.setenv("TAXI_DATA_DIR", str(stores["data"]))
     monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     monkeypatch.delenv("TAXI_DATA_SOURCE", raising=False)
-    for key, value in settings.QUIET_ENVIRONMENT.items():
+    for key, value in settings.ENVIRONMENT_DEFAULTS.items():
         monkeypatch.setenv(key, value)
     return stores
 
@@ -72,7 +72,7 @@ def pipeline_cli(prefect_home):
     """Run `python flows/pipeline.py ARGS` as a user would, with `env` on top of ours."""
 
     def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-        full_env = {**os.environ, **settings.QUIET_ENVIRONMENT, "PREFECT_HOME": str(prefect_home), **env}
+        full_env = {**os.environ, **settings.ENVIRONMENT_DEFAULTS, "PREFECT_HOME": str(prefect_home), **env}
         full_env.pop("PREFECT_API_URL", None)  # the embedded default: no server to install
         return subprocess.run(
             [sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), *args],

@@ -2,29 +2,74 @@
 
 Each notebook runs in a child process (`python -m taxi_duration.notebooks ...`): papermill
 changes the process-wide working directory and Jupyter clients dislike worker threads, so a
-Prefect task must not run it in-process. The child is given a wall-clock timeout; on expiry
-it is asked to stop (it shuts its kernel down) and is killed if it does not. The executed
-notebook is kept whether the run passed or failed, and rendered to HTML either way.
+Prefect task must not run it in-process. The executed notebook is kept whether the run passed
+or failed, and rendered to HTML (full and review) either way.
+
+What counts as a failure, and how it is found (papermill 2.7, nbclient 0.11, IPython 9,
+ipykernel 7 behave as described here; the tests in tests/faults pin it down):
+
+* A cell raises: papermill raises PapermillExecutionError; reported as "cell N raised ...",
+  N being the execution count shown in the executed copy.
+* A cell calls `sys.exit(0)` (or `sys.exit()`, `raise SystemExit`): papermill treats this as
+  a deliberate, *successful* early stop, leaving the later cells unexecuted. The pipeline
+  needs every cell's outputs, so after a run papermill calls successful every non-empty code
+  cell must have run; if not, it is reported as "stopped early at cell N". `sys.exit(3)` is
+  already a papermill failure and is reported the same way.
+* `exit()` / `quit()` in a kernel only ask the frontend to close it; papermill ignores the
+  request and the notebook runs on, so there is nothing to report.
+* A shell command exits non-zero: `%%bash` / `%%sh` / `%%script` raise CalledProcessError in
+  IPython 9, but `!cmd` only sets `_exit_code`, and `x = !cmd` / `%sx` not even that. The
+  kernel is started with `InteractiveShell.system_raise_on_error=True`, so they raise too.
+  Write `!cmd || true` where a failure is expected. Not detectable: `os.system` or
+  `subprocess.run` without `check=True`, `!false | cat` (a pipeline's status is its last
+  command's), and anything a cell merely prints or logs without raising.
+* The kernel dies (the out-of-memory killer's SIGKILL, `os._exit`, a crash in native code):
+  nbclient raises DeadKernelError. The notebook is run again from the start, at most
+  `retries_on_kernel_death` times, within the same wall-clock limit.
+* The wall-clock limit expires: the child gets SIGTERM (nbclient then shuts its kernel down)
+  and SIGKILL if it is still there after STOP_GRACE_SECONDS. The child records its kernel's
+  pid; once the child is gone, whatever is left of the kernel's process group is killed
+  (jupyter_client starts the kernel in a session of its own, and what the kernel starts
+  stays in its group unless it makes its own session). So neither the kernel nor what it
+  started outlives the run, whatever the outcome, even if the child had to be SIGKILLed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from taxi_duration.reports import ReportPaths, render_reports
 
+log = logging.getLogger(__name__)
+
 # Values a `parameters` cell can take and papermill can write back as Python literals.
 PLAIN_TYPES = (str, int, float, bool, type(None))
 STOP_GRACE_SECONDS = 20
+REAP_WAIT_SECONDS = 5
+# Make `!cmd`, `x = !cmd` and %sx fail the cell on a non-zero exit, as %%bash already does.
+KERNEL_ARGUMENTS = ["--InteractiveShell.system_raise_on_error=True"]
+
+# nbclient's cell tags: cells it does not run, and cells whose errors it lets pass.
+SKIP_TAG = "skip-execution"
+ALLOW_ERRORS_TAG = "raises-exception"
+
+# Files the child writes into the per-attempt folder the parent gives it.
+_KERNEL_RECORD = "kernel.json"
+_OUTCOME = "outcome.json"
+_CURRENT_CELL = "cell.json"
+_PARAMETERS = "parameters.json"
+_RUNNER_LOG = "runner.log"
 
 
 class NotebookParameterError(ValueError):
@@ -47,6 +92,20 @@ class NotebookResult:
     succeeded: bool
     error: str | None
     seconds: float
+    attempts: int = 1  # more than 1 when the kernel died and the notebook was run again
+
+
+@dataclass
+class _Attempt:
+    """How one run of the child ended, as the parent sees it."""
+
+    kind: str  # completed, cell_error, stopped_early, kernel_died, timeout, runner_error
+    cell: int | None = None  # execution count of the failing cell, when the kernel gave one
+    cell_index: int | None = None  # index in the executed notebook of the cell that was running
+    ename: str | None = None
+    evalue: str | None = None
+    detail: str | None = None
+    reaped: list[int] = field(default_factory=list)
 
 
 def declared_parameters(notebook: Path) -> dict[str, Any]:
@@ -73,6 +132,23 @@ def check_parameters(notebook: Path, parameters: dict[str, Any]) -> None:
                 f"parameter {name}={value!r} for {notebook.name} is a {type(value).__name__}; "
                 "pass a plain string, number, boolean or None"
             )
+        if isinstance(value, str) and not _utf8_encodable(value):
+            # papermill copies parameters into the executed notebook's metadata verbatim, and
+            # a notebook is UTF-8 JSON: writing it would fail and leave an empty file.
+            raise NotebookParameterError(
+                f"parameter {name}={value!r} for {notebook.name} contains a lone surrogate (U+D800 to U+DFFF), "
+                "which a notebook (UTF-8 JSON) cannot hold; pass valid Unicode text, e.g. bytes decoded with "
+                "errors='replace'"
+            )
+
+
+def _utf8_encodable(text: str) -> bool:
+    """False for text holding lone surrogates (from errors='surrogateescape' decoding, say)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def execute_notebook(
@@ -81,12 +157,18 @@ def execute_notebook(
     parameters: dict[str, Any],
     timeout_seconds: float,
     cwd: Path | None = None,
+    retries_on_kernel_death: int = 1,
 ) -> NotebookResult:
     """Run `notebook` with `parameters` in a child process; always keep and render the output.
 
-    Raises NotebookExecutionError (with the result attached) when the notebook fails or
-    times out; the executed notebook and its HTML are on disk either way.
+    `timeout_seconds` bounds the whole call, retries included. When the kernel dies, the
+    notebook is run again from the start up to `retries_on_kernel_death` times (an
+    out-of-memory kill can be a neighbour's fault; a second death is taken as the notebook's).
+    Raises NotebookExecutionError (with the result attached) when the notebook fails, stops
+    early or times out; the executed notebook and its HTML are on disk either way.
     """
+    if retries_on_kernel_death < 0:
+        raise ValueError(f"retries_on_kernel_death must be 0 or more, got {retries_on_kernel_death}")
     notebook = Path(notebook).resolve()
     executed_notebook = Path(executed_notebook).resolve()
     check_parameters(notebook, parameters)
@@ -94,92 +176,391 @@ def execute_notebook(
     command = [
         sys.executable, "-m", "taxi_duration.notebooks",
         str(notebook), str(executed_notebook),
-        "--parameters", json.dumps(parameters),
         "--cwd", str(cwd or notebook.parent),
     ]
     started = time.monotonic()
-    child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = child.communicate(timeout=timeout_seconds)
-        error = _last_error_line(stderr) if child.returncode else None
-        if child.returncode and not error:
-            error = f"the notebook process exited with status {child.returncode}"
-    except subprocess.TimeoutExpired:
-        _stop(child)
-        error = f"did not finish within {timeout_seconds:g} s (TAXI_NOTEBOOK_TIMEOUT) and was stopped"
+    deadline = started + timeout_seconds
+    deaths: list[_Attempt] = []
+    while True:
+        attempt = _run_attempt(command, parameters, deadline)
+        if attempt.kind != "kernel_died" or len(deaths) == retries_on_kernel_death or time.monotonic() >= deadline:
+            break
+        deaths.append(attempt)
+        log.warning(
+            "the kernel running %s died at %s; running the notebook again from the start (attempt %d of %d)",
+            notebook.name, _cell_label(_read_notebook(executed_notebook), attempt), len(deaths) + 1,
+            retries_on_kernel_death + 1,
+        )
+    if attempt.kind == "completed":
+        stopped = _check_every_cell_ran(executed_notebook)
+        if stopped is not None:
+            stopped.reaped, attempt = attempt.reaped, stopped
+    error = _describe(attempt, deaths, executed_notebook, timeout_seconds, retries_on_kernel_death)
+    reports = _note_and_render(executed_notebook, error, len(deaths) + 1)
     seconds = time.monotonic() - started
-    reports = render_reports(executed_notebook, failure=error) if executed_notebook.is_file() else None
-    result = NotebookResult(notebook.stem, executed_notebook, reports, error is None, error, seconds)
+    result = NotebookResult(notebook.stem, executed_notebook, reports, error is None, error, seconds, len(deaths) + 1)
     if error is not None:
-        raise NotebookExecutionError(f"notebook {notebook.name} failed: {error} (executed copy: {executed_notebook})", result)
+        where = f"executed copy: {executed_notebook}" + (f"; report: {reports.full}" if reports else "")
+        raise NotebookExecutionError(f"notebook {notebook.name} failed: {error} ({where})", result)
     return result
 
 
-def _last_error_line(stderr: str) -> str | None:
-    """The child's one-line summary, printed last with a known prefix."""
-    for line in reversed(stderr.splitlines()):
-        if line.startswith(_ERROR_PREFIX):
-            return line.removeprefix(_ERROR_PREFIX).strip()
-    tail = [line for line in stderr.splitlines() if line.strip()]
-    return tail[-1] if tail else None
+def _note_and_render(executed_notebook: Path, error: str | None, attempts: int) -> ReportPaths | None:
+    """Record the outcome in the executed notebook's metadata (`taxi`) and render both reports.
+
+    The metadata is for whoever opens the .ipynb later: a timeout or a dead kernel leaves no
+    error output in it. Returns None when papermill wrote nothing readable (it can die before
+    or while saving), so a broken file costs the reports, not the account of the failure.
+    """
+    import nbformat
+
+    from taxi_duration.runfiles import atomic_path
+
+    notebook = _read_notebook(executed_notebook)
+    if notebook is None:
+        if executed_notebook.exists():
+            log.warning("the executed notebook %s is not readable; no reports rendered", executed_notebook)
+        return None
+    notebook.metadata["taxi"] = {"succeeded": error is None, "failure": error, "attempts": attempts}
+    with atomic_path(executed_notebook) as temporary:
+        nbformat.write(notebook, temporary)
+    return render_reports(executed_notebook, failure=error)
+
+
+def _run_attempt(command: list[str], parameters: dict[str, Any], deadline: float) -> _Attempt:
+    """Run the child once, stop it at `deadline`, reap its kernel, say how it ended."""
+    with tempfile.TemporaryDirectory(prefix="taxi-notebook-") as folder:
+        records = Path(folder)
+        # In a file rather than on the command line, which caps one argument at 128 KiB.
+        (records / _PARAMETERS).write_text(json.dumps(parameters), encoding="utf-8")
+        # The child's output goes to a file, not a pipe: a kernel (or a process it started)
+        # inherits the child's stdout/stderr, and reading a pipe until EOF would then wait
+        # for those processes as well as for the child.
+        with open(records / _RUNNER_LOG, "wb") as runner_log:
+            child = subprocess.Popen(
+                [*command, "--parameters-file", str(records / _PARAMETERS), "--records", str(records)],
+                stdin=subprocess.DEVNULL, stdout=runner_log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        try:
+            child.wait(timeout=max(deadline - time.monotonic(), 0))
+            attempt = _read_outcome(records, child.returncode)
+        except subprocess.TimeoutExpired:
+            _stop(child)
+            attempt = _Attempt("timeout")
+        finally:
+            if child.returncode is None:  # interrupted (KeyboardInterrupt): leave nothing behind
+                _stop(child)
+            reaped = _reap_kernel(records / _KERNEL_RECORD)
+        attempt.reaped = reaped
+        attempt.cell_index = _read_json(records / _CURRENT_CELL).get("index")
+        return attempt
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A record the child wrote, or {} if it wrote none."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _read_outcome(records: Path, returncode: int) -> _Attempt:
+    """The child's own account of how it ended, or the tail of its log if it wrote none."""
+    outcome = _read_json(records / _OUTCOME)
+    if not outcome:
+        tail = [line for line in (records / _RUNNER_LOG).read_text(errors="replace").splitlines() if line.strip()]
+        detail = tail[-1].strip() if tail else "no output"
+        return _Attempt("runner_error", detail=f"the notebook process exited with status {returncode}: {detail}")
+    return _Attempt(
+        outcome["kind"], cell=outcome.get("cell"), ename=outcome.get("ename"), evalue=outcome.get("evalue"),
+        detail=outcome.get("detail"),
+    )
 
 
 def _stop(child: subprocess.Popen) -> None:
-    """Ask the child to stop (it shuts its kernel down), then kill its process group."""
+    """Ask the child to stop (nbclient then shuts its kernel down), then kill its process group."""
     try:
         os.killpg(child.pid, signal.SIGTERM)
-        child.communicate(timeout=STOP_GRACE_SECONDS)
+        child.wait(timeout=STOP_GRACE_SECONDS)
     except subprocess.TimeoutExpired:
-        os.killpg(child.pid, signal.SIGKILL)
-        child.communicate()
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        child.wait()
     except ProcessLookupError:
-        pass
+        child.wait()
 
 
-_ERROR_PREFIX = "NOTEBOOK-ERROR:"
+def _reap_kernel(record: Path) -> list[int]:
+    """Kill what is left of the kernel's process group; the pids killed (normally none).
+
+    jupyter_client starts the kernel as the leader of a new session, so its process group
+    holds the kernel and the processes it started. Only members started no earlier than the
+    kernel are killed, so a recycled pid cannot make us kill an unrelated process.
+    """
+    kernel = _read_json(record)
+    if not kernel:
+        return []  # the kernel never started
+    import psutil  # an ipykernel dependency, so present wherever notebooks run
+
+    survivors = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == kernel["pid"] and process.create_time() >= kernel["create_time"]:
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    survivors.append(process)
+        except (OSError, psutil.Error):
+            continue  # gone meanwhile, or not ours to look at
+    for process in survivors:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(survivors, timeout=REAP_WAIT_SECONDS)
+    if survivors:
+        log.warning("killed %d process(es) left by notebook kernel %d: %s", len(survivors), kernel["pid"],
+                    ", ".join(str(process.pid) for process in survivors))
+    return [process.pid for process in survivors]
 
 
-def _describe_papermill_error(error: Exception) -> str:
-    cell = getattr(error, "exec_count", None) or getattr(error, "cell_index", None)
-    ename = getattr(error, "ename", type(error).__name__)
-    evalue = getattr(error, "evalue", str(error))
-    where = f"cell {cell}" if cell is not None else "a cell"
-    return f"{where} raised {ename}: {evalue}"
+def _read_notebook(path: Path) -> Any:
+    """The executed notebook as papermill last saved it, or None if there is none (yet)."""
+    import nbformat
+
+    try:
+        return nbformat.read(path, as_version=4)
+    except (OSError, ValueError):
+        return None
+
+
+def _code_cells(notebook: Any) -> list[Any]:
+    """The cells a kernel runs: nbclient skips markdown, empty and `skip-execution` cells."""
+    return [
+        cell for cell in notebook.cells
+        if cell.cell_type == "code" and cell.source.strip() and SKIP_TAG not in cell.metadata.get("tags", [])
+    ]
+
+
+def _first_unrun(notebook: Any) -> tuple[int | None, int] | None:
+    """(execution count of the last cell that ran, number of code cells left), or None if all ran."""
+    cells = _code_cells(notebook)
+    for position, cell in enumerate(cells):
+        if cell.get("execution_count") is None:
+            previous = cells[position - 1].get("execution_count") if position else None
+            return previous, len(cells) - position
+    return None
+
+
+def _cell_label(notebook: Any, attempt: _Attempt | None = None) -> str:
+    """'cell N', N as the executed copy numbers the cell the attempt ended in.
+
+    A cell the kernel died or was stopped in may have no number yet (the kernel assigns it
+    when the cell starts, and the message may not have arrived); it gets the number it
+    would have had, one more than the code cell before it.
+    """
+    if attempt is not None and attempt.cell is not None:
+        return f"cell {attempt.cell}"
+    if notebook is None:
+        return "an unknown cell"
+    cells = _code_cells(notebook)
+    index = attempt.cell_index if attempt is not None else None
+    running = notebook.cells[index] if index is not None and index < len(notebook.cells) else None
+    if running is None:  # no record of the running cell: take the first one that did not run
+        running = next((cell for cell in cells if cell.get("execution_count") is None), None)
+        if running is None:
+            return "the end of the notebook"
+    if running.get("execution_count") is not None:
+        return f"cell {running.execution_count}"
+    previous = [cell.get("execution_count") for cell in cells[: cells.index(running)] if cell.get("execution_count")]
+    return f"cell {(previous[-1] if previous else 0) + 1}"
+
+
+def _check_every_cell_ran(executed_notebook: Path) -> _Attempt | None:
+    """After papermill reported success: an early stop it forgave, as a failure; else None."""
+    notebook = _read_notebook(executed_notebook)
+    if notebook is None:
+        return _Attempt("runner_error", detail="papermill reported success but wrote no executed notebook")
+    for cell in _code_cells(notebook):
+        if ALLOW_ERRORS_TAG in cell.metadata.get("tags", []):
+            continue  # nbclient carries on after an error here, SystemExit included
+        for output in cell.get("outputs", []):
+            if output.get("output_type") == "error" and output.get("ename") == "SystemExit":
+                return _Attempt("cell_error", cell=cell.get("execution_count"), ename="SystemExit",
+                                evalue=output.get("evalue", ""))
+    unrun = _first_unrun(notebook)
+    if unrun is not None:
+        return _Attempt("stopped_early")
+    return None
+
+
+def _describe(
+    attempt: _Attempt, deaths: list[_Attempt], executed_notebook: Path, timeout_seconds: float, retries: int
+) -> str | None:
+    """The one-paragraph account of a failure (None for success): cell, cause, what to do."""
+    notebook = _read_notebook(executed_notebook)
+    if attempt.kind == "completed":
+        error = None
+    elif attempt.kind == "cell_error" and attempt.ename == "SystemExit":
+        error = _describe_early_stop(notebook, attempt)
+    elif attempt.kind == "cell_error":
+        error = _sentence(f"{_cell_label(notebook, attempt)} raised {attempt.ename}: {attempt.evalue}") + (
+            " The traceback is in the executed copy and its report; fix the cell or its inputs and run the "
+            "notebook again."
+        )
+        if attempt.ename == "CalledProcessError":
+            error += (" A shell command (! or %%bash) exited non-zero; append '|| true' to a command whose "
+                      "failure is expected.")
+    elif attempt.kind == "stopped_early":
+        error = _describe_early_stop(notebook, attempt)
+    elif attempt.kind == "kernel_died":
+        error = _describe_kernel_death(notebook, attempt, deaths, retries)
+    elif attempt.kind == "timeout":
+        error = (
+            f"did not finish within {timeout_seconds:g} s (TAXI_NOTEBOOK_TIMEOUT) and was stopped while running "
+            f"{_cell_label(notebook, attempt)}; its kernel was shut down. If the notebook is only slow, raise "
+            "TAXI_NOTEBOOK_TIMEOUT; otherwise look at what that cell waits for."
+        )
+    else:
+        error = _sentence(str(attempt.detail)) + (
+            " Run the notebook by hand (papermill or Jupyter) to see the whole error."
+        )
+    if error is not None and deaths and attempt.kind != "kernel_died":
+        error += (f" (This was attempt {len(deaths) + 1}: the kernel died on the attempt(s) before and the "
+                  "notebook was run again from the start.)")
+    if error is not None and attempt.reaped:
+        error += (f" {len(attempt.reaped)} process(es) the notebook left running were killed "
+                  f"(pids {', '.join(map(str, attempt.reaped))}).")
+    return error
+
+
+def _sentence(text: str) -> str:
+    """`text` ending in a full stop, once (exception messages often bring their own)."""
+    text = text.rstrip()
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+def _describe_early_stop(notebook: Any, attempt: _Attempt) -> str:
+    """'stopped early at cell N': sys.exit, or cells papermill left unexecuted for another reason."""
+    unrun = _first_unrun(notebook) if notebook is not None else None
+    left = unrun[1] if unrun else 0
+    if attempt.ename == "SystemExit":
+        code = attempt.evalue or "0"
+        forgiven = (" papermill counts sys.exit(0) as success; the pipeline does not, because a stage's results "
+                    "come from its last cells.") if code in ("0", "None") else ""
+        return (
+            f"stopped early at {_cell_label(notebook, attempt)}: the cell called sys.exit({code}), so the rest "
+            f"of it and {left} later code cell(s) did not run.{forgiven} Remove the sys.exit call, or raise an "
+            "exception to fail on purpose."
+        )
+    previous = unrun[0] if unrun else None
+    where = f"cell {previous}" if previous is not None else "its first code cell"
+    return (
+        f"stopped early at {where}: papermill reported success but {left} later code cell(s) never ran. "
+        "Open the executed copy to see where execution ended, and run the notebook again."
+    )
+
+
+def _describe_kernel_death(notebook: Any, attempt: _Attempt, deaths: list[_Attempt], retries: int) -> str:
+    """'the kernel died', how many times, why that usually happens and what to check."""
+    attempts = len(deaths) + 1
+    if attempts > 1:
+        times = (f" on every attempt ({attempts} of {attempts}; the notebook was run again from the start "
+                 "after each death)")
+    elif retries:
+        times = ", with no time left within the limit to run the notebook again"
+    else:
+        times = " (not run again: retries_on_kernel_death=0)"
+    return (
+        f"the kernel died while running {_cell_label(notebook, attempt)}{times}. A kernel dies when the "
+        "operating system kills it, most often the out-of-memory killer, or when the code ends the interpreter "
+        "(os._exit, a crash in native code). Check the machine's memory (dmesg, container limits) and how "
+        "much data that cell loads."
+    )
 
 
 def _child_main(argv: list[str] | None = None) -> int:
+    """Execute one notebook (the child side of execute_notebook); write how it ended to --records."""
     parser = argparse.ArgumentParser(description="Execute one notebook with papermill (used by the pipeline).")
     parser.add_argument("notebook")
     parser.add_argument("executed_notebook")
     parser.add_argument("--parameters", default="{}", help="JSON object of parameter values")
+    parser.add_argument("--parameters-file", help="file holding the JSON object instead of --parameters")
     parser.add_argument("--cwd")
+    parser.add_argument("--records", help="folder for the kernel's pid and the outcome (JSON files)")
     args = parser.parse_args(argv)
+    records = Path(args.records) if args.records else None
 
     # SIGTERM (a timeout, or the flow being stopped) becomes SystemExit so papermill's
-    # clean-up runs and shuts the kernel down instead of leaving it orphaned.
+    # clean-up runs and shuts the kernel down instead of leaving it orphaned. While cells
+    # run, nbclient's own SIGTERM handler does the same.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
     import papermill
+    from jupyter_client.manager import AsyncKernelManager
+    from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
+    class RecordingKernelManager(AsyncKernelManager):
+        """Notes the kernel's pid as soon as it exists, for the parent to reap if need be."""
+
+        async def start_kernel(self, **kwargs: Any) -> None:
+            await super().start_kernel(**kwargs)
+            pid = getattr(self.provisioner, "pid", None)
+            if records is not None and pid is not None:
+                _write_json(records / _KERNEL_RECORD, {"pid": pid, "create_time": _create_time(pid)})
+
+    def note_running_cell(cell: Any, cell_index: int) -> None:
+        """Record which cell runs, for the parent to name if the kernel dies or time runs out."""
+        if records is not None:
+            _write_json(records / _CURRENT_CELL, {"index": cell_index})
+
+    if args.parameters_file:
+        parameters = json.loads(Path(args.parameters_file).read_text(encoding="utf-8"))
+    else:
+        parameters = json.loads(args.parameters)
     try:
         papermill.execute_notebook(
             args.notebook,
             args.executed_notebook,
-            parameters=json.loads(args.parameters),
+            parameters=parameters,
             cwd=args.cwd,
             kernel_name="python3",
             progress_bar=False,
             log_output=False,
             request_save_on_cell_execute=True,
+            kernel_manager_class=RecordingKernelManager,
+            on_cell_start=note_running_cell,
+            extra_arguments=list(KERNEL_ARGUMENTS),
         )
+        outcome: dict[str, Any] = {"kind": "completed"}
     except PapermillExecutionError as error:
-        print(f"{_ERROR_PREFIX} {_describe_papermill_error(error)}", file=sys.stderr)
-        return 1
-    except Exception as error:  # kernel death and the like: still report one line
-        print(f"{_ERROR_PREFIX} {type(error).__name__}: {error}", file=sys.stderr)
+        outcome = {"kind": "cell_error", "cell": error.exec_count or None, "ename": error.ename,
+                   "evalue": error.evalue}
+    except DeadKernelError as error:
+        outcome = {"kind": "kernel_died", "detail": str(error)}
+    except Exception as error:  # the kernel would not start, the notebook would not load, ...
+        outcome = {"kind": "runner_error", "detail": f"{type(error).__name__}: {error}"}
+    if records is not None:
+        _write_json(records / _OUTCOME, outcome)
+    if outcome["kind"] != "completed":
+        print(f"notebook {Path(args.notebook).name}: {outcome}", file=sys.stderr)
         return 1
     return 0
+
+
+def _create_time(pid: int) -> float:
+    """When process `pid` started, as psutil counts it (to tell it from a later one with its pid)."""
+    import psutil
+
+    return psutil.Process(pid).create_time()
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    """Write `value` whole or not at all: the parent may read the file at any moment."""
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(value), encoding="utf-8")
+    temporary.replace(path)
 
 
 if __name__ == "__main__":

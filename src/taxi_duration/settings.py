@@ -82,9 +82,18 @@ def notebook_timeout_seconds() -> int:
     return value
 
 
-# Offline-friendly defaults for the libraries' own telemetry; applied by entry points
-# (flows, CLI) before Prefect is imported, because Prefect reads its settings at import.
-QUIET_ENVIRONMENT = {
+# Defaults for the libraries under us, applied by entry points (flows, CLI) before Prefect is
+# imported, because Prefect reads its settings at import. A value the user set wins.
+ENVIRONMENT_DEFAULTS = {
+    # Several pipelines starting at once on a busy 2-core machine each need longer than
+    # Prefect's 20 s to bring up a temporary server.
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    # MLflow's own HTTP retries default to 7 with doubling back-off (minutes of silence when
+    # the server is down); a few short ones, then a clear error.
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    # Telemetry off: nothing to phone home to offline.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -94,7 +103,7 @@ QUIET_ENVIRONMENT = {
 }
 
 
-def apply_quiet_environment() -> None:
-    """Turn off telemetry unless the user already chose otherwise."""
-    for key, value in QUIET_ENVIRONMENT.items():
+def apply_environment_defaults() -> None:
+    """Set ENVIRONMENT_DEFAULTS unless the user already chose otherwise."""
+    for key, value in ENVIRONMENT_DEFAULTS.items():
         os.environ.setdefault(key, value)

@@ -27,7 +27,34 @@ def _import_mlflow():
 
 
 def _client(tracking_uri: str):
-    return _import_mlflow().MlflowClient(tracking_uri=tracking_uri)
+    mlflow = _import_mlflow()
+    _initialize_sqlite_store(tracking_uri, mlflow)
+    return mlflow.MlflowClient(tracking_uri=tracking_uri)
+
+
+_initialized_stores: set[str] = set()
+
+
+def _initialize_sqlite_store(tracking_uri: str, mlflow) -> None:
+    """Create or migrate a SQLite store under a file lock, once per process.
+
+    MLflow creates and migrates its schema on first use; two pipelines doing that at the
+    same moment on a new database fail ("table _alembic_tmp_... already exists").
+    """
+    if tracking_uri in _initialized_stores or not tracking_uri.startswith("sqlite:///"):
+        return
+    import fcntl
+
+    database = Path(tracking_uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".init-lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            # The store creates and migrates the schema when it is first built.
+            mlflow.MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _initialized_stores.add(tracking_uri)
 
 
 def artifact_location_for(tracking_uri: str) -> str | None:
@@ -185,3 +212,85 @@ def previous_best(
         if run.info.run_id != run_id and "rmse" in run.data.metrics:
             return {"run_id": run.info.run_id, "rmse": run.data.metrics["rmse"], "run_name": run.info.run_name}
     return None
+
+
+class TrackingUnavailableError(RuntimeError):
+    """The MLflow tracking server cannot be reached."""
+
+
+def check_reachable(tracking_uri: str, timeout_seconds: float = 10.0, attempts: int = 3) -> None:
+    """Fail early, and clearly, when a tracking server is down, before any run is created.
+
+    Local stores (SQLite, files) need no check. A server gets a few tries of its /health
+    endpoint, a second apart.
+    """
+    if urlparse(tracking_uri).scheme not in ("http", "https"):
+        return
+    import time
+
+    import requests
+
+    last_problem = ""
+    for attempt in range(attempts):
+        try:
+            response = requests.get(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_seconds)
+            if response.status_code == 200:
+                return
+            last_problem = f"HTTP {response.status_code}"
+        except requests.RequestException as error:
+            last_problem = f"{type(error).__name__}: {error}"
+        if attempt + 1 < attempts:
+            time.sleep(1.0)
+    raise TrackingUnavailableError(
+        f"the MLflow tracking server at {tracking_uri} did not answer its health check after {attempts} tries "
+        f"({last_problem}). Start it, fix MLFLOW_TRACKING_URI, or unset it to track into the project's SQLite store."
+    )
+
+
+def process_tags() -> dict[str, str]:
+    """Who is running this pipeline: lets a later start tell a live run from an orphan."""
+    import os
+    import socket
+
+    return {"taxi.host": socket.gethostname(), "taxi.pid": str(os.getpid()), "taxi.pid_started": str(_process_start(os.getpid()))}
+
+
+def _process_start(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (from /proc), to detect pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            # Field 22; the command name (field 2) may hold spaces, so split after its ')'.
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def mark_orphaned_runs_killed(tracking_uri: str, experiment: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose pipeline process is gone (SIGKILL, OOM, reboot).
+
+    Only runs started by this host's pipelines (tagged taxi.host) are judged; a run from
+    another machine, or from a process that is still alive, is left alone.
+    """
+    import os
+    import socket
+
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    host = socket.gethostname()
+    runs = client.search_runs(
+        [found.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`taxi.host` = '{host}'", max_results=200
+    )
+    killed = []
+    for run in runs:
+        pid = run.data.tags.get("taxi.pid", "")
+        started = run.data.tags.get("taxi.pid_started")
+        alive = pid.isdigit() and os.path.exists(f"/proc/{pid}") and str(_process_start(int(pid))) == str(started)
+        if alive:
+            continue
+        client.set_tag(run.info.run_id, "taxi.killed_reason",
+                       f"pipeline process {pid or '?'} on {host} was gone when a later pipeline started")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        killed.append(run.info.run_id)
+    return killed

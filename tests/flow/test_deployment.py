@@ -25,7 +25,7 @@ from taxi_duration.schedule import (
     deployment_parameters,
 )
 
-settings.apply_quiet_environment()  # before prefect is imported, as the entry points do
+settings.apply_environment_defaults()  # before prefect is imported, as the entry points do
 
 from prefect import Flow  # noqa: E402
 from prefect.utilities.callables import parameter_schema  # noqa: E402

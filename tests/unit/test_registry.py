@@ -21,7 +21,7 @@ from taxi_duration.features import FeatureMatrices, build_matrices, feature_reco
 from taxi_duration.model import predict, rmse, train_booster
 from taxi_duration.periods import Month
 from taxi_duration.runfiles import save_preprocessor
-from taxi_duration.settings import QUIET_ENVIRONMENT
+from taxi_duration.settings import ENVIRONMENT_DEFAULTS
 from taxi_duration.synthetic import generate_trips_table
 
 MODEL = registry.DEFAULT_REGISTERED_MODEL
@@ -38,7 +38,7 @@ def one_xgboost_thread():
 @pytest.fixture
 def uri(tmp_path, monkeypatch) -> str:
     """A fresh SQLite store for the test (its artifacts go beside it, in tmp_path)."""
-    for key, value in QUIET_ENVIRONMENT.items():
+    for key, value in ENVIRONMENT_DEFAULTS.items():
         monkeypatch.setenv(key, value)
     # Recorded so teardown restores it: mlflow.set_tracking_uri (called by log_xgboost_model
     # and by `gate` below) also writes MLFLOW_TRACKING_URI into os.environ.

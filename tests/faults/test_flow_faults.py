@@ -1,0 +1,181 @@
+"""The pipeline under faults: stopped processes, orphaned runs, a missing server, parallel runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import pytest
+from mlflow.tracking import MlflowClient
+from nbformat.v4 import new_code_cell
+
+from taxi_duration import settings
+
+pytestmark = pytest.mark.flow
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Pids of live processes whose environment contains `marker` (this test's folders)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def slow_project(tmp_path) -> Path:
+    """Notebooks whose 01_explore sleeps in a cell long enough to be interrupted."""
+    copy = tmp_path / "project"
+    notebooks = copy / "notebooks"
+    notebooks.mkdir(parents=True)
+    for source in (PROJECT_DIR / "notebooks").glob("*.ipynb"):
+        (notebooks / source.name).write_bytes(source.read_bytes())
+    explore = nbformat.read(notebooks / "01_explore.ipynb", as_version=4)
+    explore.cells.insert(2, new_code_cell("import time\ntime.sleep(600)  # injected by the test"))
+    nbformat.write(explore, notebooks / "01_explore.ipynb")
+    return copy
+
+
+def _start(isolated_stores, prefect_home, source, project: Path | None = None, *args: str) -> subprocess.Popen:
+    env = {**os.environ, **settings.ENVIRONMENT_DEFAULTS, "PREFECT_HOME": str(prefect_home)}
+    env.pop("PREFECT_API_URL", None)
+    if project is not None:
+        env["TAXI_PROJECT_DIR"] = str(project)
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), "--data-source", str(source), *args],
+        cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _runs(tracking_uri: str):
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("nyc-taxi-duration")
+    return client, client.search_runs([experiment.experiment_id]) if experiment else []
+
+
+def _sleeping_notebook_started(outputs: Path):
+    return next(outputs.glob("green/2023-03/*/01_explore.ipynb"), None)
+
+
+def test_sigterm_mid_notebook_marks_the_run_killed_and_leaves_no_process(
+    isolated_stores, prefect_home, synthetic_source, slow_project
+):
+    process = _start(isolated_stores, prefect_home, synthetic_source, slow_project)
+    executed = _wait_for(lambda: _sleeping_notebook_started(isolated_stores["outputs"]), 240, "01_explore to start")
+    time.sleep(3)  # let the kernel reach the sleeping cell
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode != 0
+    client, runs = _runs(isolated_stores["tracking_uri"])
+    assert [run.info.status for run in runs] == ["KILLED"]
+    assert executed.is_file(), "the partial notebook is kept"
+    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "notebooks")] == ["notebooks/01_explore.ipynb"]
+    record = json.loads((executed.parent / "run.json").read_text())
+    assert record["status"] == "KILLED"
+    _wait_for(lambda: not _processes_with(str(isolated_stores["outputs"])), 30, "the notebook process and kernel to exit")
+
+
+def test_after_sigkill_the_next_start_marks_the_orphaned_run_killed(
+    isolated_stores, prefect_home, synthetic_source, slow_project
+):
+    process = _start(isolated_stores, prefect_home, synthetic_source, slow_project)
+    _wait_for(lambda: _sleeping_notebook_started(isolated_stores["outputs"]), 240, "01_explore to start")
+    process.kill()
+    process.communicate(timeout=60)
+    _, runs = _runs(isolated_stores["tracking_uri"])
+    assert [run.info.status for run in runs] == ["RUNNING"], "nothing could close the run"
+    orphan = runs[0].info.run_id
+    # The notebook runner notices its parent is gone and stops its kernel.
+    _wait_for(lambda: not _processes_with(str(isolated_stores["outputs"])), 60, "orphaned notebook processes to exit")
+
+    follow_up = _start(isolated_stores, prefect_home, synthetic_source, None)
+    stdout, stderr = follow_up.communicate(timeout=900)
+    assert follow_up.returncode == 0, stderr[-3000:]
+    assert f"MLflow run {orphan} was left RUNNING" in stdout + stderr
+    client, _ = _runs(isolated_stores["tracking_uri"])
+    killed = client.get_run(orphan)
+    assert killed.info.status == "KILLED" and "was gone" in killed.data.tags["taxi.killed_reason"]
+
+
+def test_unreachable_tracking_server_fails_early_and_clearly(isolated_stores, pipeline_cli, synthetic_source):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    url = f"http://127.0.0.1:{free_port}"
+    completed = pipeline_cli("--data-source", str(synthetic_source), env={
+        "MLFLOW_TRACKING_URI": url, "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
+    assert completed.returncode == 1
+    assert f"the MLflow tracking server at {url} did not answer its health check" in completed.stderr
+    assert not isolated_stores["outputs"].exists()
+
+
+def test_two_months_and_the_same_month_at_once_all_finish(isolated_stores, prefect_home, synthetic_source):
+    processes = [
+        _start(isolated_stores, prefect_home, synthetic_source, None, "--month", month)
+        for month in ("3", "3", "4")
+    ]
+    results = [process.communicate(timeout=900) for process in processes]
+    for process, (stdout, stderr) in zip(processes, results):
+        assert process.returncode == 0, stderr[-3000:]
+        assert "database is locked" not in stdout + stderr
+    _, runs = _runs(isolated_stores["tracking_uri"])
+    assert sorted(run.data.tags["taxi.train_month"] for run in runs) == ["2023-03", "2023-03", "2023-04"]
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    folders = {run.data.tags["taxi.run_dir"] for run in runs}
+    assert len(folders) == 3 and all(Path(folder, "03_train.review.html").is_file() for folder in folders)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--year", "2099"], "has not ended yet"),
+        (["--year", "2009", "--month", "1", "--color", "green"], "from 2013-08 on"),
+        (["--data-source", "ftp://example.org/trips"], "neither an http(s) URL nor a folder"),
+    ],
+)
+def test_more_bad_input_rejected_before_anything(isolated_stores, pipeline_cli, args, message):
+    completed = pipeline_cli(*args, env={"MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"],
+                                          "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
+    assert completed.returncode == 2 and message in completed.stderr
+    assert not isolated_stores["outputs"].exists()
+
+
+def test_a_month_missing_from_the_folder_names_the_path(isolated_stores, pipeline_cli, tmp_path, synthetic_source):
+    source = tmp_path / "only-march"
+    source.mkdir()
+    (source / "green_tripdata_2023-03.parquet").write_bytes((synthetic_source / "green_tripdata_2023-03.parquet").read_bytes())
+    completed = pipeline_cli("--data-source", str(source), env={
+        "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"], "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
+    assert completed.returncode == 1
+    assert f"no green trip file for 2023-04 at {source / 'green_tripdata_2023-04.parquet'}" in completed.stderr
+    assert completed.stderr.count("Retry") == 0 and "AwaitingRetry" not in completed.stdout + completed.stderr
+    _, runs = _runs(isolated_stores["tracking_uri"])
+    assert [run.info.status for run in runs] == ["FAILED"]
