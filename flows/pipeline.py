@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -28,7 +29,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from taxi_duration import data, gallery, model, notebooks, runfiles, stagecache, tracking  # noqa: E402
+from taxi_duration import data, gallery, model, notebooks, reports, runfiles, stagecache, tracking  # noqa: E402
 from taxi_duration.periods import InvalidParameterError, PipelineParams  # noqa: E402
 
 STAGES = ("01_explore", "02_features", "03_train")
@@ -122,8 +123,23 @@ def _execute_notebook(
     except notebooks.NotebookExecutionError as error:
         _archive(error.result, tracking_uri, run_id)
         raise
+    except BaseException:  # stopped from outside (SIGTERM, Ctrl-C): keep what ran
+        _archive_interrupted(run_dir / f"{stage}.ipynb", tracking_uri, run_id)
+        raise
     _archive(result, tracking_uri, run_id)
     return runfiles.read_manifest(run_dir, stage)
+
+
+def _archive_interrupted(executed: Path, tracking_uri: str, run_id: str) -> None:
+    """Render and archive a notebook the pipeline was stopped in, as far as it got."""
+    if not executed.is_file():
+        return
+    try:
+        paths = reports.render_reports(executed, failure="the pipeline was stopped (SIGTERM or Ctrl-C) while this notebook ran")
+        tracking.log_files(tracking_uri, run_id, [executed], "notebooks")
+        tracking.log_files(tracking_uri, run_id, [paths.full, paths.review], "reports")
+    except Exception as problem:  # noqa: BLE001 - we are already on the way out
+        print(f"warning: could not archive the interrupted {executed.name}: {problem!r}")
 
 
 def _archive(result: notebooks.NotebookResult, tracking_uri: str, run_id: str) -> None:
@@ -422,7 +438,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _exit_on_sigterm(signum: int, frame) -> None:
+    # Prefect turns SIGTERM during a flow run into TerminationSignal, then re-sends it to the
+    # previous handler. Python's default would end the process on the spot, skipping atexit,
+    # and leave Prefect's temporary API server running; a SystemExit unwinds normally.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     args = parse_args(argv)
     # Fail on bad input before Prefect starts anything or MLflow records a run.
     try:

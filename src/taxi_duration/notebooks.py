@@ -32,6 +32,8 @@ ipykernel 7 behave as described here; the tests in tests/faults pin it down):
   (jupyter_client starts the kernel in a session of its own, and what the kernel starts
   stays in its group unless it makes its own session). So neither the kernel nor what it
   started outlives the run, whatever the outcome, even if the child had to be SIGKILLed.
+* The caller dies (the flow process SIGKILLed): the child notices that its parent is gone
+  and stops as on a timeout, so the kernel does not run on unobserved.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,7 +241,8 @@ def _run_attempt(command: list[str], parameters: dict[str, Any], deadline: float
         # for those processes as well as for the child.
         with open(records / _RUNNER_LOG, "wb") as runner_log:
             child = subprocess.Popen(
-                [*command, "--parameters-file", str(records / _PARAMETERS), "--records", str(records)],
+                [*command, "--parameters-file", str(records / _PARAMETERS), "--records", str(records),
+                 "--parent-pid", str(os.getpid())],
                 stdin=subprocess.DEVNULL, stdout=runner_log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
@@ -488,6 +492,7 @@ def _child_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parameters-file", help="file holding the JSON object instead of --parameters")
     parser.add_argument("--cwd")
     parser.add_argument("--records", help="folder for the kernel's pid and the outcome (JSON files)")
+    parser.add_argument("--parent-pid", type=int, help="stop, as on a timeout, when this process is gone")
     args = parser.parse_args(argv)
     records = Path(args.records) if args.records else None
 
@@ -495,6 +500,8 @@ def _child_main(argv: list[str] | None = None) -> int:
     # clean-up runs and shuts the kernel down instead of leaving it orphaned. While cells
     # run, nbclient's own SIGTERM handler does the same.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    if args.parent_pid:
+        threading.Thread(target=_stop_when_orphaned, args=(args.parent_pid, records), daemon=True).start()
 
     import papermill
     from jupyter_client.manager import AsyncKernelManager
@@ -547,6 +554,23 @@ def _child_main(argv: list[str] | None = None) -> int:
         print(f"notebook {Path(args.notebook).name}: {outcome}", file=sys.stderr)
         return 1
     return 0
+
+
+def _stop_when_orphaned(parent_pid: int, records: Path | None) -> None:
+    """Stop this child, as on a timeout, once the process that started it is gone.
+
+    The child runs in a session of its own (so that stopping it cannot hit the caller), which
+    also means nothing stops it when the caller is SIGKILLed or OOM-killed: without this
+    watch, the child and its kernel would run the notebook to its end, or forever, unobserved.
+    """
+    while os.getppid() == parent_pid:
+        time.sleep(1)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(STOP_GRACE_SECONDS)
+    # The clean-up hung: do what the caller would have done, then go.
+    if records is not None:
+        _reap_kernel(records / _KERNEL_RECORD)
+    os._exit(1)
 
 
 def _create_time(pid: int) -> float:

@@ -93,6 +93,8 @@ ENVIRONMENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    # The package's own warnings (download retries) show in the Prefect UI's run logs.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "taxi_duration",
     # Telemetry off: nothing to phone home to offline.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",

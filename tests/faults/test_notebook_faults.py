@@ -14,6 +14,8 @@ import html
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -238,8 +240,10 @@ def test_without_retries_a_dead_kernel_fails_at_once(run):
 
 
 def test_a_cell_that_never_finishes_is_stopped_and_its_kernel_reaped(run):
+    # The runner is asked to stop (SIGTERM); nbclient shuts the kernel down, and with it the
+    # `sleep` the notebook started. The teardown checks both are gone.
     started = time.monotonic()
-    error = run.fails("sleeps_forever", timeout=SHORT_TIMEOUT)
+    error = run.fails("sleeps_forever", timeout=SHORT_TIMEOUT, spawn_child=True)
 
     assert time.monotonic() - started < SHORT_TIMEOUT + 30
     executed = _assert_failure_shown(
@@ -269,6 +273,39 @@ def test_a_runner_killed_outright_leaves_no_kernel_nor_what_the_kernel_started(r
     kernel, helper = run.kernels()
     assert str(helper[0]) in error.result.error
     assert not _is_running(*kernel) and not _is_running(*helper)
+
+
+CALLER = """
+import sys
+from pathlib import Path
+
+from taxi_duration.notebooks import execute_notebook
+
+notebook, executed, pid_file = sys.argv[1:]
+execute_notebook(Path(notebook), Path(executed), {"pid_file": pid_file, "spawn_child": True}, 600)
+"""
+
+
+def test_when_the_caller_dies_the_runner_stops_its_kernel(run):
+    # The flow process SIGKILLed mid-notebook: the runner lives in its own session, so only
+    # its watch on its parent stops it (and its kernel, and what the kernel started).
+    caller = subprocess.Popen([
+        sys.executable, "-c", CALLER,
+        str(FIXTURES / "sleeps_forever.ipynb"), str(run.folder / "run" / "sleeps_forever.ipynb"), str(run.pid_file),
+    ])
+    try:
+        waited = time.monotonic()
+        while len(run.kernels()) < 2:  # the kernel and its `sleep` are running
+            assert caller.poll() is None and time.monotonic() - waited < 60, "the notebook never reached its sleep"
+            time.sleep(0.2)
+    finally:
+        caller.kill()
+        caller.wait()
+
+    stopped = time.monotonic()
+    while any(_is_running(*process) for process in run.kernels()) or _marked_processes(run.marker):
+        assert time.monotonic() - stopped < notebooks.STOP_GRACE_SECONDS + 10, "the runner outlived its caller"
+        time.sleep(0.2)
 
 
 # 5. String parameters round-trip ---------------------------------------------------------------

@@ -346,7 +346,7 @@ def test_download_file_without_validation_writes_the_body(tmp_path, server):
     assert files_in(tmp_path / "out") == ["blob.bin"]
 
 
-def test_non_parquet_body_is_trip_data_error_and_nothing_cached(tmp_path, server):
+def test_non_parquet_body_is_rejected_and_kept_only_as_invalid(tmp_path, server):
     server.serve(f"/{NAME}", b"<!DOCTYPE html><html><body>Maintenance</body></html>",
                  headers={"Content-Type": "text/html"})
     cache = tmp_path / "cache"
