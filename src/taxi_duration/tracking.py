@@ -167,7 +167,8 @@ def model_pip_requirements() -> list[str]:
 
 def log_xgboost_model(tracking_uri: str, run_id: str, booster, input_example_matrix, predictions) -> str:
     """Log the booster as `model` with a signature on the given run; return the model URI."""
-    mlflow = _import_mlflow()
+    _import_mlflow()  # first, so its warning filter covers the imports below
+    import mlflow
     import mlflow.xgboost
     from mlflow.models import infer_signature
 

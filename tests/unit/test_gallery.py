@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-
 from taxi_duration.gallery import build_gallery, mlflow_run_url, read_run_records, write_run_record
 
 
