@@ -407,14 +407,16 @@ def _describe(
         error = None
     elif attempt.kind == "cell_error" and attempt.ename == "SystemExit":
         error = _describe_early_stop(notebook, attempt)
+    elif attempt.kind == "cell_error" and attempt.ename == "CalledProcessError":
+        error = _sentence(
+            f"stopped early at {_cell_label(notebook, attempt)}: a shell command (! or %%bash) exited non-zero "
+            f"({attempt.evalue}), so the later cells did not run"
+        ) + " Fix the command, or append '|| true' to one whose failure is expected."
     elif attempt.kind == "cell_error":
         error = _sentence(f"{_cell_label(notebook, attempt)} raised {attempt.ename}: {attempt.evalue}") + (
             " The traceback is in the executed copy and its report; fix the cell or its inputs and run the "
             "notebook again."
         )
-        if attempt.ename == "CalledProcessError":
-            error += (" A shell command (! or %%bash) exited non-zero; append '|| true' to a command whose "
-                      "failure is expected.")
     elif attempt.kind == "stopped_early":
         error = _describe_early_stop(notebook, attempt)
     elif attempt.kind == "kernel_died":

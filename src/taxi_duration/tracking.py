@@ -135,10 +135,21 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> No
 
 
 def log_files(tracking_uri: str, run_id: str, paths: Iterable[Path], artifact_path: str) -> None:
-    """Archive local files under `artifact_path/` of the run."""
+    """Archive local files under `artifact_path/` of the run.
+
+    MLflow retries a failing upload itself (MLFLOW_HTTP_REQUEST_MAX_RETRIES); when it gives
+    up, say which file, where it still is, and which server refused it.
+    """
     client = _client(tracking_uri)
     for path in paths:
-        client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        try:
+            client.log_artifact(run_id, str(path), artifact_path=artifact_path)
+        except Exception as error:  # MlflowException, requests errors: all mean "not archived"
+            raise TrackingUnavailableError(
+                f"could not archive {Path(path).name} in MLflow run {run_id} at {tracking_uri} after retries "
+                f"({type(error).__name__}: {str(error)[:300]}). The file is kept at {path}; "
+                "rerun once the tracking server is healthy (finished stages are reused)."
+            ) from error
 
 
 def git_commit(directory: Path | None = None) -> str | None:

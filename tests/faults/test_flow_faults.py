@@ -185,3 +185,43 @@ def test_a_month_missing_from_the_folder_names_the_path(isolated_stores, pipelin
     assert completed.stderr.count("Retry") == 0 and "AwaitingRetry" not in completed.stdout + completed.stderr
     _, runs = _runs(isolated_stores["tracking_uri"])
     assert [run.info.status for run in runs] == ["FAILED"]
+
+
+@pytest.mark.parametrize(
+    ("cell", "extra_env", "message"),
+    [
+        ("import sys\nsys.exit(0)", {}, "stopped early at cell"),
+        ("!exit 3", {}, "stopped early at cell"),
+        ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", {}, "kernel died"),
+        ("import time\ntime.sleep(600)", {"TAXI_NOTEBOOK_TIMEOUT": "45"}, "did not finish within 45 s"),
+    ],
+    ids=["sys-exit-0", "failing-shell-command", "kernel-killed", "hung-cell"],
+)
+def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthetic_source, tmp_path, cell, extra_env, message):
+    project = tmp_path / "project"
+    (project / "notebooks").mkdir(parents=True)
+    for source in (PROJECT_DIR / "notebooks").glob("*.ipynb"):
+        (project / "notebooks" / source.name).write_bytes(source.read_bytes())
+    explore = nbformat.read(project / "notebooks" / "01_explore.ipynb", as_version=4)
+    explore.cells.insert(3, new_code_cell(cell))
+    nbformat.write(explore, project / "notebooks" / "01_explore.ipynb")
+
+    started = time.monotonic()
+    completed = pipeline_cli("--data-source", str(synthetic_source), env={
+        "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"], "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"]),
+        "TAXI_PROJECT_DIR": str(project), **extra_env})
+
+    assert completed.returncode == 1
+    assert "01_explore.ipynb failed" in completed.stderr and message in completed.stderr
+    client, runs = _runs(isolated_stores["tracking_uri"])
+    assert [run.info.status for run in runs] == ["FAILED"]
+    run_id = runs[0].info.run_id
+    assert [a.path for a in client.list_artifacts(run_id, "notebooks")] == ["notebooks/01_explore.ipynb"]
+    assert sorted(a.path for a in client.list_artifacts(run_id, "reports")) == [
+        "reports/01_explore.html", "reports/01_explore.review.html"]
+    review = next(isolated_stores["outputs"].glob("green/2023-03/*/01_explore.review.html")).read_text()
+    assert "This notebook failed" in review
+    marker = str(isolated_stores["outputs"])
+    assert not (_processes_with(marker, "ipykernel") or _processes_with(marker, "taxi_duration.notebooks"))
+    if extra_env:
+        assert time.monotonic() - started < 45 + 120, "the timeout bounds the run"

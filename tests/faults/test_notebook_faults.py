@@ -180,7 +180,7 @@ def test_a_failing_bang_command_fails_its_cell(run, form):
     error = run.fails("shell_fails", form=form)
 
     executed = _assert_failure_shown(
-        error, "cell 4 raised CalledProcessError",
+        error, "stopped early at cell 4: a shell command",
         "Command 'ls /nonexistent-taxi-folder' returned non-zero exit status 2", "|| true",
     )
     assert "after the shell command" not in _printed(executed)
@@ -189,7 +189,7 @@ def test_a_failing_bang_command_fails_its_cell(run, form):
 def test_a_failing_bash_cell_fails_its_cell(run):
     error = run.fails("bash_fails")
 
-    executed = _assert_failure_shown(error, "cell 4 raised CalledProcessError", "exit status 3")
+    executed = _assert_failure_shown(error, "stopped early at cell 4: a shell command", "exit status 3")
     assert "about to fail" in _printed(executed) and "never printed" not in _printed(executed)
 
 
