@@ -225,3 +225,19 @@ def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthet
     assert not (_processes_with(marker, "ipykernel") or _processes_with(marker, "taxi_duration.notebooks"))
     if extra_env:
         assert time.monotonic() - started < 45 + 120, "the timeout bounds the run"
+
+
+def test_a_bad_file_in_the_source_fails_the_run_naming_it(isolated_stores, pipeline_cli, tmp_path, synthetic_source):
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "green_tripdata_2023-03.parquet").write_bytes((synthetic_source / "green_tripdata_2023-03.parquet").read_bytes())
+    bad = source / "green_tripdata_2023-04.parquet"
+    bad.write_text("<html><body>Access denied</body></html>")
+    completed = pipeline_cli("--data-source", str(source), env={
+        "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"], "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
+
+    assert completed.returncode == 1
+    assert str(bad) in completed.stderr and "not a readable parquet file" in completed.stderr
+    assert bad.read_text().startswith("<html>"), "the user's own file is left as it was"
+    _, runs = _runs(isolated_stores["tracking_uri"])
+    assert [run.info.status for run in runs] == ["FAILED"]
