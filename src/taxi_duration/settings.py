@@ -95,6 +95,8 @@ ENVIRONMENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
     # The package's own warnings (download retries) show in the Prefect UI's run logs.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "taxi_duration",
+    # ...and outside a flow run (notebooks, tests) they just go to stderr, without a warning.
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     # Telemetry off: nothing to phone home to offline.
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_CLOUD_ENABLE_ORCHESTRATION_TELEMETRY": "false",
