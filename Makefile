@@ -15,11 +15,11 @@ ENV_STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 
-.PHONY: help env run backfill serve lab test test-fast lock clean-outputs strip-notebooks browser-deps reports
+.PHONY: help env run backfill serve lab test test-fast lock clean-outputs strip-notebooks browser-deps reports services services-stop ui
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
-	@echo "  Knobs: YEAR=$(YEAR) MONTH=$(MONTH) COLOR=$(COLOR); env TAXI_DATA_SOURCE, MLFLOW_TRACKING_URI, PREFECT_API_URL (see README)"
+	@echo "  Knobs: YEAR=$(YEAR) MONTH=$(MONTH) COLOR=$(COLOR); env TAXI_DATA_SOURCE, MLFLOW_TRACKING_URI, PREFECT_API_URL, TAXI_PREFECT_SERVER (see README)"
 
 env: $(ENV_STAMP) ## Create .venv from requirements.lock (the one install path)
 
@@ -37,8 +37,17 @@ backfill: env ## Run every month FROM=YYYY-MM TO=YYYY-MM (PARALLEL=2 at a time)
 	@test -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make backfill FROM=2023-01 TO=2023-04 [COLOR=green] [PARALLEL=2]"; exit 2; }
 	$(BIN)/python flows/backfill.py --from $(FROM) --to $(TO) --color $(COLOR) --max-parallel $(PARALLEL) $(if $(FORCE),--force)
 
-serve: env ## Serve the monthly scheduled deployment (Ctrl-C stops); needs PREFECT_API_URL for the UI
+serve: env ## Serve the monthly scheduled deployment (Ctrl-C stops) on the local or PREFECT_API_URL server
 	$(BIN)/python flows/serve.py
+
+services: env ## Start real MLflow and Prefect servers on 127.0.0.1 in the background; runs then use them
+	$(BIN)/python -m taxi_duration.services start
+
+services-stop: env ## Stop exactly the servers `make services` (or a run) started
+	$(BIN)/python -m taxi_duration.services stop
+
+ui: env ## Print the MLflow and Prefect UI addresses
+	@$(BIN)/python -m taxi_duration.services urls
 
 reports: ## Print where the run gallery is (open it in a browser: no server needed)
 	@if [ -f outputs/index.html ]; then echo "file://$(CURDIR)/outputs/index.html"; else echo "no runs yet: make run"; fi

@@ -19,10 +19,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from taxi_duration import settings
+from taxi_duration import services, settings
 
 # Before Prefect is imported: Prefect reads its settings (telemetry included) at import.
 settings.apply_environment_defaults()
+services.adopt_running_services()  # `make services` wrote where its servers are
 
 from prefect import flow, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
@@ -263,6 +264,7 @@ def taxi_duration_pipeline(
         "train_month": params.train_month.label(),
         "validation_month": params.validation_month.label(),
         "mlflow_run_id": run_id,
+        "prefect_flow_run_id": str(flow_run.id),
         "experiment": experiment_name,
         "tracking_uri": tracking_uri,
         "model_uri": manifests["03_train"]["model_uri"],
@@ -458,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         params = PipelineParams.parse(args.year, args.month, args.color)
         data.check_source_location(data.trip_source(args.data_source).location)
         settings.notebook_timeout_seconds()
+        settings.prefect_server_mode()
     except (InvalidParameterError, data.TripDataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -467,14 +470,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:
-        result = taxi_duration_pipeline(
-            year=params.year, month=params.month, color=params.color,
-            data_source=args.data_source, experiment=args.experiment, force=args.force,
-        )
+        with services.prefect_api_for_run() as prefect_api:
+            result = taxi_duration_pipeline(
+                year=params.year, month=params.month, color=params.color,
+                data_source=args.data_source, experiment=args.experiment, force=args.force,
+            )
+    except services.ServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except Exception as error:
         print(f"\nPipeline failed: {error}", file=sys.stderr)
         return 1
     print(format_summary(result))
+    if prefect_api:
+        print(f"  Prefect flow run  {prefect_api.removesuffix('/api')}/runs/flow-run/{result['prefect_flow_run_id']}")
     return 0
 
 

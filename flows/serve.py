@@ -6,8 +6,8 @@ Registers the deployment `nyc-taxi-duration/<name>` with the Prefect API and exe
 runs here until interrupted (Ctrl-C pauses the schedule). Scheduled runs pass no YEAR or
 MONTH, so each trains on the newest month TLC has published (taxi_duration.schedule).
 Serving needs a Prefect server that outlives this process, for the schedule and for
-`prefect deployment run` from another terminal: start one with `prefect server start` and
-point PREFECT_API_URL at it.
+`prefect deployment run` from another terminal: PREFECT_API_URL, else the project's local
+server (`make services`, or started here on first use).
 """
 
 from __future__ import annotations
@@ -17,10 +17,11 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from taxi_duration import settings
+from taxi_duration import services, settings
 
 # Before Prefect is imported: Prefect reads its settings (telemetry included) at import.
 settings.apply_environment_defaults()
+services.adopt_running_services()  # `make services` wrote where its servers are
 
 from taxi_duration.schedule import (  # noqa: E402
     DEPLOYMENT_DESCRIPTION,
@@ -91,7 +92,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from prefect import serve
 
-    serve(deployment)
+    try:
+        with services.prefect_api_for_run() as prefect_api:
+            if prefect_api:
+                print(f"Prefect UI: {prefect_api.removesuffix('/api')}/deployments")
+            serve(deployment)
+    except services.ServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -3,19 +3,54 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from taxi_duration import settings
+from taxi_duration import services, settings
 from taxi_duration.periods import Month
 from taxi_duration.synthetic import write_trip_file
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 REAL_DATA_DIR = Path(os.environ.get("TAXI_REAL_DATA_DIR", PROJECT_DIR.parent / "shared" / "data" / "tlc"))
 SYNTHETIC_ROWS = 3000
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(name="free_port", scope="session")
+def free_port_fixture():
+    """`free_port()`: a loopback port nobody listens on right now."""
+    return free_port
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_services(tmp_path_factory):
+    """The tests' own local servers folder and port, never the user's `.services/` or 4200.
+
+    Pipeline runs start the persistent local Prefect server here on first use (as `make run`
+    does) and reuse it; it is stopped when the session ends.
+    """
+    saved = {key: os.environ.get(key) for key in ("TAXI_SERVICES_DIR", "TAXI_PREFECT_PORT", "TAXI_MLFLOW_PORT")}
+    os.environ["TAXI_SERVICES_DIR"] = str(tmp_path_factory.mktemp("services"))
+    os.environ["TAXI_PREFECT_PORT"] = str(free_port())
+    os.environ["TAXI_MLFLOW_PORT"] = str(free_port())
+    yield Path(os.environ["TAXI_SERVICES_DIR"])
+    for name in services.SERVICE_FACTORIES:
+        services.stop(name)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

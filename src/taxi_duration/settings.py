@@ -82,6 +82,22 @@ def notebook_timeout_seconds() -> int:
     return value
 
 
+PREFECT_SERVER_MODES = ("local", "ephemeral")
+
+
+def prefect_server_mode() -> str:
+    """Which Prefect server a run uses when PREFECT_API_URL is unset: `TAXI_PREFECT_SERVER`.
+
+    `local` (default): the project's persistent server on 127.0.0.1, started on first use and
+    left running (`make services-stop` stops it). `ephemeral`: Prefect's temporary server,
+    started and stopped by every run (several seconds each time, no UI afterwards).
+    """
+    mode = (os.environ.get("TAXI_PREFECT_SERVER") or "local").strip().lower()
+    if mode not in PREFECT_SERVER_MODES:
+        raise ValueError(f"TAXI_PREFECT_SERVER must be one of {', '.join(PREFECT_SERVER_MODES)}, got {mode!r}")
+    return mode
+
+
 # Defaults for the libraries under us, applied by entry points (flows, CLI) before Prefect is
 # imported, because Prefect reads its settings at import. A value the user set wins.
 ENVIRONMENT_DEFAULTS = {

@@ -1,0 +1,174 @@
+"""The local-servers manager on a stand-in server (Python's http.server), real processes and ports.
+
+The real MLflow and Prefect servers are started by tests/integration; here the mechanics:
+state, the variables a run picks up, stopping the whole process group, clear refusals.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from taxi_duration import services, settings
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind((services.HOST, 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def services_folder(tmp_path, monkeypatch) -> Path:
+    folder = tmp_path / "services"
+    monkeypatch.setenv("TAXI_SERVICES_DIR", str(folder))
+    return folder
+
+
+def stand_in(name: str, port: int, spawn_child: bool = False) -> services.Service:
+    """An HTTP server answering 200 on /, optionally with a child process in its group."""
+    command = [sys.executable, "-m", "http.server", str(port), "--bind", services.HOST]
+    if spawn_child:
+        # The shape of the real servers: a parent that starts helpers (uvicorn workers, huey).
+        script = (
+            "import subprocess, sys, time;"
+            f"subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']);"
+            f"subprocess.run({command!r})"
+        )
+        command = [sys.executable, "-c", script]
+    return services.Service(
+        name=name, port=port, command=command, environment=dict(os.environ), health_path="/",
+        env_var="MLFLOW_TRACKING_URI" if name == "mlflow" else "PREFECT_API_URL",
+        env_value=f"http://{services.HOST}:{port}", ui_url=f"http://{services.HOST}:{port}",
+    )
+
+
+def group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                members.append(int(entry.name))
+    return members
+
+
+def test_start_records_the_server_and_the_variables_a_run_picks_up(services_folder):
+    port = free_port()
+    state = services.start(stand_in("mlflow", port), timeout_seconds=30)
+    try:
+        assert state["port"] == port and services.read_state("mlflow")["pid"] == state["pid"]
+        assert (services_folder / "services.env").read_text() == f"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}\n"
+        environ: dict[str, str] = {}
+        assert services.adopt_running_services(environ) == {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+        chosen = {"MLFLOW_TRACKING_URI": "http://elsewhere:5000"}
+        assert services.adopt_running_services(chosen) == {} and chosen["MLFLOW_TRACKING_URI"] == "http://elsewhere:5000"
+        again = services.start(stand_in("mlflow", port), timeout_seconds=30)
+        assert again["pid"] == state["pid"], "a healthy running server is reused, not started twice"
+    finally:
+        services.stop("mlflow")
+    assert services.read_state("mlflow") is None
+    assert (services_folder / "services.env").read_text() == ""
+
+
+def test_stop_ends_the_whole_process_group_and_frees_the_port(services_folder):
+    port = free_port()
+    state = services.start(stand_in("prefect", port, spawn_child=True), timeout_seconds=30)
+    deadline = time.monotonic() + 10
+    while len(group_members(state["pid"])) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(group_members(state["pid"])) >= 3, "parent, sleeper and http.server"
+    assert services.stop("prefect") is True
+    assert group_members(state["pid"]) == []
+    with socket.socket() as probe:
+        assert probe.connect_ex((services.HOST, port)) != 0
+    assert services.stop("prefect") is False, "stopping twice says it was not running"
+
+
+def test_a_port_used_by_another_program_is_refused_by_name(services_folder):
+    with socket.socket() as other:
+        other.bind((services.HOST, 0))
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(services.ServiceError, match=rf"port {port} .*TAXI_PREFECT_PORT"):
+            services.start(stand_in("prefect", port), timeout_seconds=10)
+    assert services.read_state("prefect") is None
+
+
+def test_a_server_that_exits_while_starting_reports_its_log(services_folder):
+    broken = services.Service(
+        name="mlflow", port=free_port(),
+        command=[sys.executable, "-c", "import sys; print('no such backend: bogus://'); sys.exit(3)"],
+        environment=dict(os.environ), health_path="/", env_var="MLFLOW_TRACKING_URI", env_value="x", ui_url="x",
+    )
+    with pytest.raises(services.ServiceError, match=r"(?s)exited with code 3.*no such backend"):
+        services.start(broken, timeout_seconds=30)
+    assert services.read_state("mlflow") is None
+
+
+def test_a_stale_state_file_of_a_dead_process_is_ignored(services_folder):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    services_folder.mkdir(parents=True)
+    (services_folder / "prefect.json").write_text(
+        f'{{"name": "prefect", "pid": {dead.pid}, "port": 1, "url": "x", "env_var": "PREFECT_API_URL", '
+        f'"env_value": "http://127.0.0.1:1/api", "log": "x"}}'
+    )
+    assert services.read_state("prefect") is None
+    assert services.running_environment() == {}
+
+
+def test_the_server_does_not_inherit_the_starting_runs_settings(services_folder, monkeypatch):
+    monkeypatch.setenv("TAXI_OUTPUTS_DIR", "/tmp/some-run-outputs")
+    monkeypatch.setenv("PREFECT_API_URL", "http://elsewhere/api")
+    monkeypatch.setenv("TAXI_PREFECT_PORT", "4321")
+    service = services.prefect_service()
+    assert service.port == 4321 and service.env_value == "http://127.0.0.1:4321/api"
+    assert "TAXI_OUTPUTS_DIR" not in service.environment and "PREFECT_API_URL" not in service.environment
+    assert service.environment["PREFECT_SERVER_DATABASE_CONNECTION_URL"].endswith(f"{services_folder}/prefect.db")
+    assert service.environment["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+
+
+def test_mlflow_server_command_binds_loopback_and_proxies_artifacts(services_folder, tmp_path):
+    service = services.mlflow_service(port=5123, backend_store_uri="postgresql://u:p@127.0.0.1/db", artifacts_destination=tmp_path)
+    command = service.command
+    assert command[command.index("--backend-store-uri") + 1] == "postgresql://u:p@127.0.0.1/db"
+    assert command[command.index("--host") + 1] == "127.0.0.1"
+    assert "--serve-artifacts" in command and command[command.index("--artifacts-destination") + 1] == tmp_path.as_uri()
+    assert command[command.index("--allowed-hosts") + 1] == "127.0.0.1:5123,localhost:5123"
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "70000"])
+def test_bad_port_knobs_are_named(raw, monkeypatch):
+    monkeypatch.setenv("TAXI_MLFLOW_PORT", raw)
+    with pytest.raises(services.ServiceError, match="TAXI_MLFLOW_PORT"):
+        services.configured_port("mlflow")
+
+
+def test_bad_prefect_server_mode_is_named(monkeypatch):
+    monkeypatch.setenv("TAXI_PREFECT_SERVER", "cloud")
+    with pytest.raises(ValueError, match="TAXI_PREFECT_SERVER must be one of local, ephemeral"):
+        settings.prefect_server_mode()
+
+
+def test_cli_reports_status_and_urls(services_folder):
+    port = free_port()
+    services.start(stand_in("mlflow", port), timeout_seconds=30)
+    try:
+        env = {**os.environ, "TAXI_SERVICES_DIR": str(services_folder)}
+        urls = subprocess.run([sys.executable, "-m", "taxi_duration.services", "urls"], env=env, capture_output=True, text=True)
+        assert urls.returncode == 0
+        assert f"MLflow UI   http://127.0.0.1:{port}" in urls.stdout and "Prefect UI  not running" in urls.stdout
+        bad = subprocess.run([sys.executable, "-m", "taxi_duration.services", "start", "redis"], env=env, capture_output=True, text=True)
+        assert bad.returncode == 2 and "unknown service redis" in bad.stderr
+    finally:
+        services.stop("mlflow")
