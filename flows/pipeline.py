@@ -11,9 +11,12 @@ succeeded. Each notebook is one Prefect task, executed by papermill in a child p
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import contextvars
 import datetime as dt
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +33,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 from prefect.runtime import flow_run  # noqa: E402
 
-from taxi_duration import data, gallery, model, notebooks, reports, runfiles, stagecache, tracking  # noqa: E402
+from taxi_duration import data, gallery, notebooks, reports, runfiles, stagecache, tracking  # noqa: E402
 from taxi_duration.periods import InvalidParameterError, PipelineParams  # noqa: E402
 
 STAGES = ("01_explore", "02_features", "03_train")
@@ -63,14 +66,17 @@ def run_stage(
     run_id: str,
     timeout_seconds: int,
     key: str,
-    cache_root: Path | None,
+    cache_root: Path,
+    reuse: bool = True,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Reuse the stage's earlier outputs if its key is cached, else execute it; archive either way.
 
-    Returns the stage's manifest, plus `reused_from` (the cache entry) when nothing ran.
+    Returns the stage's manifest, plus `reused_from` (the cache entry) when nothing ran. With
+    `reuse` False (--force) the stage always runs, and its fresh outputs replace the cache entry.
     """
-    cache = stagecache.StageCache(cache_root) if cache_root else None
-    entry = cache.lookup(stage, key) if cache else None
+    cache = stagecache.StageCache(cache_root)
+    entry = cache.lookup(stage, key) if reuse else None
     if entry is not None:
         stagecache.StageCache.restore(entry, run_dir)
         _archive_stage_files(run_dir, stage, tracking_uri, run_id)
@@ -79,9 +85,8 @@ def run_stage(
             _replay_training(tracking_uri, run_id, run_dir, manifest)
         print(f"{stage}: inputs unchanged, reused from {entry.run_dir} (MLflow run {entry.mlflow_run_id})")
         return {**manifest, "reused_from": asdict(entry)}
-    manifest = _execute_notebook(stage, parameters, run_dir, tracking_uri, run_id, timeout_seconds)
-    if cache is not None:
-        cache.store(stage, key, run_dir, run_id, _stage_files(stage, manifest))
+    manifest = _execute_notebook(stage, parameters, run_dir, tracking_uri, run_id, timeout_seconds, stop)
+    cache.store(stage, key, run_dir, run_id, _stage_files(stage, manifest))
     return manifest
 
 
@@ -98,6 +103,8 @@ def _archive_stage_files(run_dir: Path, stage: str, tracking_uri: str, run_id: s
 
 def _replay_training(tracking_uri: str, run_id: str, run_dir: Path, manifest: dict[str, Any]) -> None:
     """Give a run whose training was reused the same params, metrics and preprocessor."""
+    from taxi_duration import model  # XGBoost: imported only when a reused training needs replaying
+
     tracking.log_params(tracking_uri, run_id, model.training_params())
     tracking.log_metrics(tracking_uri, run_id, manifest["metrics"])
     tracking.log_files(tracking_uri, run_id, [run_dir / runfiles.PREPROCESSOR_FILENAME], "preprocessor")
@@ -111,7 +118,8 @@ def _replay_training(tracking_uri: str, run_id: str, run_dir: Path, manifest: di
 
 
 def _execute_notebook(
-    stage: str, parameters: dict[str, Any], run_dir: Path, tracking_uri: str, run_id: str, timeout_seconds: int
+    stage: str, parameters: dict[str, Any], run_dir: Path, tracking_uri: str, run_id: str, timeout_seconds: int,
+    stop: threading.Event | None = None,
 ) -> dict[str, Any]:
     """Execute one notebook, archive the executed copy and its reports, return its manifest."""
     try:
@@ -120,11 +128,12 @@ def _execute_notebook(
             run_dir / f"{stage}.ipynb",
             parameters,
             timeout_seconds=timeout_seconds,
+            stop=stop,
         )
     except notebooks.NotebookExecutionError as error:
         _archive(error.result, tracking_uri, run_id)
         raise
-    except BaseException:  # stopped from outside (SIGTERM, Ctrl-C): keep what ran
+    except BaseException:  # stopped from outside (SIGTERM, Ctrl-C, the flow): keep what ran
         _archive_interrupted(run_dir / f"{stage}.ipynb", tracking_uri, run_id)
         raise
     _archive(result, tracking_uri, run_id)
@@ -232,31 +241,48 @@ def taxi_duration_pipeline(
             "registered_model": registered_model,
         },
     }
-    cache_root = None if force else settings.stage_cache_dir()
     status = "FAILED"
     error: BaseException | None = None
     manifests: dict[str, dict[str, Any]] = {}
     timings: list[dict[str, Any]] = []
-    try:
-        trip_files = _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(params, source))
-        keys = _stage_keys(params, trip_files, stage_parameters)
-        for stage in STAGES:
-            manifests[stage] = _timed(
-                timings, stage,
-                lambda: run_stage(stage, stage_parameters[stage], run_dir, tracking_uri, run_id, timeout_seconds,
-                                  keys[stage], cache_root),
-                cached=lambda manifest: "reused_from" in manifest,
-            )
-        status = "FINISHED"
-    except Exception as failed:
-        error = failed
-        raise
-    except BaseException as stopped:  # Ctrl-C, or SIGTERM (Prefect turns it into TerminationSignal)
-        status, error = "KILLED", stopped
-        raise
-    finally:
-        _close_run(tracking_uri, run_id, status, manifests)
-        gallery_path = _report_run(params, started, run_id, experiment_name, tracking_uri, status, error, manifests, timings, run_dir)
+    stop_explore = threading.Event()
+    explore: concurrent.futures.Future | None = None
+
+    def stage_step(stage: str, stop: threading.Event | None = None):
+        def work() -> dict[str, Any]:
+            return run_stage(stage, stage_parameters[stage], run_dir, tracking_uri, run_id, timeout_seconds,
+                             keys[stage], settings.stage_cache_dir(), reuse=not force, stop=stop)
+
+        return _timed(timings, stage, work, cached=lambda manifest: "reused_from" in manifest)
+
+    # 01_explore only reports on the data: it runs beside 02_features (the two use one core
+    # each), and 03_train starts once both have succeeded.
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="explore") as background:
+        try:
+            trip_files = _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(params, source))
+            keys = _stage_keys(params, trip_files, stage_parameters)
+            # The copied context carries the flow run into the thread, so the task belongs to it.
+            explore = background.submit(contextvars.copy_context().run, stage_step, "01_explore", stop_explore)
+            manifests["02_features"] = stage_step("02_features")
+            manifests["01_explore"] = explore.result()
+            manifests["03_train"] = stage_step("03_train")
+            status = "FINISHED"
+        except Exception as failed:
+            error = failed
+            raise
+        except BaseException as stopped:  # Ctrl-C, or SIGTERM (Prefect turns it into TerminationSignal)
+            status, error = "KILLED", stopped
+            stop_explore.set()
+            raise
+        finally:
+            if explore is not None:
+                concurrent.futures.wait([explore])  # its notebook is archived before the run closes
+            timings.sort(key=lambda entry: ("fetch-trip-files", *STAGES).index(entry["stage"]))
+            in_order = {stage: manifests[stage] for stage in STAGES if stage in manifests}
+            manifests.clear()
+            manifests.update(in_order)
+            _close_run(tracking_uri, run_id, status, manifests)
+            gallery_path = _report_run(params, started, run_id, experiment_name, tracking_uri, status, error, manifests, timings, run_dir)
 
     metrics = manifests["03_train"]["metrics"]
     return {

@@ -79,6 +79,10 @@ class NotebookParameterError(ValueError):
     """Parameters a notebook does not declare, or values that are not plain literals."""
 
 
+class NotebookStopped(RuntimeError):
+    """The caller asked a running notebook to stop (the pipeline is being interrupted)."""
+
+
 class NotebookExecutionError(RuntimeError):
     """A notebook failed; the message names the notebook, the cell and the cause."""
 
@@ -161,6 +165,7 @@ def execute_notebook(
     timeout_seconds: float,
     cwd: Path | None = None,
     retries_on_kernel_death: int = 1,
+    stop: threading.Event | None = None,
 ) -> NotebookResult:
     """Run `notebook` with `parameters` in a child process; always keep and render the output.
 
@@ -168,7 +173,9 @@ def execute_notebook(
     notebook is run again from the start up to `retries_on_kernel_death` times (an
     out-of-memory kill can be a neighbour's fault; a second death is taken as the notebook's).
     Raises NotebookExecutionError (with the result attached) when the notebook fails, stops
-    early or times out; the executed notebook and its HTML are on disk either way.
+    early or times out; the executed notebook and its HTML are on disk either way. Setting
+    `stop` (from another thread) stops the notebook and its kernel and raises NotebookStopped;
+    the executed copy, as far as it got, is left for the caller to report.
     """
     if retries_on_kernel_death < 0:
         raise ValueError(f"retries_on_kernel_death must be 0 or more, got {retries_on_kernel_death}")
@@ -185,7 +192,7 @@ def execute_notebook(
     deadline = started + timeout_seconds
     deaths: list[_Attempt] = []
     while True:
-        attempt = _run_attempt(command, parameters, deadline)
+        attempt = _run_attempt(command, parameters, deadline, stop)
         if attempt.kind != "kernel_died" or len(deaths) == retries_on_kernel_death or time.monotonic() >= deadline:
             break
         deaths.append(attempt)
@@ -230,8 +237,10 @@ def _note_and_render(executed_notebook: Path, error: str | None, attempts: int) 
     return render_reports(executed_notebook, failure=error)
 
 
-def _run_attempt(command: list[str], parameters: dict[str, Any], deadline: float) -> _Attempt:
-    """Run the child once, stop it at `deadline`, reap its kernel, say how it ended."""
+def _run_attempt(
+    command: list[str], parameters: dict[str, Any], deadline: float, stop: threading.Event | None = None
+) -> _Attempt:
+    """Run the child once, stop it at `deadline` (or on `stop`), reap its kernel, say how it ended."""
     with tempfile.TemporaryDirectory(prefix="taxi-notebook-") as folder:
         records = Path(folder)
         # In a file rather than on the command line, which caps one argument at 128 KiB.
@@ -246,11 +255,11 @@ def _run_attempt(command: list[str], parameters: dict[str, Any], deadline: float
                 stdin=subprocess.DEVNULL, stdout=runner_log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
-            child.wait(timeout=max(deadline - time.monotonic(), 0))
-            attempt = _read_outcome(records, child.returncode)
-        except subprocess.TimeoutExpired:
-            _stop(child)
-            attempt = _Attempt("timeout")
+            if _wait_unless_stopped(child, deadline, stop):
+                attempt = _read_outcome(records, child.returncode)
+            else:
+                _stop(child)
+                attempt = _Attempt("timeout")
         finally:
             if child.returncode is None:  # interrupted (KeyboardInterrupt): leave nothing behind
                 _stop(child)
@@ -258,6 +267,20 @@ def _run_attempt(command: list[str], parameters: dict[str, Any], deadline: float
         attempt.reaped = reaped
         attempt.cell_index = _read_json(records / _CURRENT_CELL).get("index")
         return attempt
+
+
+def _wait_unless_stopped(child: subprocess.Popen, deadline: float, stop: threading.Event | None) -> bool:
+    """Wait for the child: True when it exited, False at the deadline; NotebookStopped on `stop`."""
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            child.wait(timeout=max(min(remaining, 0.25), 0) if stop is not None else max(remaining, 0))
+            return True
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                return False
+            if stop is not None and stop.is_set():
+                raise NotebookStopped("stopped by the caller while running") from None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

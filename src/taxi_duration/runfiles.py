@@ -13,14 +13,15 @@ import pickle
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-import numpy as np
-import pandas as pd
-import scipy.sparse
-from sklearn.feature_extraction import DictVectorizer
+# The flow process uses only the manifest and atomic-write helpers; the numeric stack is
+# imported where matrices are read or written (in kernels), not on every pipeline start.
+if TYPE_CHECKING:
+    import pandas as pd
+    from sklearn.feature_extraction import DictVectorizer
 
-from taxi_duration.features import FeatureMatrices
+    from taxi_duration.features import FeatureMatrices
 
 PREPROCESSOR_FILENAME = "preprocessor.b"
 VALIDATION_RECORDS = "features/validation_records.parquet"
@@ -78,6 +79,9 @@ def _matrix_paths(run_dir: Path) -> dict[str, Path]:
 
 def save_matrices(run_dir: Path, matrices: FeatureMatrices) -> dict[str, str]:
     """Write the matrices, targets and fitted DictVectorizer; return their paths relative to `run_dir`."""
+    import numpy as np
+    import scipy.sparse
+
     paths = _matrix_paths(run_dir)
     for name in ("X_train", "X_val"):
         with atomic_path(paths[name]) as temporary:
@@ -100,6 +104,8 @@ def save_validation_records(run_dir: Path, records: pd.DataFrame) -> str:
 
 
 def load_validation_records(run_dir: Path) -> pd.DataFrame:
+    import pandas as pd
+
     path = Path(run_dir) / VALIDATION_RECORDS
     if not path.is_file():
         raise MissingRunFileError(f"{path} does not exist: run 02_features first")
@@ -108,6 +114,11 @@ def load_validation_records(run_dir: Path) -> pd.DataFrame:
 
 def load_matrices(run_dir: Path) -> FeatureMatrices:
     """Read what `save_matrices` wrote; a clear error if 02_features has not run."""
+    import numpy as np
+    import scipy.sparse
+
+    from taxi_duration.features import FeatureMatrices
+
     paths = _matrix_paths(run_dir)
     missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:

@@ -97,7 +97,10 @@ def test_sigterm_mid_notebook_marks_the_run_killed_and_leaves_no_process(
     client, runs = _runs(isolated_stores["tracking_uri"])
     assert [run.info.status for run in runs] == ["KILLED"]
     assert executed.is_file(), "the partial notebook is kept"
-    assert [a.path for a in client.list_artifacts(runs[0].info.run_id, "notebooks")] == ["notebooks/01_explore.ipynb"]
+    # 02_features runs beside 01_explore: it was stopped too (or had finished), and kept.
+    archived = [a.path for a in client.list_artifacts(runs[0].info.run_id, "notebooks")]
+    assert "notebooks/01_explore.ipynb" in archived
+    assert set(archived) <= {"notebooks/01_explore.ipynb", "notebooks/02_features.ipynb"}
     record = json.loads((executed.parent / "run.json").read_text())
     assert record["status"] == "KILLED"
     _wait_for(lambda: not _processes_with(str(isolated_stores["outputs"])), 30, "the notebook process and kernel to exit")
@@ -215,9 +218,12 @@ def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthet
     client, runs = _runs(isolated_stores["tracking_uri"])
     assert [run.info.status for run in runs] == ["FAILED"]
     run_id = runs[0].info.run_id
-    assert [a.path for a in client.list_artifacts(run_id, "notebooks")] == ["notebooks/01_explore.ipynb"]
+    # 02_features ran beside it and finished; 03_train never started.
+    assert [a.path for a in client.list_artifacts(run_id, "notebooks")] == [
+        "notebooks/01_explore.ipynb", "notebooks/02_features.ipynb"]
     assert sorted(a.path for a in client.list_artifacts(run_id, "reports")) == [
-        "reports/01_explore.html", "reports/01_explore.review.html"]
+        "reports/01_explore.html", "reports/01_explore.review.html",
+        "reports/02_features.html", "reports/02_features.review.html"]
     review = next(isolated_stores["outputs"].glob("green/2023-03/*/01_explore.review.html")).read_text()
     assert "This notebook failed" in review
     marker = str(isolated_stores["outputs"])

@@ -87,7 +87,12 @@ def test_identical_rerun_reuses_every_stage_with_identical_results(run_pipeline,
 
     forced = _runs(run_pipeline, source, project, "--force")
     assert forced.returncode == 0
-    assert set(_stage_status(_records(isolated_stores["outputs"])[-1]).values()) == {"COMPLETED"}
+    forced_record = _records(isolated_stores["outputs"])[-1]
+    assert set(_stage_status(forced_record).values()) == {"COMPLETED"}
+    # A forced run's fresh outputs replace the cache entries: the next rerun reuses them.
+    assert _runs(run_pipeline, source, project).returncode == 0
+    after_forced = client.get_run(_records(isolated_stores["outputs"])[-1]["mlflow_run_id"])
+    assert after_forced.data.tags["taxi.stage.03_train.reused_from_run"] == forced_record["mlflow_run_id"]
 
 
 def test_editing_a_notebook_or_replacing_data_reruns_only_what_depends_on_it(run_pipeline, source, project, isolated_stores):
