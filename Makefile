@@ -33,9 +33,9 @@ $(ENV_STAMP): requirements.lock pyproject.toml
 run: env ## Run the pipeline for YEAR-MONTH (default 2023-03) and COLOR; unchanged stages are reused
 	$(BIN)/python flows/pipeline.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(FORCE),--force)
 
-backfill: env ## Run every month FROM=YYYY-MM TO=YYYY-MM (PARALLEL=2 at a time)
-	@test -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make backfill FROM=2023-01 TO=2023-04 [COLOR=green] [PARALLEL=2]"; exit 2; }
-	$(BIN)/python flows/backfill.py --from $(FROM) --to $(TO) --color $(COLOR) --max-parallel $(PARALLEL) $(if $(FORCE),--force)
+backfill: env ## Run every month FROM=YYYY-MM TO=YYYY-MM (PARALLEL=2 at a time; DASK=1 or DASK_ADDRESS=tcp://host:8786 for Dask)
+	@test -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make backfill FROM=2023-01 TO=2023-04 [COLOR=green] [PARALLEL=2] [DASK=1 | DASK_ADDRESS=tcp://host:8786]"; exit 2; }
+	$(BIN)/python flows/backfill.py --from $(FROM) --to $(TO) --color $(COLOR) --max-parallel $(PARALLEL) $(if $(FORCE),--force) $(if $(DASK),--dask) $(if $(DASK_ADDRESS),--dask-address $(DASK_ADDRESS))
 
 serve: env ## Serve the monthly scheduled deployment (Ctrl-C stops) on the local or PREFECT_API_URL server
 	$(BIN)/python flows/serve.py

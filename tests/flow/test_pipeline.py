@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import model, runfiles
+from taxi_duration import model, runfiles, services
 
 pytestmark = pytest.mark.flow
 
@@ -96,8 +96,14 @@ def test_real_green_2023_03_reproduces_the_reference_model(run_pipeline, real_tl
         assert f'href="{folder}/{name}"' in index
 
 
-def read_prefect_artifacts(prefect_home: Path) -> list[dict]:
-    """Artifacts as the Prefect UI would show them, read through Prefect's own client."""
+def read_prefect_artifacts() -> list[dict]:
+    """Artifacts as the Prefect UI would show them, read through Prefect's own client.
+
+    The pipeline reported to the tests' local Prefect server (started on first use, as by
+    `make run`); it is read back there.
+    """
+    server = services.read_state("prefect")
+    assert server is not None, "the pipeline should have started the local Prefect server"
     code = (
         "import asyncio, json\n"
         "from prefect.client.orchestration import get_client\n"
@@ -107,14 +113,13 @@ def read_prefect_artifacts(prefect_home: Path) -> list[dict]:
         "    print(json.dumps([{'key': a.key, 'type': a.type, 'data': a.data, 'flow_run_id': str(a.flow_run_id)} for a in found]))\n"
         "asyncio.run(main())\n"
     )
-    env = {**os.environ, "PREFECT_HOME": str(prefect_home)}
-    env.pop("PREFECT_API_URL", None)
+    env = {**os.environ, "PREFECT_API_URL": server["env_value"]}
     completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def test_yellow_taxis_run_end_to_end_with_another_experiment(run_pipeline, synthetic_source, isolated_stores, prefect_home):
+def test_yellow_taxis_run_end_to_end_with_another_experiment(run_pipeline, synthetic_source, isolated_stores):
     completed = run_pipeline(
         "--year", "2023", "--month", "4", "--color", "yellow",
         "--data-source", str(synthetic_source), "--experiment", "yellow-check",
@@ -127,7 +132,7 @@ def test_yellow_taxis_run_end_to_end_with_another_experiment(run_pipeline, synth
     assert run.data.metrics["rmse"] < run.data.metrics["baseline_rmse"]
     assert _artifact_names(client, run.info.run_id, "reports") == REPORTS
 
-    artifacts = {artifact["key"]: artifact for artifact in read_prefect_artifacts(prefect_home)
+    artifacts = {artifact["key"]: artifact for artifact in read_prefect_artifacts()
                  if artifact["flow_run_id"] == run.data.tags["prefect.flow_run_id"]}
     summary = artifacts["taxi-duration-yellow-2023-04"]
     assert summary["type"] == "markdown" and f"{run.data.metrics['rmse']:.3f}" in summary["data"]
