@@ -19,7 +19,8 @@ runner, kernel, Prefect's server) and keeps the largest sum seen while the stage
 cross-check, `getrusage(RUSAGE_CHILDREN).ru_maxrss` after the pipeline ends gives the
 largest RSS any single waited-for descendant reached.
 
-The target is that no process of the pipeline needs more than 4 GiB.
+The target is that no process of the pipeline needs more than 4 GiB; the report also says
+whether the whole tree at once stayed within it.
 """
 
 from __future__ import annotations
@@ -226,8 +227,17 @@ def report(observation: Observation, wall_seconds: float, rows: int, largest_chi
         f"| {_mib(observation.tree_peak_bytes)} |",
         "",
         f"Largest single process: {_mib(single_peak)} MiB (getrusage cross-check: {_mib(largest_child)} MiB); "
-        f"target 4 GiB = 4,096 MiB: {'met' if single_peak <= TARGET_BYTES else 'NOT met'}.",
+        f"target 4 GiB = 4,096 MiB: {'met' if single_peak <= TARGET_BYTES else 'NOT met'}. "
+        f"Whole tree at once: {_mib(observation.tree_peak_bytes)} MiB "
+        f"({'within' if observation.tree_peak_bytes <= TARGET_BYTES else 'over'} 4 GiB).",
     ]
+    windows = [(stage, w) for stage, w in observation.stages.items() if w.started is not None]
+    for index, (stage, window) in enumerate(windows):
+        for other, later in windows[index + 1:]:
+            overlap = min(window.ended, later.ended) - max(window.started, later.started)
+            if overlap > 0:
+                lines.append(f"{stage} and {other} ran side by side for {overlap:.0f} s (the flow runs them "
+                             f"concurrently), so their 'tree' peaks include both kernels at once.")
     features = found.get("02_features", {})
     metrics = found.get("03_train", {}).get("metrics", {})
     if features:
