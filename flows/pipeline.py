@@ -256,13 +256,17 @@ def taxi_duration_pipeline(
         return _timed(timings, stage, work, cached=lambda manifest: "reused_from" in manifest)
 
     # 01_explore only reports on the data: it runs beside 02_features (the two use one core
-    # each), and 03_train starts once both have succeeded.
+    # each), and 03_train starts once both have succeeded. A big month is explored first,
+    # then featurized (settings.overlap_max_trips: two kernels at once need too much memory).
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="explore") as background:
         try:
             trip_files = _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(params, source))
             keys = _stage_keys(params, trip_files, stage_parameters)
+            side_by_side = data.trip_count(Path(trip_files[params.train_month.label()])) <= settings.overlap_max_trips()
             # The copied context carries the flow run into the thread, so the task belongs to it.
             explore = background.submit(contextvars.copy_context().run, stage_step, "01_explore", stop_explore)
+            if not side_by_side:
+                manifests["01_explore"] = explore.result()
             manifests["02_features"] = stage_step("02_features")
             manifests["01_explore"] = explore.result()
             manifests["03_train"] = stage_step("03_train")
@@ -486,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         params = PipelineParams.parse(args.year, args.month, args.color)
         data.check_source_location(data.trip_source(args.data_source).location)
         settings.notebook_timeout_seconds()
+        settings.overlap_max_trips()
         settings.prefect_server_mode()
     except (InvalidParameterError, data.TripDataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -82,6 +82,28 @@ def notebook_timeout_seconds() -> int:
     return value
 
 
+DEFAULT_OVERLAP_MAX_TRIPS = 1_000_000
+
+
+def overlap_max_trips() -> int:
+    """Largest training month (trips) whose 01_explore runs beside 02_features: `TAXI_OVERLAP_MAX_TRIPS`.
+
+    Side by side saves the exploration's time on two cores; above this size the two kernels
+    together would need more memory than a modest machine has (about 5 GiB at 3.4 million
+    trips), so a bigger month is explored first. 0 never overlaps.
+    """
+    raw = os.environ.get("TAXI_OVERLAP_MAX_TRIPS")
+    if not raw:
+        return DEFAULT_OVERLAP_MAX_TRIPS
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"TAXI_OVERLAP_MAX_TRIPS must be a whole number of trips, got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"TAXI_OVERLAP_MAX_TRIPS must be 0 or more, got {value}")
+    return value
+
+
 PREFECT_SERVER_MODES = ("local", "ephemeral")
 
 

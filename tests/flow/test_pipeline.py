@@ -188,3 +188,29 @@ def test_a_failing_notebook_marks_the_run_failed_and_archives_what_ran(run_pipel
     assert "FAILED" in (isolated_stores["outputs"] / "index.html").read_text()
     review = next(isolated_stores["outputs"].glob("green/2023-03/*/02_features.review.html")).read_text()
     assert review.index("This notebook failed") < review.index("02 · Features")
+
+
+def _stage_windows(flow_run_id: str) -> dict[str, tuple]:
+    """(start, end) of each notebook task run, read from the local Prefect server the run used."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    server = services.read_state("prefect")
+    assert server is not None
+    with SyncPrefectClient(server["env_value"]) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: (run.start_time, run.end_time) for run in task_runs if run.name in NOTEBOOKS}
+
+
+@pytest.mark.parametrize("overlap_max_trips", ["1000000", "0"], ids=["side-by-side", "big-month-in-turn"])
+def test_explore_runs_beside_features_unless_the_month_is_big(run_pipeline, synthetic_source, isolated_stores, overlap_max_trips):
+    completed = run_pipeline("--data-source", str(synthetic_source), extra_env={"TAXI_OVERLAP_MAX_TRIPS": overlap_max_trips})
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    _, run = _only_run(isolated_stores["tracking_uri"])
+    windows = _stage_windows(run.data.tags["prefect.flow_run_id"])
+    explore, features, train = (windows[stage] for stage in NOTEBOOKS)
+    if overlap_max_trips == "0":
+        assert explore[1] <= features[0], "a big month is explored before it is featurized"
+    else:
+        assert features[0] < explore[1], "02_features started while 01_explore ran"
+    assert train[0] >= max(explore[1], features[1]), "training waits for both"

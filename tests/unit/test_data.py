@@ -22,6 +22,7 @@ from taxi_duration.data import (
     normalize_trips,
     read_trips,
     required_columns,
+    trip_count,
     trip_filename,
     validate_trip_file,
 )
@@ -63,6 +64,7 @@ def test_required_columns_per_colour():
 def test_valid_parquet_returns_its_row_count(tmp_path, color):
     path = write_trip_file(tmp_path, color, MONTH, 37)
     assert validate_trip_file(path, color) == 37
+    assert trip_count(path) == 37
 
 
 def test_html_page_saved_as_parquet_is_rejected_naming_the_file(tmp_path):

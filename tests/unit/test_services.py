@@ -172,3 +172,10 @@ def test_cli_reports_status_and_urls(services_folder):
         assert bad.returncode == 2 and "unknown service redis" in bad.stderr
     finally:
         services.stop("mlflow")
+
+
+@pytest.mark.parametrize("raw", ["many", "-1"])
+def test_bad_overlap_knob_is_named(raw, monkeypatch):
+    monkeypatch.setenv("TAXI_OVERLAP_MAX_TRIPS", raw)
+    with pytest.raises(ValueError, match="TAXI_OVERLAP_MAX_TRIPS"):
+        settings.overlap_max_trips()
