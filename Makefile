@@ -9,13 +9,14 @@ COLOR ?= green
 PYTEST_ARGS ?=
 PARALLEL ?= 2
 FORCE ?=
+BENCH_ARGS ?=
 
 # Installed only when the pinned lock or the package metadata changes.
 ENV_STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 
-.PHONY: help env run backfill serve lab test test-fast lock clean-outputs strip-notebooks browser-deps reports services services-stop ui
+.PHONY: help env run backfill serve lab test test-fast lock clean-outputs strip-notebooks browser-deps reports services services-stop ui bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -48,6 +49,9 @@ services-stop: env ## Stop exactly the servers `make services` (or a run) starte
 
 ui: env ## Print the MLflow and Prefect UI addresses
 	@$(BIN)/python -m taxi_duration.services urls
+
+bench: env ## Time the pipeline against the plain script (BENCH_ARGS="--repeat 3 --check" or "--quick"); table in outputs/bench/pipeline.md
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 reports: ## Print where the run gallery is (open it in a browser: no server needed)
 	@if [ -f outputs/index.html ]; then echo "file://$(CURDIR)/outputs/index.html"; else echo "no runs yet: make run"; fi
