@@ -59,6 +59,8 @@ from taxi_duration import runfiles, settings
 from taxi_duration.periods import Month
 from taxi_duration.synthetic import write_trip_file
 
+from scale import high_water_mark  # bench/ is the script's folder, first on sys.path
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = PROJECT_DIR.parent / "shared" / "data" / "tlc"
 TRAIN_MONTH = Month(2023, 3)
@@ -110,18 +112,6 @@ class Bench:
 
 # --- measuring one process tree --------------------------------------------------------------
 
-def _high_water_mark(process: psutil.Process) -> int:
-    """The process's peak RSS so far (VmHWM), else its current RSS."""
-    try:
-        with open(f"/proc/{process.pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return process.memory_info().rss
-
-
 class TreeSampler(threading.Thread):
     """Samples a process tree's summed RSS and its largest per-process peak until stopped."""
 
@@ -148,7 +138,7 @@ class TreeSampler(threading.Thread):
         for process in processes:
             try:
                 total += process.memory_info().rss
-                self.largest = max(self.largest, _high_water_mark(process))
+                self.largest = max(self.largest, high_water_mark(process))
             except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
                 continue
         self.tree_peak = max(self.tree_peak, total)
