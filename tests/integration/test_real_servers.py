@@ -71,12 +71,16 @@ def real_servers(tmp_path, monkeypatch, mlflow_backend, free_port):
 
 def test_pipeline_on_real_mlflow_and_prefect_servers(real_servers, tmp_path, synthetic_source):
     mlflow_url, prefect_api = real_servers["mlflow"]["env_value"], real_servers["prefect"]["env_value"]
+    # As after `make services`: no server variables set; the run finds them in services.env.
     env = {
         **os.environ, **settings.ENVIRONMENT_DEFAULTS,
-        "MLFLOW_TRACKING_URI": mlflow_url, "PREFECT_API_URL": prefect_api,
         "TAXI_OUTPUTS_DIR": str(tmp_path / "outputs"), "TAXI_DATA_DIR": str(tmp_path / "data"),
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
     }
+    for variable in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(variable, None)
+    assert (services.services_dir() / "services.env").read_text().splitlines() == [
+        f"PREFECT_API_URL={prefect_api}", f"MLFLOW_TRACKING_URI={mlflow_url}"]
     completed = subprocess.run(
         [sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), "--data-source", str(synthetic_source),
          "--experiment", "real-servers"],
@@ -86,9 +90,9 @@ def test_pipeline_on_real_mlflow_and_prefect_servers(real_servers, tmp_path, syn
     run_id = re.search(r"MLflow run\s+([0-9a-f]{32}) \(experiment 'real-servers', (\S+)\)", completed.stdout)
     assert run_id and run_id.group(2) == mlflow_url, completed.stdout
     run_id = run_id.group(1)
-    flow_run_id = re.search(r"Prefect flow run\s+\S+/runs/flow-run/([0-9a-f-]{36})", completed.stdout)
-    assert flow_run_id, completed.stdout
-    flow_run_id = flow_run_id.group(1)
+    flow_run_id = re.search(r"Prefect flow run\s+(\S+)/runs/flow-run/([0-9a-f-]{36})", completed.stdout)
+    assert flow_run_id and flow_run_id.group(1) == prefect_api.removesuffix("/api"), completed.stdout
+    flow_run_id = flow_run_id.group(2)
 
     # MLflow, over its REST API.
     api = f"{mlflow_url}/api/2.0/mlflow"
