@@ -15,11 +15,15 @@ serving code keeps calling `vectorizer.transform(feature_records(trips))`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import scipy.sparse
-from sklearn.feature_extraction import DictVectorizer
+
+# scikit-learn is imported where a vectorizer is made: 01_explore needs only the duration.
+if TYPE_CHECKING:
+    from sklearn.feature_extraction import DictVectorizer
 
 from taxi_duration.data import DISTANCE_COLUMN, DROPOFF_COLUMN, PICKUP_COLUMN, normalize_trips
 
@@ -158,6 +162,8 @@ def _factorized_pairs(trips: pd.DataFrame) -> tuple[np.ndarray, list[str]]:
 
 def _fitted_vectorizer(names: list[str]) -> DictVectorizer:
     """A DictVectorizer in the state `fit` leaves it: every feature name sorted, numbered in that order."""
+    from sklearn.feature_extraction import DictVectorizer
+
     vectorizer = DictVectorizer()
     # DictVectorizer sorts the names as Python strings (code point order), so this does too.
     feature_names = sorted([*names, _DISTANCE])
