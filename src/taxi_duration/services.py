@@ -309,15 +309,40 @@ def _forget(name: str) -> None:
     _write_env_file()
 
 
-def _stop_recorded(state: dict) -> None:
-    pid = int(state["pid"])
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGTERM)  # the server's whole group: workers and helpers too
-    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
-    while _alive(pid) and time.monotonic() < deadline:
+def _group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group `pgid`, from /proc."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+def _wait_for_empty_group(pgid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _group_members(pgid):
+        if time.monotonic() > deadline:
+            return False
         time.sleep(0.1)
+    return True
+
+
+def _stop_recorded(state: dict) -> None:
+    pgid = int(state["pid"])  # started with a session of its own: its pid is its group id
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(pid, signal.SIGKILL)
+        os.killpg(pgid, signal.SIGTERM)  # the server's whole group: workers and helpers too
+    if not _wait_for_empty_group(pgid, STOP_TIMEOUT_SECONDS):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGKILL)
+        # SIGKILL is not instant: report stopped only when the group is really gone.
+        if not _wait_for_empty_group(pgid, STOP_TIMEOUT_SECONDS):
+            raise ServiceError(f"the {state['name']} server's processes {_group_members(pgid)} did not exit after SIGKILL")
     _forget(state["name"])
 
 
