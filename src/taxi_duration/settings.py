@@ -68,18 +68,24 @@ def experiment_name(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
-def notebook_timeout_seconds() -> int:
-    """Wall-clock limit for one notebook: `TAXI_NOTEBOOK_TIMEOUT` seconds, default 1800."""
-    raw = os.environ.get("TAXI_NOTEBOOK_TIMEOUT")
+def _whole_number_knob(name: str, default: int, unit: str, minimum: int) -> int:
+    """The environment variable `name` as a whole number >= `minimum`; a clear error otherwise."""
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_NOTEBOOK_TIMEOUT_SECONDS
+        return default
     try:
         value = int(raw)
     except ValueError:
-        raise ValueError(f"TAXI_NOTEBOOK_TIMEOUT must be a whole number of seconds, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"TAXI_NOTEBOOK_TIMEOUT must be positive, got {value}")
+        raise ValueError(f"{name} must be a whole number of {unit}, got {raw!r}") from None
+    if value < minimum:
+        bound = "positive" if minimum == 1 else f"{minimum} or more"
+        raise ValueError(f"{name} must be {bound}, got {value}")
     return value
+
+
+def notebook_timeout_seconds() -> int:
+    """Wall-clock limit for one notebook: `TAXI_NOTEBOOK_TIMEOUT` seconds, default 1800."""
+    return _whole_number_knob("TAXI_NOTEBOOK_TIMEOUT", DEFAULT_NOTEBOOK_TIMEOUT_SECONDS, "seconds", minimum=1)
 
 
 DEFAULT_OVERLAP_MAX_TRIPS = 1_000_000
@@ -92,16 +98,7 @@ def overlap_max_trips() -> int:
     together would need more memory than a modest machine has (about 5 GiB at 3.4 million
     trips), so a bigger month is explored first. 0 never overlaps.
     """
-    raw = os.environ.get("TAXI_OVERLAP_MAX_TRIPS")
-    if not raw:
-        return DEFAULT_OVERLAP_MAX_TRIPS
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"TAXI_OVERLAP_MAX_TRIPS must be a whole number of trips, got {raw!r}") from None
-    if value < 0:
-        raise ValueError(f"TAXI_OVERLAP_MAX_TRIPS must be 0 or more, got {value}")
-    return value
+    return _whole_number_knob("TAXI_OVERLAP_MAX_TRIPS", DEFAULT_OVERLAP_MAX_TRIPS, "trips", minimum=0)
 
 
 PREFECT_SERVER_MODES = ("local", "ephemeral")

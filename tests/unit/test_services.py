@@ -49,19 +49,6 @@ def stand_in(name: str, port: int, spawn_child: bool = False) -> services.Servic
     )
 
 
-def group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                members.append(int(entry.name))
-    return members
-
-
 def test_start_records_the_server_and_the_variables_a_run_picks_up(services_folder):
     port = free_port()
     state = services.start(stand_in("mlflow", port), timeout_seconds=30)
@@ -84,11 +71,11 @@ def test_stop_ends_the_whole_process_group_and_frees_the_port(services_folder):
     port = free_port()
     state = services.start(stand_in("prefect", port, spawn_child=True), timeout_seconds=30)
     deadline = time.monotonic() + 10
-    while len(group_members(state["pid"])) < 3 and time.monotonic() < deadline:
+    while len(services._group_members(state["pid"])) < 3 and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert len(group_members(state["pid"])) >= 3, "parent, sleeper and http.server"
+    assert len(services._group_members(state["pid"])) >= 3, "parent, sleeper and http.server"
     assert services.stop("prefect") is True
-    assert group_members(state["pid"]) == []
+    assert services._group_members(state["pid"]) == []
     with socket.socket() as probe:
         assert probe.connect_ex((services.HOST, port)) != 0
     assert services.stop("prefect") is False, "stopping twice says it was not running"
