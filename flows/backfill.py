@@ -38,13 +38,16 @@ from taxi_duration import services, settings  # noqa: E402
 settings.apply_environment_defaults()
 services.adopt_running_services()  # `make services` wrote where its servers are
 
-from prefect import flow, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner  # noqa: E402
+from taxi_duration.startup import exit_without_final_collection, imports_without_gc  # noqa: E402
 
-from pipeline import taxi_duration_pipeline  # noqa: E402
-from taxi_duration import data  # noqa: E402
-from taxi_duration.periods import InvalidParameterError, PipelineParams, month_range  # noqa: E402
+with imports_without_gc():
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+    from pipeline import taxi_duration_pipeline
+    from taxi_duration import data
+    from taxi_duration.periods import InvalidParameterError, PipelineParams, month_range
 
 DEFAULT_MAX_PARALLEL = 2
 DASK_ADDRESS_ENV = "TAXI_DASK_ADDRESS"
@@ -341,4 +344,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    exit_without_final_collection()
+    sys.exit(exit_code)

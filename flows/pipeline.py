@@ -28,13 +28,18 @@ from taxi_duration import services, settings
 settings.apply_environment_defaults()
 services.adopt_running_services()  # `make services` wrote where its servers are
 
-from prefect import flow, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
-from prefect.runtime import flow_run  # noqa: E402
+from taxi_duration.startup import exit_without_final_collection, imports_without_gc  # noqa: E402
 
-from taxi_duration import data, gallery, notebooks, reports, runfiles, stagecache, tracking  # noqa: E402
-from taxi_duration.periods import InvalidParameterError, PipelineParams  # noqa: E402
+with imports_without_gc():
+    from prefect import flow, task
+    from prefect.cache_policies import NO_CACHE
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.runtime import flow_run
+
+    from taxi_duration import data, gallery, notebooks, reports, runfiles, stagecache, tracking
+    from taxi_duration.periods import InvalidParameterError, PipelineParams
+
+    tracking.import_mlflow()  # every run uses it: import it with the rest
 
 STAGES = ("01_explore", "02_features", "03_train")
 SUMMARY_METRICS = ("train_nnz", "val_nnz", "n_features", "train_rows", "val_rows", "rmse")
@@ -519,4 +524,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_code = main()
+    exit_without_final_collection()
+    sys.exit(exit_code)

@@ -318,7 +318,7 @@ def _download_booster(tracking_uri: str, client, registered_model: str, version:
     """The version's XGBoost model, fetched through `tracking_uri` (not the global registry URI)."""
     import xgboost as xgb
 
-    tracking._import_mlflow()  # first import through the helper that silences its import warning
+    tracking.import_mlflow()  # first import through the helper that silences its import warning
     import mlflow.artifacts
     import mlflow.xgboost
 

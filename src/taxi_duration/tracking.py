@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 from taxi_duration import settings
 
 
-def _import_mlflow():
+def import_mlflow():
     # MLflow imports tqdm.auto, which in a kernel without ipywidgets warns on import;
     # the warning would end up in every training report.
     with warnings.catch_warnings():
@@ -27,7 +27,7 @@ def _import_mlflow():
 
 
 def _client(tracking_uri: str):
-    mlflow = _import_mlflow()
+    mlflow = import_mlflow()
     _initialize_sqlite_store(tracking_uri, mlflow)
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
 
@@ -178,7 +178,7 @@ def model_pip_requirements() -> list[str]:
 
 def log_xgboost_model(tracking_uri: str, run_id: str, booster, input_example_matrix, predictions) -> str:
     """Log the booster as `model` with a signature on the given run; return the model URI."""
-    _import_mlflow()  # first, so its warning filter covers the imports below
+    import_mlflow()  # first, so its warning filter covers the imports below
     import mlflow
     import mlflow.xgboost
     from mlflow.models import infer_signature

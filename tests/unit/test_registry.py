@@ -44,7 +44,7 @@ def uri(tmp_path, monkeypatch) -> str:
     # and by `gate` below) also writes MLFLOW_TRACKING_URI into os.environ.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", decoy_uri(tmp_path))
     yield f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking._import_mlflow().set_tracking_uri(None)
+    tracking.import_mlflow().set_tracking_uri(None)
 
 
 def decoy_uri(folder: Path) -> str:
@@ -98,7 +98,7 @@ def gate(uri: str, run: LoggedRun, as_frame: bool = False) -> registry.Promotion
     # MLflow's process-wide URI points at another store, as in a process that never called
     # log_xgboost_model: a gate that used it (mlflow.register_model, load_model("models:/..."))
     # would find no registered model, or a stranger's, and these tests would fail.
-    tracking._import_mlflow().set_tracking_uri(decoy_uri(Path(uri.removeprefix("sqlite:///")).parent))
+    tracking.import_mlflow().set_tracking_uri(decoy_uri(Path(uri.removeprefix("sqlite:///")).parent))
     records = run.validation if as_frame else feature_records(run.validation)
     return registry.register_and_gate(
         uri, run.run_id, run.model_uri, records, run.matrices.y_val, run.rmse, run.validation_month
