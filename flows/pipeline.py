@@ -42,6 +42,14 @@ with imports_without_gc():
     tracking.import_mlflow()  # every run uses it: import it with the rest
 
 STAGES = ("01_explore", "02_features", "03_train")
+# What the notebooks import lazily, through the package (plots, scikit-learn, XGBoost, MLflow):
+# a prepared kernel imports these while it waits, besides the notebook's own imports.
+KERNEL_PRELOAD = {
+    "01_explore": ("matplotlib_inline.backend_inline", "matplotlib.pyplot"),
+    "02_features": ("matplotlib_inline.backend_inline", "matplotlib.pyplot", "sklearn.feature_extraction"),
+    "03_train": ("matplotlib_inline.backend_inline", "matplotlib.pyplot", "sklearn.feature_extraction",
+                 "sklearn.metrics", "xgboost", "mlflow", "mlflow.models", "mlflow.xgboost"),
+}
 SUMMARY_METRICS = ("train_nnz", "val_nnz", "n_features", "train_rows", "val_rows", "rmse")
 
 
@@ -74,15 +82,19 @@ def run_stage(
     cache_root: Path,
     reuse: bool = True,
     stop: threading.Event | None = None,
+    prepared: notebooks.PreparedRunner | None = None,
 ) -> dict[str, Any]:
     """Reuse the stage's earlier outputs if its key is cached, else execute it; archive either way.
 
     Returns the stage's manifest, plus `reused_from` (the cache entry) when nothing ran. With
     `reuse` False (--force) the stage always runs, and its fresh outputs replace the cache entry.
+    `prepared` (a runner started ahead for this stage) executes it; it is closed either way.
     """
     cache = stagecache.StageCache(cache_root)
     entry = cache.lookup(stage, key) if reuse else None
     if entry is not None:
+        if prepared is not None:
+            prepared.close()
         stagecache.StageCache.restore(entry, run_dir)
         _archive_stage_files(run_dir, stage, tracking_uri, run_id)
         manifest = runfiles.read_manifest(run_dir, stage)
@@ -90,7 +102,7 @@ def run_stage(
             _replay_training(tracking_uri, run_id, run_dir, manifest)
         print(f"{stage}: inputs unchanged, reused from {entry.run_dir} (MLflow run {entry.mlflow_run_id})")
         return {**manifest, "reused_from": asdict(entry)}
-    manifest = _execute_notebook(stage, parameters, run_dir, tracking_uri, run_id, timeout_seconds, stop)
+    manifest = _execute_notebook(stage, parameters, run_dir, tracking_uri, run_id, timeout_seconds, stop, prepared)
     cache.store(stage, key, run_dir, run_id, _stage_files(stage, manifest))
     return manifest
 
@@ -124,7 +136,7 @@ def _replay_training(tracking_uri: str, run_id: str, run_dir: Path, manifest: di
 
 def _execute_notebook(
     stage: str, parameters: dict[str, Any], run_dir: Path, tracking_uri: str, run_id: str, timeout_seconds: int,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, prepared: notebooks.PreparedRunner | None = None,
 ) -> dict[str, Any]:
     """Execute one notebook, archive the executed copy and its reports, return its manifest."""
     try:
@@ -134,6 +146,7 @@ def _execute_notebook(
             parameters,
             timeout_seconds=timeout_seconds,
             stop=stop,
+            prepared=prepared,
         )
     except notebooks.NotebookExecutionError as error:
         _archive(error.result, tracking_uri, run_id)
@@ -201,6 +214,50 @@ def taxi_duration_pipeline(
     experiment_name = settings.experiment_name(experiment)
 
     tracking.check_reachable(tracking_uri)
+    training_parameters = {"tracking_uri": tracking_uri, "experiment_name": experiment_name,
+                           "registered_model": registered_model}
+    # Kernels for the stages that will execute start now: their start-up and imports overlap
+    # the MLflow run's creation and the stages before them.
+    prepared = _prepare_runners(params, source, training_parameters, force)
+    try:
+        return _run_pipeline(params, source, experiment_name, tracking_uri, training_parameters, timeout_seconds,
+                             force, prepared)
+    finally:
+        for runner in prepared.values():
+            runner.close()  # those no stage took over (a stage failed, or the flow was stopped)
+
+
+def _prepare_runners(
+    params: PipelineParams, source: data.TripSource, training_parameters: dict[str, Any], force: bool
+) -> dict[str, notebooks.PreparedRunner]:
+    """Runners for the stages that will execute, started ahead; none unless the month is small.
+
+    Only when both months' files are already local (their digests give the stage keys, so
+    reused stages get no kernel) and the training month is small enough for its kernels to
+    run side by side (settings.overlap_max_trips); otherwise each stage starts its own.
+    """
+    files = {month.label(): source.local_copy(params.color, month) for month in (params.train_month, params.validation_month)}
+    if None in files.values():
+        return {}
+    try:
+        if data.trip_count(files[params.train_month.label()]) > settings.overlap_max_trips():
+            return {}
+    except Exception:  # noqa: BLE001 - fetch-trip-files validates the file and says what is wrong
+        return {}
+    keys = _stage_keys(params, {label: str(path) for label, path in files.items()}, training_parameters)
+    cache = stagecache.StageCache(settings.stage_cache_dir())
+    return {
+        stage: notebooks.PreparedRunner(settings.notebooks_dir() / f"{stage}.ipynb", preload=KERNEL_PRELOAD[stage])
+        for stage in STAGES if force or cache.lookup(stage, keys[stage]) is None
+    }
+
+
+def _run_pipeline(
+    params: PipelineParams, source: data.TripSource, experiment_name: str, tracking_uri: str,
+    training_parameters: dict[str, Any], timeout_seconds: int, force: bool,
+    prepared: dict[str, notebooks.PreparedRunner],
+) -> dict[str, Any]:
+    """The flow's body once its inputs are checked: the MLflow run, the stages, the reports."""
     for orphan in tracking.mark_orphaned_runs_killed(tracking_uri, experiment_name):
         print(f"MLflow run {orphan} was left RUNNING by a pipeline process that no longer exists: marked KILLED")
 
@@ -238,13 +295,7 @@ def taxi_duration_pipeline(
     stage_parameters = {
         "01_explore": data_parameters,
         "02_features": data_parameters,
-        "03_train": {
-            "run_dir": str(run_dir),
-            "tracking_uri": tracking_uri,
-            "experiment_name": experiment_name,
-            "mlflow_run_id": run_id,
-            "registered_model": registered_model,
-        },
+        "03_train": {"run_dir": str(run_dir), "mlflow_run_id": run_id, **training_parameters},
     }
     status = "FAILED"
     error: BaseException | None = None
@@ -256,7 +307,8 @@ def taxi_duration_pipeline(
     def stage_step(stage: str, stop: threading.Event | None = None):
         def work() -> dict[str, Any]:
             return run_stage(stage, stage_parameters[stage], run_dir, tracking_uri, run_id, timeout_seconds,
-                             keys[stage], settings.stage_cache_dir(), reuse=not force, stop=stop)
+                             keys[stage], settings.stage_cache_dir(), reuse=not force, stop=stop,
+                             prepared=prepared.pop(stage, None))
 
         return _timed(timings, stage, work, cached=lambda manifest: "reused_from" in manifest)
 
@@ -266,7 +318,7 @@ def taxi_duration_pipeline(
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="explore") as background:
         try:
             trip_files = _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(params, source))
-            keys = _stage_keys(params, trip_files, stage_parameters)
+            keys = _stage_keys(params, trip_files, training_parameters)
             side_by_side = data.trip_count(Path(trip_files[params.train_month.label()])) <= settings.overlap_max_trips()
             # The copied context carries the flow run into the thread, so the task belongs to it.
             explore = background.submit(contextvars.copy_context().run, stage_step, "01_explore", stop_explore)
@@ -312,7 +364,7 @@ def taxi_duration_pipeline(
     }
 
 
-def _stage_keys(params: PipelineParams, trip_files: dict[str, str], stage_parameters: dict[str, dict]) -> dict[str, str]:
+def _stage_keys(params: PipelineParams, trip_files: dict[str, str], training_parameters: dict[str, Any]) -> dict[str, str]:
     """Cache keys: notebook bytes, the parameters that matter, input file digests, upstream keys."""
     train_digest = stagecache.file_sha256(Path(trip_files[params.train_month.label()]))
     validation_digest = stagecache.file_sha256(Path(trip_files[params.validation_month.label()]))
@@ -326,8 +378,9 @@ def _stage_keys(params: PipelineParams, trip_files: dict[str, str], stage_parame
     }
     # Training reads only what 02_features wrote; where it logs (store, experiment) matters
     # too, since a reuse does not log the model again.
-    training = {name: stage_parameters["03_train"][name] for name in ("tracking_uri", "experiment_name", "registered_model")}
-    keys["03_train"] = stagecache.stage_key("03_train", notebook["03_train"], training, {}, {"02_features": keys["02_features"]})
+    keys["03_train"] = stagecache.stage_key(
+        "03_train", notebook["03_train"], training_parameters, {}, {"02_features": keys["02_features"]}
+    )
     return keys
 
 

@@ -147,6 +147,15 @@ class TripSource:
     location: str
     cache_dir: Path
 
+    def local_copy(self, color: str, month: Month) -> Path | None:
+        """Where the month's file already is on this machine, or None; never downloads or validates."""
+        name = trip_filename(color, month)
+        if is_url(self.location):
+            path = self.cache_dir / color / name
+        else:
+            path = Path(self.location).expanduser().resolve() / name
+        return path if path.is_file() else None
+
     def ensure_local(
         self,
         color: str,

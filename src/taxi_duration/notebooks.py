@@ -2,8 +2,10 @@
 
 Each notebook runs in a child process (`python -m taxi_duration.notebooks ...`): papermill
 changes the process-wide working directory and Jupyter clients dislike worker threads, so a
-Prefect task must not run it in-process. The executed notebook is kept whether the run passed
-or failed, and rendered to HTML (full and review) either way.
+Prefect task must not run it in-process. The child starts the kernel and has it import what
+the notebook imports before the parameters arrive; a caller can start it ahead of time
+(PreparedRunner) so that this overlaps other work. The executed notebook is kept whether the
+run passed or failed, and rendered to HTML (full and review) either way.
 
 What counts as a failure, and how it is found (papermill 2.7, nbclient 0.11, IPython 9,
 ipykernel 7 behave as described here; the tests in tests/faults pin it down):
@@ -71,7 +73,7 @@ ALLOW_ERRORS_TAG = "raises-exception"
 _KERNEL_RECORD = "kernel.json"
 _OUTCOME = "outcome.json"
 _CURRENT_CELL = "cell.json"
-_PARAMETERS = "parameters.json"
+_GO = "go.json"
 _RUNNER_LOG = "runner.log"
 
 
@@ -166,6 +168,7 @@ def execute_notebook(
     cwd: Path | None = None,
     retries_on_kernel_death: int = 1,
     stop: threading.Event | None = None,
+    prepared: PreparedRunner | None = None,
 ) -> NotebookResult:
     """Run `notebook` with `parameters` in a child process; always keep and render the output.
 
@@ -176,23 +179,31 @@ def execute_notebook(
     early or times out; the executed notebook and its HTML are on disk either way. Setting
     `stop` (from another thread) stops the notebook and its kernel and raises NotebookStopped;
     the executed copy, as far as it got, is left for the caller to report.
+
+    `prepared`, a PreparedRunner started earlier for this notebook (and working directory),
+    runs the first attempt; its kernel is already up with the notebook's imports done. The
+    call takes it over: it is closed whatever happens. A retry starts a runner of its own.
     """
-    if retries_on_kernel_death < 0:
-        raise ValueError(f"retries_on_kernel_death must be 0 or more, got {retries_on_kernel_death}")
     notebook = Path(notebook).resolve()
+    try:
+        if retries_on_kernel_death < 0:
+            raise ValueError(f"retries_on_kernel_death must be 0 or more, got {retries_on_kernel_death}")
+        if prepared is not None and (prepared.notebook, prepared.cwd) != (notebook, Path(cwd or notebook.parent).resolve()):
+            raise ValueError(f"the prepared runner is for {prepared.notebook} in {prepared.cwd}, not {notebook}")
+        check_parameters(notebook, parameters)
+    except BaseException:
+        if prepared is not None:
+            prepared.close()
+        raise
     executed_notebook = Path(executed_notebook).resolve()
-    check_parameters(notebook, parameters)
     executed_notebook.parent.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable, "-m", "taxi_duration.notebooks",
-        str(notebook), str(executed_notebook),
-        "--cwd", str(cwd or notebook.parent),
-    ]
     started = time.monotonic()
     deadline = started + timeout_seconds
     deaths: list[_Attempt] = []
     while True:
-        attempt = _run_attempt(command, parameters, deadline, stop)
+        runner = prepared or PreparedRunner(notebook, cwd)
+        prepared = None
+        attempt = _run_attempt(runner, executed_notebook, parameters, deadline, stop)
         if attempt.kind != "kernel_died" or len(deaths) == retries_on_kernel_death or time.monotonic() >= deadline:
             break
         deaths.append(attempt)
@@ -237,36 +248,69 @@ def _note_and_render(executed_notebook: Path, error: str | None, attempts: int) 
     return render_reports(executed_notebook, failure=error)
 
 
-def _run_attempt(
-    command: list[str], parameters: dict[str, Any], deadline: float, stop: threading.Event | None = None
-) -> _Attempt:
-    """Run the child once, stop it at `deadline` (or on `stop`), reap its kernel, say how it ended."""
-    with tempfile.TemporaryDirectory(prefix="taxi-notebook-") as folder:
-        records = Path(folder)
-        # In a file rather than on the command line, which caps one argument at 128 KiB.
-        (records / _PARAMETERS).write_text(json.dumps(parameters), encoding="utf-8")
+class PreparedRunner:
+    """A notebook runner, possibly started ahead of its notebook's turn.
+
+    The child process starts the kernel and has it import, silently, the modules the
+    notebook's code cells import plus `preload` (with the collector paused: see
+    taxi_duration.startup), then waits for the executed notebook's path and the parameters
+    (execute_notebook sends them). Started ahead, the kernel's start and imports (1-2.5 s a
+    notebook here) overlap whatever runs before. The imports bind no name in the kernel, and
+    the executed notebook shows only the notebook's own cells, numbered from 1. Close a
+    runner that is not used: its child and kernel are stopped.
+    """
+
+    def __init__(self, notebook: Path, cwd: Path | None = None, preload: tuple[str, ...] = ()) -> None:
+        self.notebook = Path(notebook).resolve()
+        self.cwd = Path(cwd or self.notebook.parent).resolve()
+        self._folder = tempfile.TemporaryDirectory(prefix="taxi-notebook-")
+        self.records = Path(self._folder.name)
+        command = [
+            sys.executable, "-m", "taxi_duration.notebooks", str(self.notebook),
+            "--cwd", str(self.cwd), "--records", str(self.records), "--parent-pid", str(os.getpid()),
+            *(["--preload", ",".join(preload)] if preload else []),
+        ]
         # The child's output goes to a file, not a pipe: a kernel (or a process it started)
         # inherits the child's stdout/stderr, and reading a pipe until EOF would then wait
         # for those processes as well as for the child.
-        with open(records / _RUNNER_LOG, "wb") as runner_log:
-            child = subprocess.Popen(
-                [*command, "--parameters-file", str(records / _PARAMETERS), "--records", str(records),
-                 "--parent-pid", str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=runner_log, stderr=subprocess.STDOUT, start_new_session=True,
+        with open(self.records / _RUNNER_LOG, "wb") as runner_log:
+            self.child = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=runner_log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        self.reaped: list[int] = []
+
+    def go(self, executed_notebook: Path, parameters: dict[str, Any]) -> None:
+        """Tell the child what to write and with which parameters: it runs the notebook now."""
+        # In a file rather than on the command line, which caps one argument at 128 KiB.
+        _write_json(self.records / _GO, {"executed_notebook": str(executed_notebook), "parameters": parameters})
+
+    def close(self) -> None:
+        """Stop the child if it still runs, kill what is left of its kernel, remove the records."""
         try:
-            if _wait_unless_stopped(child, deadline, stop):
-                attempt = _read_outcome(records, child.returncode)
-            else:
-                _stop(child)
-                attempt = _Attempt("timeout")
+            if self.child.returncode is None and self.child.poll() is None:
+                _stop(self.child)
+            self.reaped = _reap_kernel(self.records / _KERNEL_RECORD)
         finally:
-            if child.returncode is None:  # interrupted (KeyboardInterrupt): leave nothing behind
-                _stop(child)
-            reaped = _reap_kernel(records / _KERNEL_RECORD)
-        attempt.reaped = reaped
-        attempt.cell_index = _read_json(records / _CURRENT_CELL).get("index")
-        return attempt
+            self._folder.cleanup()
+
+
+def _run_attempt(
+    runner: PreparedRunner, executed_notebook: Path, parameters: dict[str, Any], deadline: float,
+    stop: threading.Event | None = None,
+) -> _Attempt:
+    """Run the notebook on `runner` once, stop it at `deadline` (or on `stop`), reap, say how it ended."""
+    try:
+        runner.go(executed_notebook, parameters)
+        if _wait_unless_stopped(runner.child, deadline, stop):
+            attempt = _read_outcome(runner.records, runner.child.returncode)
+        else:
+            _stop(runner.child)
+            attempt = _Attempt("timeout")
+        attempt.cell_index = _read_json(runner.records / _CURRENT_CELL).get("index")
+    finally:
+        runner.close()  # also when interrupted (KeyboardInterrupt, `stop`): leave nothing behind
+    attempt.reaped = runner.reaped
+    return attempt
 
 
 def _wait_unless_stopped(child: subprocess.Popen, deadline: float, stop: threading.Event | None) -> bool:
@@ -509,29 +553,36 @@ def _describe_kernel_death(notebook: Any, attempt: _Attempt, deaths: list[_Attem
 
 
 def _child_main(argv: list[str] | None = None) -> int:
-    """Execute one notebook (the child side of execute_notebook); write how it ended to --records."""
+    """Execute one notebook (the child side of PreparedRunner); write how it ended to --records.
+
+    Starts the kernel and warms it up, waits for the parent's go (the executed notebook's
+    path and the parameters, in --records), runs the notebook with papermill, shuts the
+    kernel down.
+    """
     parser = argparse.ArgumentParser(description="Execute one notebook with papermill (used by the pipeline).")
     parser.add_argument("notebook")
-    parser.add_argument("executed_notebook")
-    parser.add_argument("--parameters", default="{}", help="JSON object of parameter values")
-    parser.add_argument("--parameters-file", help="file holding the JSON object instead of --parameters")
     parser.add_argument("--cwd")
-    parser.add_argument("--records", help="folder for the kernel's pid and the outcome (JSON files)")
+    parser.add_argument("--records", required=True, help="folder for the go, the kernel's pid and the outcome")
     parser.add_argument("--parent-pid", type=int, help="stop, as on a timeout, when this process is gone")
+    parser.add_argument("--preload", default="", help="comma-separated modules the kernel imports while it waits")
     args = parser.parse_args(argv)
-    records = Path(args.records) if args.records else None
+    records = Path(args.records)
 
-    # SIGTERM (a timeout, or the flow being stopped) becomes SystemExit so papermill's
-    # clean-up runs and shuts the kernel down instead of leaving it orphaned. While cells
-    # run, nbclient's own SIGTERM handler does the same.
+    # SIGTERM (a timeout, or the flow being stopped) becomes SystemExit so the clean-up below
+    # and papermill's shut the kernel down instead of leaving it orphaned. While cells run,
+    # nbclient's own SIGTERM handler does the same.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     if args.parent_pid:
         threading.Thread(target=_stop_when_orphaned, args=(args.parent_pid, records), daemon=True).start()
 
-    import papermill
-    from jupyter_client.manager import AsyncKernelManager
-    from nbclient.exceptions import DeadKernelError
-    from papermill.exceptions import PapermillExecutionError
+    from taxi_duration.startup import imports_without_gc
+
+    with imports_without_gc():
+        import papermill
+        from jupyter_client.manager import AsyncKernelManager
+        from jupyter_core.utils import run_sync
+        from nbclient.exceptions import DeadKernelError
+        from papermill.exceptions import PapermillExecutionError
 
     class RecordingKernelManager(AsyncKernelManager):
         """Notes the kernel's pid as soon as it exists, for the parent to reap if need be."""
@@ -539,28 +590,35 @@ def _child_main(argv: list[str] | None = None) -> int:
         async def start_kernel(self, **kwargs: Any) -> None:
             await super().start_kernel(**kwargs)
             pid = getattr(self.provisioner, "pid", None)
-            if records is not None and pid is not None:
+            if pid is not None:
                 _write_json(records / _KERNEL_RECORD, {"pid": pid, "create_time": _create_time(pid)})
 
     def note_running_cell(cell: Any, cell_index: int) -> None:
         """Record which cell runs, for the parent to name if the kernel dies or time runs out."""
-        if records is not None:
-            _write_json(records / _CURRENT_CELL, {"index": cell_index})
+        _write_json(records / _CURRENT_CELL, {"index": cell_index})
 
-    if args.parameters_file:
-        parameters = json.loads(Path(args.parameters_file).read_text(encoding="utf-8"))
-    else:
-        parameters = json.loads(args.parameters)
+    kernel: Any = None
     try:
+        try:
+            kernel = RecordingKernelManager(kernel_name="python3")
+            run_sync(kernel.start_kernel)(extra_arguments=list(KERNEL_ARGUMENTS), cwd=args.cwd)
+            run_sync(_warm_up)(kernel, preload_code(Path(args.notebook), [m for m in args.preload.split(",") if m]))
+        except Exception as error:  # noqa: BLE001 - papermill starts a kernel of its own and reports
+            log.warning("could not prepare a kernel ahead (%r); papermill starts one", error)
+            kernel = _discard_kernel(kernel, run_sync)
+        go = _wait_for_go(records)
+        if kernel is not None and not run_sync(kernel.is_alive)():
+            kernel = _discard_kernel(kernel, run_sync)  # died while waiting: papermill starts a fresh one
         papermill.execute_notebook(
             args.notebook,
-            args.executed_notebook,
-            parameters=parameters,
+            go["executed_notebook"],
+            parameters=go["parameters"],
             cwd=args.cwd,
             kernel_name="python3",
             progress_bar=False,
             log_output=False,
             request_save_on_cell_execute=True,
+            km=kernel,
             kernel_manager_class=RecordingKernelManager,
             on_cell_start=note_running_cell,
             extra_arguments=list(KERNEL_ARGUMENTS),
@@ -576,15 +634,99 @@ def _child_main(argv: list[str] | None = None) -> int:
         outcome = {"kind": "kernel_died", "detail": str(error)}
     except Exception as error:  # the kernel would not start, the notebook would not load, ...
         outcome = {"kind": "runner_error", "detail": f"{type(error).__name__}: {error}"}
-    if records is not None:
-        _write_json(records / _OUTCOME, outcome)
+    finally:
+        # papermill shuts down only kernels it started itself.
+        _discard_kernel(kernel, run_sync)
+    _write_json(records / _OUTCOME, outcome)
     if outcome["kind"] != "completed":
         print(f"notebook {Path(args.notebook).name}: {outcome}", file=sys.stderr)
         return 1
     return 0
 
 
-def _stop_when_orphaned(parent_pid: int, records: Path | None) -> None:
+def _discard_kernel(kernel: Any, run_sync: Any) -> None:
+    """Shut a kernel we started down at once (if there is one); returns None, for chaining."""
+    if kernel is not None and kernel.has_kernel:
+        try:
+            run_sync(kernel.shutdown_kernel)(now=True)
+        except Exception as error:  # noqa: BLE001 - the parent reaps what is left
+            log.warning("could not shut the prepared kernel down: %r", error)
+    return None
+
+
+def _wait_for_go(records: Path, poll_seconds: float = 0.01) -> dict[str, Any]:
+    """Block until the parent writes the go file; return it."""
+    while True:
+        go = _read_json(records / _GO)
+        if go:
+            return go
+        time.sleep(poll_seconds)
+
+
+def preload_code(notebook: Path, extra_modules: list[str]) -> str:
+    """Code that imports, with the collector paused and binding no name, what the notebook imports.
+
+    The modules: those of the notebook's top-level `import` / `from ... import` statements
+    (for `from a import b`, also `a.b` in case b is a module), then `extra_modules`, for
+    libraries the notebook's code imports lazily. A module that fails to import is skipped:
+    the notebook's own cell raises the error where the user sees it.
+    """
+    modules = [*notebook_imports(notebook), *extra_modules]
+    return (
+        "def _taxi_preload(names):\n"
+        "    import importlib\n"
+        "    from taxi_duration.startup import imports_without_gc\n"
+        "    with imports_without_gc():\n"
+        "        for name in names:\n"
+        "            try:\n"
+        "                importlib.import_module(name)\n"
+        "            except Exception:\n"
+        "                pass\n"
+        f"_taxi_preload({list(dict.fromkeys(modules))!r})\n"
+        "del _taxi_preload\n"
+    )
+
+
+def notebook_imports(notebook: Path) -> list[str]:
+    """Modules named by the top-level import statements of a notebook's code cells, in order."""
+    import ast
+
+    parsed = _read_notebook(notebook)
+    modules: list[str] = []
+    for cell in _code_cells(parsed) if parsed is not None else []:
+        if cell.source.lstrip().startswith("%%"):
+            continue  # a cell magic: not Python
+        # Line magics and shell escapes (%matplotlib, !pip) are not Python either.
+        source = "\n".join("" if line.lstrip().startswith(("%", "!")) else line for line in cell.source.splitlines())
+        try:
+            statements = ast.parse(source).body
+        except SyntaxError:
+            continue
+        for statement in statements:
+            if isinstance(statement, ast.Import):
+                modules += [alias.name for alias in statement.names]
+            elif isinstance(statement, ast.ImportFrom) and statement.level == 0 and statement.module != "__future__":
+                modules.append(str(statement.module))
+                modules += [f"{statement.module}.{alias.name}" for alias in statement.names if alias.name != "*"]
+    return modules
+
+
+async def _warm_up(kernel: Any, code: str, timeout_seconds: float = 120) -> None:
+    """Run `code` in the kernel without a trace in the notebook: silent, not in its history."""
+    client = kernel.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=timeout_seconds)
+        msg_id = client.execute(code, silent=True, store_history=False)
+        while True:
+            reply = await client.get_shell_msg(timeout=timeout_seconds)
+            if reply["parent_header"].get("msg_id") == msg_id:
+                return
+    finally:
+        client.stop_channels()
+
+
+def _stop_when_orphaned(parent_pid: int, records: Path) -> None:
     """Stop this child, as on a timeout, once the process that started it is gone.
 
     The child runs in a session of its own (so that stopping it cannot hit the caller), which
@@ -596,8 +738,7 @@ def _stop_when_orphaned(parent_pid: int, records: Path | None) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(STOP_GRACE_SECONDS)
     # The clean-up hung: do what the caller would have done, then go.
-    if records is not None:
-        _reap_kernel(records / _KERNEL_RECORD)
+    _reap_kernel(records / _KERNEL_RECORD)
     os._exit(1)
 
 
@@ -616,4 +757,8 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_child_main())
+    exit_code = _child_main()
+    from taxi_duration.startup import exit_without_final_collection
+
+    exit_without_final_collection()
+    sys.exit(exit_code)

@@ -1,0 +1,144 @@
+"""Runners started ahead of their notebook (notebooks.PreparedRunner): what the kernel preloads,
+that it leaves no trace in the notebook, and that nothing outlives a runner nobody used."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import nbformat
+import psutil
+import pytest
+
+from taxi_duration import notebooks
+from taxi_duration.notebooks import NotebookExecutionError, PreparedRunner, execute_notebook
+
+TIMEOUT = 120
+# Standard-library modules neither Python's start-up nor ipykernel imports.
+PROBE = "colorsys"
+EXTRA = "wave"
+
+
+def _notebook(folder: Path, *cells: str, name: str = "probe") -> Path:
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    parameters = nbformat.v4.new_code_cell("answer = 0")
+    parameters.metadata["tags"] = ["parameters"]
+    notebook.cells = [parameters, *(nbformat.v4.new_code_cell(source) for source in cells)]
+    path = folder / f"{name}.ipynb"
+    nbformat.write(notebook, path)
+    return path
+
+
+def _kernel_pid(runner: PreparedRunner, timeout: float = 60) -> int:
+    """The prepared kernel's pid, once the runner has recorded it."""
+    record = runner.records / "kernel.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if record.is_file():
+            return json.loads(record.read_text())["pid"]
+        time.sleep(0.05)
+    raise AssertionError(f"the runner recorded no kernel within {timeout} s; log: {_runner_log(runner)}")
+
+
+def _runner_log(runner: PreparedRunner) -> str:
+    log = runner.records / "runner.log"
+    return log.read_text() if log.is_file() else "(none)"
+
+
+def _gone(pid: int, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_the_notebooks_imports_and_the_preload_are_loaded_before_the_first_cell_without_binding_a_name(tmp_path):
+    notebook = _notebook(
+        tmp_path,
+        "import sys\n"
+        f"assert {PROBE!r} in sys.modules, 'the later cell imports it: it should be preloaded'\n"
+        f"assert {EXTRA!r} in sys.modules, 'named in preload'\n"
+        f"assert {PROBE!r} not in dir() and {EXTRA!r} not in dir() and '_taxi_preload' not in dir()\n"
+        "print(answer)",
+        f"import {PROBE}\nprint({PROBE}.rgb_to_hsv(1, 0, 0))",
+    )
+    runner = PreparedRunner(notebook, preload=(EXTRA,))
+    _kernel_pid(runner)
+    result = execute_notebook(notebook, tmp_path / "run" / "probe.ipynb", {"answer": 42}, TIMEOUT, prepared=runner)
+
+    assert result.succeeded
+    executed = nbformat.read(result.executed_notebook, as_version=4)
+    code = [cell for cell in executed.cells if cell.cell_type == "code"]
+    # The silent warm-up took no execution count: the notebook's cells are numbered from 1.
+    assert [cell.execution_count for cell in code] == list(range(1, len(code) + 1))
+    assert code[2].outputs[0]["text"] == "42\n"
+    assert not runner.records.exists(), "the runner's records are removed once the notebook ran"
+
+
+def test_every_runner_preloads_the_notebooks_own_imports_but_nothing_else_unasked(tmp_path):
+    # The control for the test above: the extra module is there only when named.
+    notebook = _notebook(
+        tmp_path, f"import sys\nassert {PROBE!r} in sys.modules and {EXTRA!r} not in sys.modules", f"import {PROBE}"
+    )
+    assert execute_notebook(notebook, tmp_path / "run.ipynb", {}, TIMEOUT).succeeded
+
+
+def test_a_prepared_runner_nobody_uses_is_stopped_with_its_kernel(tmp_path):
+    runner = PreparedRunner(_notebook(tmp_path, "x = 1"))
+    kernel = _kernel_pid(runner)
+    runner.close()
+    assert runner.child.returncode is not None
+    assert _gone(kernel), f"kernel {kernel} outlived its closed runner"
+    assert not runner.records.exists()
+    runner.close()  # closing twice is harmless
+
+
+def test_a_prepared_kernel_that_died_while_waiting_is_replaced(tmp_path):
+    notebook = _notebook(tmp_path, "import os\nprint(os.getpid())")
+    runner = PreparedRunner(notebook)
+    kernel = _kernel_pid(runner)
+    time.sleep(1)  # let the warm-up finish: the runner is now waiting for its go
+    os.kill(kernel, signal.SIGKILL)
+    assert _gone(kernel)
+    result = execute_notebook(notebook, tmp_path / "run.ipynb", {}, TIMEOUT, prepared=runner)
+    assert result.succeeded and result.attempts == 1
+    printed = nbformat.read(result.executed_notebook, as_version=4).cells[1].outputs[0]["text"]
+    assert int(printed) != kernel
+
+
+def test_a_runner_prepared_for_another_notebook_is_refused_and_closed(tmp_path):
+    runner = PreparedRunner(_notebook(tmp_path, "x = 1", name="one"))
+    other = _notebook(tmp_path, "x = 2", name="two")
+    with pytest.raises(ValueError, match="prepared runner is for"):
+        execute_notebook(other, tmp_path / "run.ipynb", {}, TIMEOUT, prepared=runner)
+    assert runner.child.returncode is not None and not runner.records.exists()
+
+
+def test_a_failing_cell_on_a_prepared_runner_is_reported_as_without_one(tmp_path):
+    notebook = _notebook(tmp_path, "raise KeyError('no such zone')")
+    with pytest.raises(NotebookExecutionError) as raised:
+        execute_notebook(notebook, tmp_path / "run.ipynb", {}, TIMEOUT, prepared=PreparedRunner(notebook))
+    assert "raised KeyError" in str(raised.value) and "no such zone" in str(raised.value)
+
+
+def test_notebook_imports_reads_top_level_imports_and_skips_magics(tmp_path):
+    notebook = _notebook(
+        tmp_path,
+        "%matplotlib inline\nimport os.path, json as j\nfrom collections import abc, OrderedDict\nfrom . import sibling",
+        "%%bash\necho not python",
+        "if True:\n    import decimal  # not top level: left to the cell",
+        "from __future__ import annotations\nfrom typing import *",
+        "this is not python(",
+    )
+    assert notebooks.notebook_imports(notebook) == [
+        "os.path", "json", "collections", "collections.abc", "collections.OrderedDict", "typing",
+    ]
