@@ -17,6 +17,7 @@ Prints the validation RMSE (full precision) and the wall time of each step.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import pickle
 import sys
 import tempfile
@@ -35,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--color", choices=sorted(COLUMN_PREFIX), default="green")
     parser.add_argument("--tracking-uri", required=True, help="MLflow tracking URI, e.g. sqlite:////tmp/x/mlflow.db")
     parser.add_argument("--experiment", default="plain-script", help="MLflow experiment (default plain-script)")
+    parser.add_argument("--pause-gc", action="store_true",
+                        help="pause the garbage collector during the imports and skip its final scan at exit, "
+                             "as the pipeline's processes do (taxi_duration.startup)")
     args = parser.parse_args(argv)
     if not 1 <= args.month <= 12:
         parser.error(f"--month must be 1-12, got {args.month}")
@@ -73,15 +77,18 @@ def main(argv: list[str] | None = None) -> int:
         timings[step] = now - started
         started = now
 
-    import mlflow
-    import mlflow.xgboost
-    import xgboost as xgb
-    from mlflow.models import infer_signature
-    from sklearn.feature_extraction import DictVectorizer
-    from sklearn.metrics import root_mean_squared_error
+    from taxi_duration.startup import imports_without_gc
 
-    # The pipeline's exact training, so both train the same booster (not its feature code).
-    from taxi_duration.model import train_booster, training_params
+    with imports_without_gc() if args.pause_gc else contextlib.nullcontext():
+        import mlflow
+        import mlflow.xgboost
+        import xgboost as xgb
+        from mlflow.models import infer_signature
+        from sklearn.feature_extraction import DictVectorizer
+        from sklearn.metrics import root_mean_squared_error
+
+        # The pipeline's exact training, so both train the same booster (not its feature code).
+        from taxi_duration.model import train_booster, training_params
 
     lap("imports")
 
@@ -151,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     for step, seconds in timings.items():
         print(f"  {step:<16} {seconds:7.2f} s")
     print(f"  {'total':<16} {sum(timings.values()):7.2f} s")
+    if args.pause_gc:
+        from taxi_duration.startup import exit_without_final_collection
+
+        exit_without_final_collection()
     return 0
 
 

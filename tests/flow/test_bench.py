@@ -18,7 +18,7 @@ import pytest
 pytestmark = pytest.mark.flow
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
-VARIANTS = ("plain", "cold", "servers", "rerun", "first run")
+VARIANTS = ("plain", "plain, GC paused", "cold", "servers", "rerun", "first run")
 # What a benchmark must never write to: the project's own stores, and the default report
 # files (the test passes --output-dir). The rest of outputs/bench/ is left out: other
 # benchmarks (bench/scale.py...) write their reports there and may run meanwhile.
@@ -64,7 +64,8 @@ def test_quick_bench_measures_every_variant_and_leaves_user_stores_alone(tmp_pat
 
     table = (output_dir / "pipeline.md").read_text()
     assert table in completed.stdout, "the table is printed too"
-    assert "| variant | median s | min | max | ratio to plain | target | within target? | peak memory |" in table
+    assert ("| variant | median s | min | max | ratio to plain | target | within target? "
+            "| ratio to plain, GC paused | peak memory |") in table
     rows = {}
     for line in table.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -75,8 +76,10 @@ def test_quick_bench_measures_every_variant_and_leaves_user_stores_alone(tmp_pat
         median, low, high = (float(cells[i]) for i in (1, 2, 3))
         assert 0 < low <= median <= high, (variant, cells)
         assert re.fullmatch(r"\d+\.\d\dx", cells[4]), (variant, cells)
-        assert re.fullmatch(r"tree [\d,]+ MiB, largest [\d,]+ MiB", cells[7]), (variant, cells)
-    assert rows["plain"][4] == "1.00x"
+        assert re.fullmatch(r"\d+\.\d\dx", cells[7]), (variant, cells)
+        assert re.fullmatch(r"tree [\d,]+ MiB, largest [\d,]+ MiB", cells[8]), (variant, cells)
+    assert rows["plain"][4] == "1.00x" and rows["plain, GC paused"][7] == "1.00x"
+    assert rows["plain, GC paused"][5] == "-"
     assert rows["servers"][5] == "<= 1.25x" and rows["cold"][5] == "<= 1.6x" and rows["rerun"][5] == "<= 0.35x"
     assert rows["first run"][5] == "-"
     assert "every pipeline run agrees to 4 decimals" in table

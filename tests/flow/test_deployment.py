@@ -7,9 +7,7 @@ validation), so an override that passes here is one `prefect deployment run -p` 
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
-import sys
 from pathlib import Path
 
 import pytest
@@ -44,16 +42,10 @@ BAD_OVERRIDES = [{"month": "x"}, {"year": 2023.5}, {"force": "yes"}, {"color": 3
 
 
 @pytest.fixture(scope="module")
-def serve_module():
-    """flows/serve.py as a module (flows/ is no package), imported without serving."""
-    spec = importlib.util.spec_from_file_location("taxi_serve_under_test", SERVE_PY)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+def serve_module(script_as_module):
+    """flows/serve.py as a module, imported without serving."""
+    with script_as_module(SERVE_PY, "taxi_serve_under_test") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,10 @@ own validation runs too (it needs no daemon).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -241,7 +239,7 @@ def test_mlflow_server_uses_postgres_and_serves_s3_artifacts(services):
     assert option("--artifacts-destination").startswith("s3://")
     assert option("--allowed-hosts").startswith("${MLFLOW_ALLOWED_HOSTS")
     assert option("--host") == "0.0.0.0"
-    assert option("--workers") == "2"
+    assert option("--workers") == "1"  # more: every keep-alive request waits 40 ms (services.py)
     assert environment(services["mlflow"])["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
 
 
@@ -368,16 +366,9 @@ def read_jsonc(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def dev_env_module() -> ModuleType:
-    path = DEVCONTAINER_DIR / "write_dev_env.py"
-    spec = importlib.util.spec_from_file_location("write_dev_env_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    try:
-        spec.loader.exec_module(module)
+def dev_env_module(script_as_module) -> ModuleType:
+    with script_as_module(DEVCONTAINER_DIR / "write_dev_env.py", "write_dev_env_under_test") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_devcontainer_keeps_make_env_and_starts_mlflow():

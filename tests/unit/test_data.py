@@ -24,6 +24,7 @@ from taxi_duration.data import (
     required_columns,
     trip_count,
     trip_filename,
+    trip_source,
     validate_trip_file,
 )
 from taxi_duration.periods import Month
@@ -395,3 +396,18 @@ def test_gzip_encoded_response_is_accepted(tmp_path, server):
     server.serve(f"/{NAME}", gzip.compress(body), headers={"Content-Encoding": "gzip"})
     path = TripSource(server.url, tmp_path / "cache").ensure_local("green", MONTH, timeout_seconds=5)
     assert path.read_bytes() == body
+
+
+def test_local_copy_finds_a_folder_file_or_a_cached_download_and_never_fetches(tmp_path):
+    month = Month(2023, 3)
+    folder = tmp_path / "tlc"
+    folder.mkdir()
+    assert trip_source(str(folder), tmp_path / "cache").local_copy("green", month) is None
+    written = write_trip_file(folder, "green", month, 50, seed=1)
+    assert trip_source(str(folder), tmp_path / "cache").local_copy("green", month) == written.resolve()
+
+    # A URL source (nothing listens on port 9): only its download cache is looked at.
+    remote = trip_source("http://127.0.0.1:9/trip-data", tmp_path / "cache")
+    assert remote.local_copy("green", month) is None
+    cached = write_trip_file(tmp_path / "cache" / "green", "green", month, 50, seed=1)
+    assert remote.local_copy("green", month) == cached

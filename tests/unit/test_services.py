@@ -134,6 +134,16 @@ def test_mlflow_server_command_binds_loopback_and_proxies_artifacts(services_fol
     assert command[command.index("--allowed-hosts") + 1] == "127.0.0.1:5123,localhost:5123"
 
 
+def test_the_local_mlflow_server_runs_one_worker_unless_told(services_folder, monkeypatch, tmp_path):
+    # With more, keep-alive requests wait 40 ms each (see services.mlflow_service).
+    monkeypatch.delenv("TAXI_MLFLOW_WORKERS", raising=False)
+    command = services.mlflow_service(port=5123, artifacts_destination=tmp_path).command
+    assert command[command.index("--workers") + 1] == "1"
+    monkeypatch.setenv("TAXI_MLFLOW_WORKERS", "3")
+    command = services.mlflow_service(port=5123, artifacts_destination=tmp_path).command
+    assert command[command.index("--workers") + 1] == "3"
+
+
 @pytest.mark.parametrize("raw", ["abc", "0", "70000"])
 def test_bad_port_knobs_are_named(raw, monkeypatch):
     monkeypatch.setenv("TAXI_MLFLOW_PORT", raw)
