@@ -242,14 +242,22 @@ def _prepare_runners(
     try:
         if data.trip_count(files[params.train_month.label()]) > settings.overlap_max_trips():
             return {}
-    except Exception:  # noqa: BLE001 - fetch-trip-files validates the file and says what is wrong
+        keys = _stage_keys(params, {label: str(path) for label, path in files.items()}, training_parameters)
+    except Exception:  # noqa: BLE001 - fetch-trip-files validates the files and says what is wrong
         return {}
-    keys = _stage_keys(params, {label: str(path) for label, path in files.items()}, training_parameters)
     cache = stagecache.StageCache(settings.stage_cache_dir())
-    return {
-        stage: notebooks.PreparedRunner(settings.notebooks_dir() / f"{stage}.ipynb", preload=KERNEL_PRELOAD[stage])
-        for stage in STAGES if force or cache.lookup(stage, keys[stage]) is None
-    }
+    runners: dict[str, notebooks.PreparedRunner] = {}
+    try:
+        for stage in STAGES:
+            if force or cache.lookup(stage, keys[stage]) is None:
+                runners[stage] = notebooks.PreparedRunner(
+                    settings.notebooks_dir() / f"{stage}.ipynb", preload=KERNEL_PRELOAD[stage]
+                )
+    except BaseException:
+        for runner in runners.values():
+            runner.close()
+        raise
+    return runners
 
 
 def _run_pipeline(

@@ -712,16 +712,28 @@ def notebook_imports(notebook: Path) -> list[str]:
 
 
 async def _warm_up(kernel: Any, code: str, timeout_seconds: float = 120) -> None:
-    """Run `code` in the kernel without a trace in the notebook: silent, not in its history."""
+    """Run `code` in the kernel without a trace in the notebook: silent, not in its history.
+
+    Gives up (RuntimeError) when the kernel dies meanwhile or after `timeout_seconds`.
+    """
+    import queue
+
     client = kernel.client()
     client.start_channels()
+    deadline = time.monotonic() + timeout_seconds
     try:
         await client.wait_for_ready(timeout=timeout_seconds)
         msg_id = client.execute(code, silent=True, store_history=False)
-        while True:
-            reply = await client.get_shell_msg(timeout=timeout_seconds)
+        while time.monotonic() < deadline:
+            try:
+                reply = await client.get_shell_msg(timeout=1)
+            except queue.Empty:
+                if not await kernel.is_alive():
+                    raise RuntimeError("the kernel died while importing the notebook's modules") from None
+                continue
             if reply["parent_header"].get("msg_id") == msg_id:
                 return
+        raise RuntimeError(f"the kernel's imports took longer than {timeout_seconds:g} s")
     finally:
         client.stop_channels()
 

@@ -142,3 +142,13 @@ def test_notebook_imports_reads_top_level_imports_and_skips_magics(tmp_path):
     assert notebooks.notebook_imports(notebook) == [
         "os.path", "json", "collections", "collections.abc", "collections.OrderedDict", "typing",
     ]
+
+
+def test_a_module_that_kills_the_kernel_on_import_is_reported_as_a_kernel_death_not_a_hang(tmp_path):
+    # The preload imports it first: the runner must notice the death at once, not wait out its
+    # own 120 s limit (the notebook's 60 s limit would then report a timeout instead).
+    (tmp_path / "kills_on_import.py").write_text("import os\nos._exit(1)\n")
+    notebook = _notebook(tmp_path, "import kills_on_import")
+    with pytest.raises(NotebookExecutionError) as raised:
+        execute_notebook(notebook, tmp_path / "run.ipynb", {}, 60, cwd=tmp_path, retries_on_kernel_death=0)
+    assert "the kernel died" in str(raised.value)
