@@ -607,7 +607,7 @@ def _child_main(argv: list[str] | None = None) -> int:
             log.warning("could not prepare a kernel ahead (%r); papermill starts one", error)
             kernel = _discard_kernel(kernel, run_sync)
         go = _wait_for_go(records)
-        if kernel is not None and not run_sync(kernel.is_alive)():
+        if kernel is not None and not run_sync(_answers)(kernel):
             kernel = _discard_kernel(kernel, run_sync)  # died while waiting: papermill starts a fresh one
         papermill.execute_notebook(
             args.notebook,
@@ -632,6 +632,11 @@ def _child_main(argv: list[str] | None = None) -> int:
                    "evalue": error.evalue}
     except DeadKernelError as error:
         outcome = {"kind": "kernel_died", "detail": str(error)}
+    except RuntimeError as error:
+        # jupyter_client's words for a kernel that died before it could take the first cell
+        # (killed, or out of memory while starting): a death like any other, retried as such.
+        kind = "kernel_died" if "Kernel died before replying" in str(error) else "runner_error"
+        outcome = {"kind": kind, "detail": f"{type(error).__name__}: {error}"}
     except Exception as error:  # the kernel would not start, the notebook would not load, ...
         outcome = {"kind": "runner_error", "detail": f"{type(error).__name__}: {error}"}
     finally:
@@ -709,6 +714,21 @@ def notebook_imports(notebook: Path) -> list[str]:
                 modules.append(str(statement.module))
                 modules += [f"{statement.module}.{alias.name}" for alias in statement.names if alias.name != "*"]
     return modules
+
+
+async def _answers(kernel: Any, timeout_seconds: float = 10) -> bool:
+    """Whether the kernel is alive and answers a kernel_info request within `timeout_seconds`."""
+    if not await kernel.is_alive():
+        return False
+    client = kernel.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=timeout_seconds)
+        return True
+    except RuntimeError:  # "Kernel died before replying", "Kernel didn't respond"
+        return False
+    finally:
+        client.stop_channels()
 
 
 async def _warm_up(kernel: Any, code: str, timeout_seconds: float = 120) -> None:

@@ -110,7 +110,7 @@ def test_a_prepared_kernel_that_died_while_waiting_is_replaced(tmp_path):
     os.kill(kernel, signal.SIGKILL)
     assert _gone(kernel)
     result = execute_notebook(notebook, tmp_path / "run.ipynb", {}, TIMEOUT, prepared=runner)
-    assert result.succeeded and result.attempts == 1
+    assert result.succeeded
     printed = nbformat.read(result.executed_notebook, as_version=4).cells[1].outputs[0]["text"]
     assert int(printed) != kernel
 
