@@ -147,13 +147,16 @@ class TripSource:
     location: str
     cache_dir: Path
 
-    def local_copy(self, color: str, month: Month) -> Path | None:
-        """Where the month's file already is on this machine, or None; never downloads or validates."""
+    def _local_path(self, color: str, month: Month) -> Path:
+        """Where the month's file is read from: the folder's file itself, or the download cache's copy."""
         name = trip_filename(color, month)
         if is_url(self.location):
-            path = self.cache_dir / color / name
-        else:
-            path = Path(self.location).expanduser().resolve() / name
+            return self.cache_dir / color / name
+        return Path(self.location).expanduser().resolve() / name
+
+    def local_copy(self, color: str, month: Month) -> Path | None:
+        """Where the month's file already is on this machine, or None; never downloads or validates."""
+        path = self._local_path(color, month)
         return path if path.is_file() else None
 
     def ensure_local(
@@ -176,7 +179,7 @@ class TripSource:
         """
         name = trip_filename(color, month)
         if not is_url(self.location):
-            path = Path(self.location).expanduser().resolve() / name
+            path = self._local_path(color, month)
             if not path.is_file():
                 raise TripFileNotFound(
                     f"no {color} trip file for {month} at {path}. Put TLC's {name} in that folder, "
@@ -190,7 +193,7 @@ class TripSource:
                     f"replace it with TLC's {name}."
                 ) from error
             return path
-        cached = self.cache_dir / color / name
+        cached = self._local_path(color, month)
         if cached.is_file():
             try:
                 validate_trip_file(cached, color)

@@ -41,6 +41,7 @@ ipykernel 7 behave as described here; the tests in tests/faults pin it down):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -50,6 +51,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -605,10 +607,10 @@ def _child_main(argv: list[str] | None = None) -> int:
             run_sync(_warm_up)(kernel, preload_code(Path(args.notebook), [m for m in args.preload.split(",") if m]))
         except Exception as error:  # noqa: BLE001 - papermill starts a kernel of its own and reports
             log.warning("could not prepare a kernel ahead (%r); papermill starts one", error)
-            kernel = _discard_kernel(kernel, run_sync)
+            kernel = _discard_kernel(kernel)
         go = _wait_for_go(records)
         if kernel is not None and not run_sync(_answers)(kernel):
-            kernel = _discard_kernel(kernel, run_sync)  # died while waiting: papermill starts a fresh one
+            kernel = _discard_kernel(kernel)  # died while waiting: papermill starts a fresh one
         papermill.execute_notebook(
             args.notebook,
             go["executed_notebook"],
@@ -641,7 +643,7 @@ def _child_main(argv: list[str] | None = None) -> int:
         outcome = {"kind": "runner_error", "detail": f"{type(error).__name__}: {error}"}
     finally:
         # papermill shuts down only kernels it started itself.
-        _discard_kernel(kernel, run_sync)
+        _discard_kernel(kernel)
     _write_json(records / _OUTCOME, outcome)
     if outcome["kind"] != "completed":
         print(f"notebook {Path(args.notebook).name}: {outcome}", file=sys.stderr)
@@ -649,8 +651,10 @@ def _child_main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _discard_kernel(kernel: Any, run_sync: Any) -> None:
+def _discard_kernel(kernel: Any) -> None:
     """Shut a kernel we started down at once (if there is one); returns None, for chaining."""
+    from jupyter_core.utils import run_sync
+
     if kernel is not None and kernel.has_kernel:
         try:
             run_sync(kernel.shutdown_kernel)(now=True)
@@ -716,19 +720,27 @@ def notebook_imports(notebook: Path) -> list[str]:
     return modules
 
 
+@contextlib.asynccontextmanager
+async def _ready_client(kernel: Any, timeout_seconds: float) -> AsyncIterator[Any]:
+    """A client of `kernel` once the kernel has answered kernel_info; RuntimeError if it does not."""
+    client = kernel.client()
+    client.start_channels()
+    try:
+        await client.wait_for_ready(timeout=timeout_seconds)  # "Kernel died before replying", ...
+        yield client
+    finally:
+        client.stop_channels()
+
+
 async def _answers(kernel: Any, timeout_seconds: float = 10) -> bool:
     """Whether the kernel is alive and answers a kernel_info request within `timeout_seconds`."""
     if not await kernel.is_alive():
         return False
-    client = kernel.client()
-    client.start_channels()
     try:
-        await client.wait_for_ready(timeout=timeout_seconds)
-        return True
-    except RuntimeError:  # "Kernel died before replying", "Kernel didn't respond"
+        async with _ready_client(kernel, timeout_seconds):
+            return True
+    except RuntimeError:
         return False
-    finally:
-        client.stop_channels()
 
 
 async def _warm_up(kernel: Any, code: str, timeout_seconds: float = 120) -> None:
@@ -738,11 +750,8 @@ async def _warm_up(kernel: Any, code: str, timeout_seconds: float = 120) -> None
     """
     import queue
 
-    client = kernel.client()
-    client.start_channels()
     deadline = time.monotonic() + timeout_seconds
-    try:
-        await client.wait_for_ready(timeout=timeout_seconds)
+    async with _ready_client(kernel, timeout_seconds) as client:
         msg_id = client.execute(code, silent=True, store_history=False)
         while time.monotonic() < deadline:
             try:
@@ -754,8 +763,6 @@ async def _warm_up(kernel: Any, code: str, timeout_seconds: float = 120) -> None
             if reply["parent_header"].get("msg_id") == msg_id:
                 return
         raise RuntimeError(f"the kernel's imports took longer than {timeout_seconds:g} s")
-    finally:
-        client.stop_channels()
 
 
 def _stop_when_orphaned(parent_pid: int, records: Path) -> None:
