@@ -265,7 +265,7 @@ def run_backfill(
 ) -> list[dict[str, Any]]:
     """`backfill` with `max_parallel` months at a time, in threads or on Dask (see `task_runner`)."""
     runner = task_runner(max_parallel, dask, dask_address)
-    with services.prefect_api_for_run(), prefect_api_for_workers(dask, dask_address):
+    with services.prefect_api_for_run(), prefect_api_for_workers(dask, dask_address), services.without_flow_heartbeats():
         return backfill.with_options(task_runner=runner)(first=first, last=last, **options)
 
 

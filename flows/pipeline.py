@@ -30,26 +30,58 @@ services.adopt_running_services()  # `make services` wrote where its servers are
 
 from taxi_duration.startup import exit_without_final_collection, imports_without_gc  # noqa: E402
 
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--year", default="2023", help="training year (default 2023)")
+    parser.add_argument("--month", default="3", help="training month 1-12 (default 3); validation is the next month")
+    parser.add_argument("--color", default="green", help="green (default) or yellow")
+    parser.add_argument("--data-source", help="URL prefix or folder of trip files (default $TAXI_DATA_SOURCE, else TLC)")
+    parser.add_argument("--experiment", help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else nyc-taxi-duration)")
+    parser.add_argument("--latest", action="store_true", help="train on the newest month whose data and next month are published")
+    parser.add_argument("--force", action="store_true", help="rerun every stage, even those whose inputs have not changed")
+    return parser.parse_args(argv)
+
+
+def start_kernels_ahead(argv: list[str]) -> None:
+    """From the command line: start the stages' kernels before Prefect and MLflow are imported.
+
+    Those imports take about 1.4 s of one core; the kernels boot on the other core meanwhile,
+    and the flow takes their runners over (taxi_duration.stages). Bad input starts nothing
+    here: main() checks the same input and says what is wrong.
+    """
+    args = parse_args(argv)  # --help and usage errors end here, as they would in main()
+    if args.latest:
+        return  # the month is not known before the source is asked
+    try:
+        with imports_without_gc():
+            from taxi_duration import data, stages
+            from taxi_duration.periods import PipelineParams
+
+        training = stages.training_parameters(
+            settings.tracking_uri(), settings.experiment_name(args.experiment), settings.DEFAULT_REGISTERED_MODEL
+        )
+        params = PipelineParams.parse(args.year, args.month, args.color)
+        stages.start_runners_ahead(params, data.trip_source(args.data_source), training, args.force)
+    except Exception:  # noqa: BLE001 - see above
+        return
+
+
+if __name__ == "__main__":
+    start_kernels_ahead(sys.argv[1:])
+
 with imports_without_gc():
     from prefect import flow, task
     from prefect.cache_policies import NO_CACHE
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
     from prefect.runtime import flow_run
 
-    from taxi_duration import data, gallery, notebooks, reports, runfiles, stagecache, tracking
+    from taxi_duration import data, gallery, notebooks, reports, runfiles, stagecache, stages, tracking
     from taxi_duration.periods import InvalidParameterError, PipelineParams
 
     tracking.import_mlflow()  # every run uses it: import it with the rest
 
-STAGES = ("01_explore", "02_features", "03_train")
-# What the notebooks import lazily, through the package (plots, scikit-learn, XGBoost, MLflow):
-# a prepared kernel imports these while it waits, besides the notebook's own imports.
-KERNEL_PRELOAD = {
-    "01_explore": ("matplotlib_inline.backend_inline", "matplotlib.pyplot"),
-    "02_features": ("matplotlib_inline.backend_inline", "matplotlib.pyplot", "sklearn.feature_extraction"),
-    "03_train": ("matplotlib_inline.backend_inline", "matplotlib.pyplot", "sklearn.feature_extraction",
-                 "sklearn.metrics", "xgboost", "mlflow", "mlflow.models", "mlflow.xgboost"),
-}
+STAGES = stages.STAGES
 SUMMARY_METRICS = ("train_nnz", "val_nnz", "n_features", "train_rows", "val_rows", "rmse")
 
 
@@ -190,7 +222,7 @@ def taxi_duration_pipeline(
     data_source: str | None = None,
     experiment: str | None = None,
     force: bool = False,
-    registered_model: str | None = "nyc-taxi-duration",
+    registered_model: str | None = settings.DEFAULT_REGISTERED_MODEL,
 ) -> dict[str, Any]:
     """Train and evaluate the trip-duration model on YEAR-MONTH, validated on the month after.
 
@@ -214,50 +246,17 @@ def taxi_duration_pipeline(
     experiment_name = settings.experiment_name(experiment)
 
     tracking.check_reachable(tracking_uri)
-    training_parameters = {"tracking_uri": tracking_uri, "experiment_name": experiment_name,
-                           "registered_model": registered_model}
-    # Kernels for the stages that will execute start now: their start-up and imports overlap
-    # the MLflow run's creation and the stages before them.
-    prepared = _prepare_runners(params, source, training_parameters, force)
+    training_parameters = stages.training_parameters(tracking_uri, experiment_name, registered_model)
+    # Kernels for the stages that will execute start now (or started before Prefect was
+    # imported, from the command line): their start-up and imports overlap the MLflow run's
+    # creation and the stages before them.
+    prepared = stages.runners_for(params, source, training_parameters, force)
     try:
         return _run_pipeline(params, source, experiment_name, tracking_uri, training_parameters, timeout_seconds,
                              force, prepared)
     finally:
-        for runner in prepared.values():
-            runner.close()  # those no stage took over (a stage failed, or the flow was stopped)
+        stages.close_runners(prepared)  # those no stage took over (a stage failed, or the flow was stopped)
 
-
-def _prepare_runners(
-    params: PipelineParams, source: data.TripSource, training_parameters: dict[str, Any], force: bool
-) -> dict[str, notebooks.PreparedRunner]:
-    """Runners for the stages that will execute, started ahead; none unless the month is small.
-
-    Only when both months' files are already local (their digests give the stage keys, so
-    reused stages get no kernel) and the training month is small enough for its kernels to
-    run side by side (settings.overlap_max_trips); otherwise each stage starts its own.
-    """
-    files = {month.label(): source.local_copy(params.color, month) for month in (params.train_month, params.validation_month)}
-    if None in files.values():
-        return {}
-    try:
-        if data.trip_count(files[params.train_month.label()]) > settings.overlap_max_trips():
-            return {}
-        keys = _stage_keys(params, {label: str(path) for label, path in files.items()}, training_parameters)
-    except Exception:  # noqa: BLE001 - fetch-trip-files validates the files and says what is wrong
-        return {}
-    cache = stagecache.StageCache(settings.stage_cache_dir())
-    runners: dict[str, notebooks.PreparedRunner] = {}
-    try:
-        for stage in STAGES:
-            if force or cache.lookup(stage, keys[stage]) is None:
-                runners[stage] = notebooks.PreparedRunner(
-                    settings.notebooks_dir() / f"{stage}.ipynb", preload=KERNEL_PRELOAD[stage]
-                )
-    except BaseException:
-        for runner in runners.values():
-            runner.close()
-        raise
-    return runners
 
 
 def _run_pipeline(
@@ -326,7 +325,7 @@ def _run_pipeline(
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="explore") as background:
         try:
             trip_files = _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(params, source))
-            keys = _stage_keys(params, trip_files, training_parameters)
+            keys = stages.stage_keys(params, trip_files, training_parameters)
             side_by_side = data.trip_count(Path(trip_files[params.train_month.label()])) <= settings.overlap_max_trips()
             # The copied context carries the flow run into the thread, so the task belongs to it.
             explore = background.submit(contextvars.copy_context().run, stage_step, "01_explore", stop_explore)
@@ -371,25 +370,6 @@ def _run_pipeline(
         **{key: metrics[key] for key in SUMMARY_METRICS},
     }
 
-
-def _stage_keys(params: PipelineParams, trip_files: dict[str, str], training_parameters: dict[str, Any]) -> dict[str, str]:
-    """Cache keys: notebook bytes, the parameters that matter, input file digests, upstream keys."""
-    train_digest = stagecache.file_sha256(Path(trip_files[params.train_month.label()]))
-    validation_digest = stagecache.file_sha256(Path(trip_files[params.validation_month.label()]))
-    period = {"year": params.year, "month": params.month, "color": params.color}
-    notebook = {stage: settings.notebooks_dir() / f"{stage}.ipynb" for stage in STAGES}
-    keys = {
-        "01_explore": stagecache.stage_key("01_explore", notebook["01_explore"], period, {"train": train_digest}, {}),
-        "02_features": stagecache.stage_key(
-            "02_features", notebook["02_features"], period, {"train": train_digest, "validation": validation_digest}, {}
-        ),
-    }
-    # Training reads only what 02_features wrote; where it logs (store, experiment) matters
-    # too, since a reuse does not log the model again.
-    keys["03_train"] = stagecache.stage_key(
-        "03_train", notebook["03_train"], training_parameters, {}, {"02_features": keys["02_features"]}
-    )
-    return keys
 
 
 def _close_run(tracking_uri: str, run_id: str, status: str, manifests: dict[str, dict[str, Any]]) -> None:
@@ -449,13 +429,13 @@ def _run_record(params, started, run_id, experiment_name, tracking_uri, status, 
     finished = dt.datetime.now(dt.timezone.utc)
     experiment_id = tracking.experiment_id_of(tracking_uri, run_id)
     metrics = manifests.get("03_train", {}).get("metrics", {})
-    stages = []
+    stage_rows = []
     for timing in timings:
         entry = dict(timing)
         if timing["stage"] in STAGES:
             for key, suffix in (("full_report", ".html"), ("review_report", ".review.html")):
                 entry[key] = f"{timing['stage']}{suffix}"
-        stages.append(entry)
+        stage_rows.append(entry)
     return {
         "color": params.color,
         "train_month": params.train_month.label(),
@@ -473,7 +453,7 @@ def _run_record(params, started, run_id, experiment_name, tracking_uri, status, 
         "tracking_uri": tracking_uri,
         "mlflow_url": gallery.mlflow_run_url(tracking_uri, experiment_id, run_id),
         "prefect_flow_run_id": str(flow_run.id),
-        "stages": stages,
+        "stages": stage_rows,
     }
 
 
@@ -524,16 +504,6 @@ def format_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--year", default="2023", help="training year (default 2023)")
-    parser.add_argument("--month", default="3", help="training month 1-12 (default 3); validation is the next month")
-    parser.add_argument("--color", default="green", help="green (default) or yellow")
-    parser.add_argument("--data-source", help="URL prefix or folder of trip files (default $TAXI_DATA_SOURCE, else TLC)")
-    parser.add_argument("--experiment", help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else nyc-taxi-duration)")
-    parser.add_argument("--latest", action="store_true", help="train on the newest month whose data and next month are published")
-    parser.add_argument("--force", action="store_true", help="rerun every stage, even those whose inputs have not changed")
-    return parser.parse_args(argv)
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:
@@ -567,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:
-        with services.prefect_api_for_run() as prefect_api:
+        with services.prefect_api_for_run() as prefect_api, services.without_flow_heartbeats():
             result = taxi_duration_pipeline(
                 year=params.year, month=params.month, color=params.color,
                 data_source=args.data_source, experiment=args.experiment, force=args.force,
@@ -585,6 +555,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    exit_code = main()
+    try:
+        exit_code = main()
+    finally:
+        stages.close_runners_ahead()  # those no flow took over (bad input, MLflow unreachable, ...)
     exit_without_final_collection()
     sys.exit(exit_code)

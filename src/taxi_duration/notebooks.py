@@ -580,14 +580,20 @@ def _child_main(argv: list[str] | None = None) -> int:
     from taxi_duration.startup import imports_without_gc
 
     with imports_without_gc():
-        import papermill
+        from jupyter_client.asynchronous import AsyncKernelClient
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
-        from nbclient.exceptions import DeadKernelError
-        from papermill.exceptions import PapermillExecutionError
+        from traitlets import default
+
+    class PromptKernelClient(AsyncKernelClient):
+        wait_for_ready = _wait_for_ready
 
     class RecordingKernelManager(AsyncKernelManager):
         """Notes the kernel's pid as soon as it exists, for the parent to reap if need be."""
+
+        @default("client_factory")
+        def _prompt_clients(self) -> type:
+            return PromptKernelClient
 
         async def start_kernel(self, **kwargs: Any) -> None:
             await super().start_kernel(**kwargs)
@@ -599,15 +605,32 @@ def _child_main(argv: list[str] | None = None) -> int:
         """Record which cell runs, for the parent to name if the kernel dies or time runs out."""
         _write_json(records / _CURRENT_CELL, {"index": cell_index})
 
-    kernel: Any = None
+    def prepare_failed(kernel: Any, error: BaseException) -> None:
+        # Not fatal: papermill starts a kernel of its own, and reports if that fails too.
+        log.warning("could not prepare a kernel ahead (%r); papermill starts one", error)
+        return _discard_kernel(kernel)
+
+    # The kernel is launched before papermill is imported (0.3 s here), so it boots meanwhile.
+    kernel: Any = RecordingKernelManager(kernel_name="python3")
     try:
-        try:
-            kernel = RecordingKernelManager(kernel_name="python3")
-            run_sync(kernel.start_kernel)(extra_arguments=list(KERNEL_ARGUMENTS), cwd=args.cwd)
-            run_sync(_warm_up)(kernel, preload_code(Path(args.notebook), [m for m in args.preload.split(",") if m]))
-        except Exception as error:  # noqa: BLE001 - papermill starts a kernel of its own and reports
-            log.warning("could not prepare a kernel ahead (%r); papermill starts one", error)
-            kernel = _discard_kernel(kernel)
+        run_sync(kernel.start_kernel)(extra_arguments=list(KERNEL_ARGUMENTS), cwd=args.cwd)
+    except Exception as error:  # noqa: BLE001
+        kernel = prepare_failed(kernel, error)
+    try:
+        with imports_without_gc():
+            import papermill
+            from nbclient.exceptions import DeadKernelError
+            from papermill.exceptions import PapermillExecutionError
+    except BaseException:
+        _discard_kernel(kernel)
+        raise
+
+    try:
+        if kernel is not None:
+            try:
+                run_sync(_warm_up)(kernel, preload_code(Path(args.notebook), [m for m in args.preload.split(",") if m]))
+            except Exception as error:  # noqa: BLE001
+                kernel = prepare_failed(kernel, error)
         go = _wait_for_go(records)
         if kernel is not None and not run_sync(_answers)(kernel):
             kernel = _discard_kernel(kernel)  # died while waiting: papermill starts a fresh one
@@ -718,6 +741,40 @@ def notebook_imports(notebook: Path) -> list[str]:
                 modules.append(str(statement.module))
                 modules += [f"{statement.module}.{alias.name}" for alias in statement.names if alias.name != "*"]
     return modules
+
+
+async def _wait_for_ready(client: Any, timeout: float | None = None) -> None:
+    """jupyter_client's KernelClient.wait_for_ready, without its 0.2 s wait for a quiet IOPub.
+
+    Ready means, as there: the kernel answered kernel_info on the shell channel, and a message
+    arrived on IOPub (so the subscription is live and no output of the first cell is lost).
+    jupyter_client then also drains IOPub until it has been quiet for 0.2 s. That only
+    discards the status messages of the kernel_info request, which nbclient ignores anyway
+    (it keeps only messages whose parent is the cell's request), and it cost 0.2 s twice per
+    notebook: once for the runner's liveness check and once for nbclient's own.
+    The error messages are jupyter_client's (the runner classifies by them).
+    """
+    import queue
+
+    deadline = time.monotonic() + (float("inf") if timeout is None else timeout)
+    while True:
+        client.kernel_info()
+        try:
+            reply = await client.get_shell_msg(timeout=1)
+        except queue.Empty:
+            reply = None
+        if reply is not None and reply["msg_type"] == "kernel_info_reply":
+            try:
+                await client.get_iopub_msg(timeout=0.2)
+            except queue.Empty:
+                pass  # IOPub not connected yet: ask again
+            else:
+                client._handle_kernel_info_reply(reply)
+                return
+        if not await client._async_is_alive():
+            raise RuntimeError("Kernel died before replying to kernel_info")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"Kernel didn't respond in {timeout:g} seconds")
 
 
 @contextlib.asynccontextmanager

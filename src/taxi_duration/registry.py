@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from taxi_duration import tracking
+from taxi_duration import settings, tracking
 from taxi_duration.features import CATEGORICAL_FEATURES, NUMERICAL_FEATURES
 from taxi_duration.model import rmse
 from taxi_duration.runfiles import PREPROCESSOR_FILENAME
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     import xgboost as xgb
     from sklearn.feature_extraction import DictVectorizer
 
-DEFAULT_REGISTERED_MODEL = "nyc-taxi-duration"
+DEFAULT_REGISTERED_MODEL = settings.DEFAULT_REGISTERED_MODEL
 CHAMPION_ALIAS = "champion"
 # Where the training notebook logs the fitted DictVectorizer (tracking.log_files(..., "preprocessor")).
 PREPROCESSOR_ARTIFACT_DIR = "preprocessor"

@@ -390,6 +390,26 @@ def prefect_api_for_run() -> Iterator[str | None]:
         yield url
 
 
+@contextlib.contextmanager
+def without_flow_heartbeats() -> Iterator[None]:
+    """Within this block, flow runs send no heartbeats, unless the user configured them.
+
+    For runs started from the command line. Prefect 3.9 joins a flow run's heartbeat thread
+    when the run ends, and that thread looks for its stop signal once a second, so every run
+    ended 0-1 s late (0.5 s on average here). Heartbeats drive the automations that mark
+    deployment runs whose process died as crashed; a command-line run has its user watching
+    (and the next pipeline start marks its MLflow run KILLED if the process died). Setting
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY (environment or Prefect profile) keeps them.
+    """
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    if "heartbeat_frequency" in get_current_settings().flows.model_fields_set:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 # --- command line ----------------------------------------------------------------------------
 
 def _describe(name: str) -> str:

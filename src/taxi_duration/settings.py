@@ -12,6 +12,7 @@ from pathlib import Path
 
 TLC_TRIP_DATA_URL = "https://d37ci6vzurychx.cloudfront.net/trip-data"
 DEFAULT_EXPERIMENT = "nyc-taxi-duration"
+DEFAULT_REGISTERED_MODEL = "nyc-taxi-duration"  # the flow's default; None there registers nothing
 DEFAULT_NOTEBOOK_TIMEOUT_SECONDS = 1800
 
 

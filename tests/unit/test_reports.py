@@ -124,3 +124,25 @@ def test_sanitize_html_removes_active_content(fragment):
     cleaned = sanitize_html(fragment).lower()
     for needle in ("<script", "onerror", "onclick", "javascript:", "<iframe", "alert(1)</script"):
         assert needle not in cleaned
+
+
+def test_a_kept_exporter_renders_each_notebook_as_a_new_one_would(tmp_path, monkeypatch):
+    from taxi_duration import reports
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    failed = _executed_notebook(first, error=True, hostile=True)
+    passed = _executed_notebook(second)
+    # Fresh exporters for each notebook: what every render did before exporters were kept.
+    fresh = {}
+    for notebook in (failed, passed):
+        monkeypatch.setattr(reports, "_exporters", {})
+        paths = render_reports(notebook)
+        fresh[notebook] = (paths.full.read_bytes(), paths.review.read_bytes())
+    # Kept exporters, the failed notebook first: nothing of it may reach the next report.
+    monkeypatch.setattr(reports, "_exporters", {})
+    for notebook in (failed, passed, failed):
+        paths = render_reports(notebook)
+        assert (paths.full.read_bytes(), paths.review.read_bytes()) == fresh[notebook]
+    assert set(reports._exporters) == {False, True}

@@ -176,3 +176,20 @@ def test_bad_overlap_knob_is_named(raw, monkeypatch):
     monkeypatch.setenv("TAXI_OVERLAP_MAX_TRIPS", raw)
     with pytest.raises(ValueError, match="TAXI_OVERLAP_MAX_TRIPS"):
         settings.overlap_max_trips()
+
+
+@pytest.mark.parametrize("configured, inside", [(None, "None"), ("60", "60"), ("180", "180")])
+def test_command_line_runs_send_no_flow_heartbeats_unless_configured(configured, inside):
+    # In a fresh process: Prefect reads its settings (the environment, the profile) at import.
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"}
+    if configured is not None:
+        env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = configured
+    code = (
+        "from prefect.settings import get_current_settings\n"
+        "from taxi_duration import services\n"
+        "with services.without_flow_heartbeats():\n"
+        "    print(get_current_settings().flows.heartbeat_frequency)\n"
+        "print(get_current_settings().flows.heartbeat_frequency)\n"
+    )
+    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert shown == [inside, configured or "180"]  # and Prefect's own default is back afterwards
