@@ -24,12 +24,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from taxi_duration.periods import Month
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 PICKUP_COLUMN = {"green": "lpep_pickup_datetime", "yellow": "tpep_pickup_datetime"}
 DROPOFF_COLUMN = {"green": "lpep_dropoff_datetime", "yellow": "tpep_dropoff_datetime"}
@@ -374,6 +377,8 @@ def read_trips(path: Path, color: str, columns: list[str] | None = None) -> pd.D
     Raises TripFileInvalid naming `path` when it is not a usable trip file (the same words
     as validate_trip_file), including damage the footer check cannot see.
     """
+    import pandas as pd  # here, not at import: the command line decides which kernels to start without it
+
     try:
         validate_trip_file(path, color)
         frame = pd.read_parquet(path, columns=columns)
@@ -389,6 +394,8 @@ def read_trips(path: Path, color: str, columns: list[str] | None = None) -> pd.D
 
 def normalize_trips(frame: pd.DataFrame, color: str) -> pd.DataFrame:
     """Cast the columns the pipeline uses to one dtype each; raise naming a missing column."""
+    import pandas as pd
+
     missing = [column for column in required_columns(color) if column not in frame.columns]
     if missing:
         raise TripDataError(f"trip data lacks required column(s): {', '.join(missing)}")

@@ -13,9 +13,10 @@ import copy
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import nbformat
+if TYPE_CHECKING:
+    import nbformat
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
@@ -127,6 +128,8 @@ def render_reports(executed_notebook: Path, failure: str | None = None) -> Repor
     `failure` is the runner's account of what went wrong (a timeout leaves no error in the
     notebook itself); otherwise the first error output is shown at the top.
     """
+    import nbformat  # here, not at import: a notebook runner starts its kernel before loading it
+
     executed_notebook = Path(executed_notebook)
     notebook = sanitize_outputs(nbformat.read(executed_notebook, as_version=4))
     failure = failure or first_error(notebook)

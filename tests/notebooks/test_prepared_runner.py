@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -152,3 +155,22 @@ def test_a_module_that_kills_the_kernel_on_import_is_reported_as_a_kernel_death_
     with pytest.raises(NotebookExecutionError) as raised:
         execute_notebook(notebook, tmp_path / "run.ipynb", {}, 60, cwd=tmp_path, retries_on_kernel_death=0)
     assert "the kernel died" in str(raised.value)
+
+
+@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
+def test_waiting_for_a_runner_notices_its_exit_and_its_deadline(pidfd, monkeypatch):
+    if not pidfd:
+        monkeypatch.delattr(notebooks.os, "pidfd_open", raising=False)
+    quick = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert notebooks._wait_unless_stopped(quick, time.monotonic() + 60, None) is True
+    assert quick.returncode == 0
+    slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert notebooks._wait_unless_stopped(slow, time.monotonic() + 0.3, None) is False
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(notebooks.NotebookStopped):
+            notebooks._wait_unless_stopped(slow, time.monotonic() + 60, stop)
+    finally:
+        slow.kill()
+        slow.wait()
