@@ -258,7 +258,6 @@ def taxi_duration_pipeline(
         stages.close_runners(prepared)  # those no stage took over (a stage failed, or the flow was stopped)
 
 
-
 def _run_pipeline(
     params: PipelineParams, source: data.TripSource, experiment_name: str, tracking_uri: str,
     training_parameters: dict[str, Any], timeout_seconds: int, force: bool,
