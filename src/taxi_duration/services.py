@@ -128,7 +128,10 @@ def mlflow_service(
     # (keep-alive) connection's request with the headers and, 40 ms later, the body (Nagle's
     # algorithm meeting the client's delayed ACK); measured 44 ms a request instead of 1.4 ms, and
     # a run makes dozens. One worker still serves requests concurrently (the app runs in threads).
-    workers = os.environ.get("TAXI_MLFLOW_WORKERS", "1")
+    try:
+        workers = settings.mlflow_workers()
+    except ValueError as error:
+        raise ServiceError(str(error)) from None
     return Service(
         name="mlflow",
         port=port,
@@ -137,7 +140,7 @@ def mlflow_service(
             "--backend-store-uri", backend_store_uri or mlflow_backend_store_uri(),
             # Clients send artifacts through the server (mlflow-artifacts:/), which stores them here.
             "--serve-artifacts", "--artifacts-destination", artifacts.as_uri(),
-            "--host", HOST, "--port", str(port), "--workers", workers,
+            "--host", HOST, "--port", str(port), "--workers", str(workers),
             "--allowed-hosts", f"{HOST}:{port},localhost:{port}",
         ],
         environment=_server_environment(),

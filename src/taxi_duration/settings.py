@@ -102,6 +102,11 @@ def overlap_max_trips() -> int:
     return _whole_number_knob("TAXI_OVERLAP_MAX_TRIPS", DEFAULT_OVERLAP_MAX_TRIPS, "trips", minimum=0)
 
 
+def mlflow_workers() -> int:
+    """Worker processes of the local MLflow server: `TAXI_MLFLOW_WORKERS`, default 1 (see services)."""
+    return _whole_number_knob("TAXI_MLFLOW_WORKERS", 1, "worker processes", minimum=1)
+
+
 PREFECT_SERVER_MODES = ("local", "ephemeral")
 
 

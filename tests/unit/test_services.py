@@ -144,6 +144,13 @@ def test_the_local_mlflow_server_runs_one_worker_unless_told(services_folder, mo
     assert command[command.index("--workers") + 1] == "3"
 
 
+@pytest.mark.parametrize("raw", ["abc", "0", "-2", "1.5"])
+def test_a_bad_mlflow_workers_knob_is_named_before_a_server_starts(raw, services_folder, monkeypatch, tmp_path):
+    monkeypatch.setenv("TAXI_MLFLOW_WORKERS", raw)
+    with pytest.raises(services.ServiceError, match="TAXI_MLFLOW_WORKERS"):
+        services.mlflow_service(port=5123, artifacts_destination=tmp_path)
+
+
 @pytest.mark.parametrize("raw", ["abc", "0", "70000"])
 def test_bad_port_knobs_are_named(raw, monkeypatch):
     monkeypatch.setenv("TAXI_MLFLOW_PORT", raw)
