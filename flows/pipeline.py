@@ -370,7 +370,6 @@ def _run_pipeline(
     }
 
 
-
 def _close_run(tracking_uri: str, run_id: str, status: str, manifests: dict[str, dict[str, Any]]) -> None:
     """Record reuse and the final status; on the way out of a failure, never mask the real error."""
     try:
@@ -501,8 +500,6 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append(f"  reused, unchanged {reused}")
     lines.append(f"  all runs          {result['gallery']}")
     return "\n".join(lines)
-
-
 
 
 def _exit_on_sigterm(signum: int, frame) -> None:

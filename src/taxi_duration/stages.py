@@ -101,6 +101,14 @@ def _inputs(params: PipelineParams, source: data.TripSource, training: dict[str,
             str(settings.stage_cache_dir()), settings.overlap_max_trips())
 
 
+def _take_ahead() -> tuple[tuple, Runners] | None:
+    """The runners started ahead (with their inputs), now no longer kept here; None if none."""
+    global _ahead
+    with _ahead_lock:
+        ahead, _ahead = _ahead, None
+    return ahead
+
+
 def start_runners_ahead(params: PipelineParams, source: data.TripSource, training: dict[str, Any], force: bool) -> None:
     """Start the runners a run with these inputs will need, for `runners_for` to hand over.
 
@@ -108,12 +116,10 @@ def start_runners_ahead(params: PipelineParams, source: data.TripSource, trainin
     this process is gone).
     """
     global _ahead
+    close_runners_ahead()
     runners = prepare_runners(params, source, training, force)
     with _ahead_lock:
-        if _ahead is not None:
-            close_runners(_ahead[1])
         _ahead = (_inputs(params, source, training, force), runners)
-    atexit.register(close_runners_ahead)
 
 
 def runners_for(params: PipelineParams, source: data.TripSource, training: dict[str, Any], force: bool) -> Runners:
@@ -122,9 +128,7 @@ def runners_for(params: PipelineParams, source: data.TripSource, training: dict[
     Runners started ahead for other inputs (the flow's parameters differ from what the command
     line foresaw) are closed: a runner serves only the notebook and inputs it was started for.
     """
-    global _ahead
-    with _ahead_lock:
-        ahead, _ahead = _ahead, None
+    ahead = _take_ahead()
     if ahead is not None:
         inputs, runners = ahead
         if inputs == _inputs(params, source, training, force):
@@ -135,8 +139,9 @@ def runners_for(params: PipelineParams, source: data.TripSource, training: dict[
 
 def close_runners_ahead() -> None:
     """Close the runners started ahead that no run took over."""
-    global _ahead
-    with _ahead_lock:
-        ahead, _ahead = _ahead, None
+    ahead = _take_ahead()
     if ahead is not None:
         close_runners(ahead[1])
+
+
+atexit.register(close_runners_ahead)
