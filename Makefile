@@ -7,12 +7,27 @@ YEAR ?= 2023
 MONTH ?= 3
 COLOR ?= green
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (0: none, all tests in one process)
+TEST_WORKERS ?= 2
 PARALLEL ?= 2
 FORCE ?=
 BENCH_ARGS ?=
 
-# Installed only when the pinned lock or the package metadata changes.
+# uv, pinned: the same version as in requirements/dev.txt (a unit test checks they agree).
+UV_VERSION := 0.13.9
+UV := $(BIN)/uv
+LOCK_DIR ?= requirements
+# Universal: one lock resolves on Linux, macOS and Windows; the existing lock's versions are
+# kept unless pyproject.toml needs others (or UPGRADE=1).
+LOCK_OPTIONS = pyproject.toml --universal --python-version 3.11 --generate-hashes --quiet \
+	--custom-compile-command 'make lock' $(if $(UPGRADE),--upgrade)
+# Installed only when the lock or the package metadata changes.
 ENV_STAMP := $(VENV)/.installed
+
+# Python caches compiled modules (__pycache__) unless PYTHONDONTWRITEBYTECODE is set, as some
+# images and CI machines do. uv installs without compiling, so with it set every process would
+# compile Prefect, MLflow and pandas from source again; here the cache fills on first import.
+unexport PYTHONDONTWRITEBYTECODE
 
 .DEFAULT_GOAL := help
 
@@ -22,13 +37,18 @@ help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 	@echo "  Knobs: YEAR=$(YEAR) MONTH=$(MONTH) COLOR=$(COLOR); env TAXI_DATA_SOURCE, MLFLOW_TRACKING_URI, PREFECT_API_URL, TAXI_PREFECT_SERVER (see README)"
 
-env: $(ENV_STAMP) ## Create .venv from requirements.lock (the one install path)
+env: $(ENV_STAMP) ## Create .venv from requirements/dev.txt with uv (the one install path)
 
-$(ENV_STAMP): requirements.lock pyproject.toml
+# uv is bootstrapped from the package index into .venv, then installs the hashed dev lock
+# exactly (sync: what the lock does not name is removed; uv itself is in it). The pipeline
+# image installs requirements/runtime.txt the same way (Dockerfile).
+$(UV):
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -r requirements.lock
-	$(BIN)/python -m pip install --quiet --no-deps -e .
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(ENV_STAMP): requirements/dev.txt pyproject.toml | $(UV)
+	$(UV) pip sync --quiet --python $(BIN)/python --require-hashes requirements/dev.txt
+	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
 run: env ## Run the pipeline for YEAR-MONTH (default 2023-03) and COLOR; unchanged stages are reused
@@ -63,17 +83,15 @@ browser-deps: ## Install Debian's Chromium for the browser tests (root; apt)
 lab: env ## JupyterLab on notebooks/, kernel from the project environment
 	cd notebooks && ../$(BIN)/jupyter lab --notebook-dir=.
 
-test: env ## Run the whole test suite (unit, notebooks, end to end)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+test: env ## Run the whole test suite (every layer; TEST_WORKERS=2 processes side by side)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
 
 test-fast: env ## Unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
-lock: ## Re-resolve requirements.in into requirements.lock (needs the package index)
-	rm -rf /tmp/taxi-lock-venv && $(PYTHON) -m venv /tmp/taxi-lock-venv
-	/tmp/taxi-lock-venv/bin/pip install --quiet -r requirements.in
-	{ sed -n '1,3p' requirements.lock; /tmp/taxi-lock-venv/bin/pip freeze; } > requirements.lock.new
-	mv requirements.lock.new requirements.lock
+lock: $(UV) ## Re-resolve pyproject.toml into requirements/runtime.txt and dev.txt (needs the package index; UPGRADE=1 takes newer versions)
+	$(UV) pip compile $(LOCK_OPTIONS) -o $(LOCK_DIR)/runtime.txt
+	$(UV) pip compile $(LOCK_OPTIONS) --extra dev -c $(LOCK_DIR)/runtime.txt -o $(LOCK_DIR)/dev.txt
 
 strip-notebooks: env ## Remove outputs from notebooks/ before committing
 	$(BIN)/nbstripout notebooks/*.ipynb

@@ -170,10 +170,24 @@ def git_commit(directory: Path | None = None) -> str | None:
 
 
 def model_pip_requirements() -> list[str]:
-    """Exact requirements of the logged model, given so MLflow need not infer them (slow)."""
-    from importlib.metadata import version
+    """Exact requirements of the logged model, given so MLflow need not infer them (slow).
 
-    return [f"{name}=={version(name)}" for name in ("mlflow", "xgboost", "scikit-learn", "scipy", "numpy", "pandas")]
+    XGBoost is named as the CPU-only `xgboost-cpu` where it is published (Linux, Windows) and
+    as `xgboost` on macOS, where that build is CPU-only already: an environment built from
+    these requirements loads the model on any of them without CUDA libraries.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        xgboost_version = version("xgboost-cpu")
+    except PackageNotFoundError:
+        xgboost_version = version("xgboost")
+    exact = [f"{name}=={version(name)}" for name in ("mlflow", "scikit-learn", "scipy", "numpy", "pandas")]
+    return [
+        *exact,
+        f"xgboost-cpu=={xgboost_version}; sys_platform != 'darwin'",
+        f"xgboost=={xgboost_version}; sys_platform == 'darwin'",
+    ]
 
 
 def log_xgboost_model(tracking_uri: str, run_id: str, booster, input_example_matrix, predictions) -> str:

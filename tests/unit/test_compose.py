@@ -2,7 +2,7 @@
 
 Nothing here starts a container (no Docker engine is needed): the compose file is read as
 data and checked against the rules it promises in its header, and against the project
-(requirements.lock, prefect.yaml). When the `docker compose` CLI plugin is installed, its
+(requirements/runtime.txt, prefect.yaml). When the `docker compose` CLI plugin is installed, its
 own validation runs too (it needs no daemon).
 """
 
@@ -17,6 +17,8 @@ from types import ModuleType
 
 import pytest
 import yaml
+
+from .test_install_path import locked_versions
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = PROJECT_DIR / "docker-compose.yaml"
@@ -83,16 +85,36 @@ def only_references(value: str) -> bool:
 
 
 def locked_version(package: str) -> str:
-    for line in (PROJECT_DIR / "requirements.lock").read_text().splitlines():
-        name, _, version = line.partition("==")
-        if name.strip().lower() == package.lower():
-            return version.strip()
-    raise AssertionError(f"{package} is not in requirements.lock")
+    versions = locked_versions(PROJECT_DIR / "requirements" / "runtime.txt")
+    assert package.lower() in versions, f"{package} is not in requirements/runtime.txt"
+    return versions[package.lower()]
 
 
 def dockerfile_arg(dockerfile: Path, name: str) -> str:
     match = re.search(rf"^ARG {name}=(\S+)$", dockerfile.read_text(), re.MULTILINE)
     assert match, f"{dockerfile.name}: no `ARG {name}=...`"
+    return match.group(1)
+
+
+def dockerfile_instructions(dockerfile: Path) -> list[str]:
+    """The Dockerfile's instructions, one string each: comments dropped, continuations joined."""
+    instructions: list[str] = []
+    pending = ""
+    for line in dockerfile.read_text().splitlines():
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        pending = f"{pending} {line.strip()}" if pending else line.strip()
+        if pending.endswith("\\"):
+            pending = pending[:-1].rstrip()
+        else:
+            instructions.append(" ".join(pending.split()))
+            pending = ""
+    return instructions
+
+
+def makefile_uv_version() -> str:
+    match = re.search(r"^UV_VERSION := (\S+)$", (PROJECT_DIR / "Makefile").read_text(), re.MULTILINE)
+    assert match, "Makefile: no `UV_VERSION := ...`"
     return match.group(1)
 
 
@@ -251,14 +273,16 @@ def test_mlflow_allowed_hosts_include_the_name_the_worker_uses(services):
 
 def test_mlflow_image_is_constrained_by_the_lock():
     # A client newer than its server calls endpoints the server may lack: the server installs
-    # MLflow (and the driver) under requirements.lock as constraints, so both move together.
-    text = MLFLOW_DOCKERFILE.read_text()
-    assert "COPY requirements.lock /tmp/requirements.lock" in text
-    (install,) = re.findall(r"^RUN pip install .*$", text, re.MULTILINE)
-    words = install.split()
-    assert words[3:5] == ["-c", "/tmp/requirements.lock"]
-    assert "mlflow" in words and '"psycopg[binary]"' in words
+    # MLflow (and the driver) under the runtime lock as constraints, so both move together.
+    instructions = dockerfile_instructions(MLFLOW_DOCKERFILE)
+    assert "COPY requirements/runtime.txt /tmp/runtime.txt" in instructions
+    (install,) = [line for line in instructions if "pip install" in line]
+    steps = [step.split() for step in install.removeprefix("RUN ").split(" && ")]
+    assert steps[0] == ["pip", "install", "uv==${UV_VERSION}"]
+    assert steps[1][:6] == ["uv", "pip", "install", "--system", "-c", "/tmp/runtime.txt"]
+    assert "mlflow" in steps[1] and '"psycopg[binary]"' in steps[1]
     assert locked_version("mlflow")
+    assert dockerfile_arg(MLFLOW_DOCKERFILE, "UV_VERSION") == makefile_uv_version()
     assert re.fullmatch(r"\d+\.\d+\.\d+", dockerfile_arg(MLFLOW_DOCKERFILE, "BOTO3_VERSION"))
 
 
@@ -304,13 +328,22 @@ def test_postgres_init_script_creates_both_databases(services):
 # --- the pipeline image -----------------------------------------------------------------------
 
 
-def test_pipeline_image_installs_the_lock_then_the_package_alone():
-    instructions = [line.strip() for line in PIPELINE_DOCKERFILE.read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
+def test_pipeline_image_installs_the_runtime_lock_only():
+    instructions = dockerfile_instructions(PIPELINE_DOCKERFILE)
     assert instructions[0] == "FROM python:3.11-slim"
-    installs = [line for line in instructions if line.startswith("RUN pip install")]
-    assert installs == ["RUN pip install -r requirements.lock", "RUN pip install --no-deps -e ."]
-    for copied in ("notebooks/", "flows/", "src/", "prefect.yaml"):
-        assert any(line.startswith("COPY") and copied in line for line in instructions), copied
+    installs = [line for line in instructions if "pip " in line]
+    # uv outside the environment, the runtime lock exactly, then the package without dependencies.
+    assert installs == [
+        "RUN pip install uv==${UV_VERSION}",
+        "RUN python -m venv /app/.venv && uv pip sync --require-hashes requirements/runtime.txt",
+        "RUN uv pip install --no-deps -e .",
+    ]
+    assert dockerfile_arg(PIPELINE_DOCKERFILE, "UV_VERSION") == makefile_uv_version()
+    copied = [line for line in instructions if line.startswith("COPY")]
+    assert [line for line in copied if "requirements" in line] == ["COPY requirements/runtime.txt requirements/"]
+    assert not any("dev.txt" in line or "[dev]" in line for line in installs + copied), "no dev lock or dev extra"
+    for source in ("notebooks/", "flows/", "src/", "prefect.yaml"):
+        assert any(source in line for line in copied), source
     users = [line for line in instructions if line.startswith("USER ")]
     assert users and users[-1] != "USER root", "the image must run as an unprivileged user"
 
