@@ -84,7 +84,7 @@ lab: env ## JupyterLab on notebooks/, kernel from the project environment
 	cd notebooks && ../$(BIN)/jupyter lab --notebook-dir=.
 
 test: env ## Run the whole test suite (every layer; TEST_WORKERS=2 processes side by side)
-	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup) $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
 test-fast: env ## Unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -22,7 +22,6 @@ import pickle
 import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 COLUMN_PREFIX = {"green": "lpep", "yellow": "tpep"}
@@ -89,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # The pipeline's exact training, so both train the same booster (not its feature code).
         from taxi_duration.model import train_booster, training_params
+        from taxi_duration.tracking import model_pip_requirements
 
     lap("imports")
 
@@ -140,9 +140,9 @@ def main(argv: list[str] | None = None) -> int:
             with open(preprocessor, "wb") as sink:
                 pickle.dump(vectorizer, sink)
             mlflow.log_artifact(str(preprocessor), artifact_path="preprocessor")
-        # As taxi_duration.tracking.log_xgboost_model: a signature from five rows and exact
-        # pip requirements (MLflow inferring them would cost seconds).
-        requirements = [f"{name}=={version(name)}" for name in ("mlflow", "xgboost", "scikit-learn", "scipy", "numpy", "pandas")]
+        # As taxi_duration.tracking.log_xgboost_model: a signature from five rows and the same
+        # exact pip requirements (MLflow inferring them would cost seconds).
+        requirements = model_pip_requirements()
         info = mlflow.xgboost.log_model(
             booster,
             name="model",

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
@@ -97,14 +99,34 @@ def synthetic_source(tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def empty_tracking_store(tmp_path_factory) -> Path:
+    """An SQLite MLflow store with its schema made and nothing else, to copy for each test.
+
+    MLflow builds a new SQLite store by running every schema migration, seconds of CPU in
+    each pipeline a test starts; a copy of this file is what that leaves, made once.
+    """
+    database = tmp_path_factory.mktemp("empty-tracking-store") / "mlflow.db"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{database}").search_experiments(max_results=1)
+    return database
+
+
 @pytest.fixture
-def isolated_stores(tmp_path, monkeypatch) -> dict[str, Path | str]:
-    """MLflow, outputs and the download cache in this test's temporary folder."""
+def isolated_stores(request, tmp_path, monkeypatch, empty_tracking_store) -> dict[str, Path | str]:
+    """MLflow, outputs and the download cache in this test's temporary folder.
+
+    The MLflow store starts as a copy of `empty_tracking_store`; a test marked
+    `no_tracking_store` starts without one, to check that nothing creates it.
+    """
     stores = {
         "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
         "outputs": tmp_path / "outputs",
         "data": tmp_path / "data",
     }
+    if request.node.get_closest_marker("no_tracking_store") is None:
+        shutil.copyfile(empty_tracking_store, tmp_path / "mlflow.db")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", stores["tracking_uri"])
     monkeypatch.setenv("TAXI_OUTPUTS_DIR", str(stores["outputs"]))
     monkeypatch.setenv("TAXI_DATA_DIR", str(stores["data"]))
@@ -141,3 +163,31 @@ def pipeline_cli(prefect_home):
         )
 
     return run
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """Where one finished pipeline run left its results."""
+
+    tracking_uri: str
+    outputs: Path
+    completed: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def green_run(tmp_path_factory, pipeline_cli, synthetic_source, empty_tracking_store) -> FinishedRun:
+    """One real pipeline run (CLI, SQLite MLflow, synthetic green 2023-03), as `make run` leaves it.
+
+    Shared by the tests that only read its results (the browser tests, the stage overlap):
+    once per pytest process, so at most once per `make test` worker.
+    """
+    root = tmp_path_factory.mktemp("green-run")
+    shutil.copyfile(empty_tracking_store, root / "mlflow.db")
+    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
+    completed = pipeline_cli(
+        "--data-source", str(synthetic_source),
+        env={"MLFLOW_TRACKING_URI": tracking_uri, "TAXI_OUTPUTS_DIR": str(root / "outputs"),
+             "TAXI_DATA_DIR": str(root / "data"), "TAXI_OVERLAP_MAX_TRIPS": "1000000"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return FinishedRun(tracking_uri, root / "outputs", completed)

@@ -17,17 +17,10 @@ CHROMIUM_ARGS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory, pipeline_cli, synthetic_source) -> Path:
-    """Outputs of one real pipeline run (CLI, embedded MLflow), as `make run` leaves them."""
-    root = tmp_path_factory.mktemp("browser-run")
-    completed = pipeline_cli(
-        "--data-source", str(synthetic_source),
-        env={"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
-             "TAXI_DATA_DIR": str(root / "data")},
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return root / "outputs"
+@pytest.fixture
+def finished_run(green_run) -> Path:
+    """Outputs of the session's real pipeline run (CLI, embedded MLflow), as `make run` leaves them."""
+    return green_run.outputs
 
 
 @pytest.fixture(scope="module")

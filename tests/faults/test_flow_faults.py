@@ -193,11 +193,13 @@ def test_a_month_missing_from_the_folder_names_the_path(isolated_stores, pipelin
     ("cell", "extra_env", "message"),
     [
         ("import sys\nsys.exit(0)", {}, "stopped early at cell"),
-        ("!exit 3", {}, "stopped early at cell"),
         ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", {}, "kernel died"),
-        ("import time\ntime.sleep(600)", {"TAXI_NOTEBOOK_TIMEOUT": "45"}, "did not finish within 45 s"),
+        # Long enough for 02_features, running beside it, to finish on a busy machine.
+        ("import time\ntime.sleep(600)", {"TAXI_NOTEBOOK_TIMEOUT": "25"}, "did not finish within 25 s"),
     ],
-    ids=["sys-exit-0", "failing-shell-command", "kernel-killed", "hung-cell"],
+    # A failing shell command stops a notebook early exactly as sys.exit does; its own wording is
+    # pinned in tests/faults/test_notebook_faults.py, so the flow is run for sys.exit(0) alone.
+    ids=["sys-exit-0", "kernel-killed", "hung-cell"],
 )
 def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthetic_source, tmp_path, cell, extra_env, message):
     project = tmp_path / "project"
@@ -229,7 +231,7 @@ def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthet
     marker = str(isolated_stores["outputs"])
     assert not (_processes_with(marker, "ipykernel") or _processes_with(marker, "taxi_duration.notebooks"))
     if extra_env:
-        assert time.monotonic() - started < 45 + 120, "the timeout bounds the run"
+        assert time.monotonic() - started < int(extra_env["TAXI_NOTEBOOK_TIMEOUT"]) + 120, "the timeout bounds the run"
 
 
 def test_a_bad_file_in_the_source_fails_the_run_naming_it(isolated_stores, pipeline_cli, tmp_path, synthetic_source):

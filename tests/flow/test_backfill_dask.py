@@ -137,6 +137,7 @@ def test_dask_address_sends_months_to_that_schedulers_workers(
     assert httpx.get(f"{prefect_server}/flows/{backfill_run['flow_id']}").json()["name"] == "nyc-taxi-duration-backfill"
 
 
+@pytest.mark.no_tracking_store
 @pytest.mark.parametrize("via", ["flag", "environment"])
 def test_unreachable_dask_scheduler_fails_fast_naming_it(tmp_path, isolated_stores, synthetic_source, free_port, via):
     address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there

@@ -152,6 +152,7 @@ def test_yellow_taxis_run_end_to_end_with_another_experiment(run_pipeline, synth
         (["--data-source", "/no/such/folder"], "no such folder"),
     ],
 )
+@pytest.mark.no_tracking_store
 def test_bad_parameters_are_rejected_before_anything_runs(run_pipeline, isolated_stores, args, message):
     completed = run_pipeline(*args)
     assert completed.returncode == 2
@@ -202,15 +203,24 @@ def _stage_windows(flow_run_id: str) -> dict[str, tuple]:
     return {run.name: (run.start_time, run.end_time) for run in task_runs if run.name in NOTEBOOKS}
 
 
-@pytest.mark.parametrize("overlap_max_trips", ["1000000", "0"], ids=["side-by-side", "big-month-in-turn"])
-def test_explore_runs_beside_features_unless_the_month_is_big(run_pipeline, synthetic_source, isolated_stores, overlap_max_trips):
-    completed = run_pipeline("--data-source", str(synthetic_source), extra_env={"TAXI_OVERLAP_MAX_TRIPS": overlap_max_trips})
+def _assert_training_waits_for_both(windows: dict[str, tuple]) -> None:
+    explore, features, train = (windows[stage] for stage in NOTEBOOKS)
+    assert train[0] >= max(explore[1], features[1]), "training waits for both"
+
+
+def test_explore_runs_beside_features(green_run):
+    _, run = _only_run(green_run.tracking_uri)
+    windows = _stage_windows(run.data.tags["prefect.flow_run_id"])
+    explore, features = windows["01_explore"], windows["02_features"]
+    assert features[0] < explore[1], "02_features started while 01_explore ran"
+    _assert_training_waits_for_both(windows)
+
+
+def test_a_big_month_is_explored_before_it_is_featurized(run_pipeline, synthetic_source, isolated_stores):
+    completed = run_pipeline("--data-source", str(synthetic_source), extra_env={"TAXI_OVERLAP_MAX_TRIPS": "0"})
     assert completed.returncode == 0, completed.stderr[-3000:]
     _, run = _only_run(isolated_stores["tracking_uri"])
     windows = _stage_windows(run.data.tags["prefect.flow_run_id"])
-    explore, features, train = (windows[stage] for stage in NOTEBOOKS)
-    if overlap_max_trips == "0":
-        assert explore[1] <= features[0], "a big month is explored before it is featurized"
-    else:
-        assert features[0] < explore[1], "02_features started while 01_explore ran"
-    assert train[0] >= max(explore[1], features[1]), "training waits for both"
+    explore, features = windows["01_explore"], windows["02_features"]
+    assert explore[1] <= features[0], "a big month is explored before it is featurized"
+    _assert_training_waits_for_both(windows)
