@@ -77,6 +77,16 @@ def session_services(tmp_path_factory):
             os.environ[key] = value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_tracking_files_in_the_checkout():
+    """Each test keeps MLflow's files in its own folder. A `./mlruns` that appears in the checkout
+    means a test made an experiment without an artifact location (MLflow's default is relative
+    to the working directory); under xdist it also breaks the benchmark's untouched-stores check."""
+    existed = (PROJECT_DIR / "mlruns").exists()
+    yield
+    assert existed or not (PROJECT_DIR / "mlruns").exists(), "a test wrote MLflow artifacts into the checkout's ./mlruns"
+
+
 @pytest.fixture(scope="session")
 def real_tlc_dir() -> Path:
     """The real green-taxi files beside the project; the test is skipped when they are absent."""

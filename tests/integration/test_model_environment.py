@@ -44,10 +44,10 @@ def test_logged_requirements_build_an_environment_that_loads_and_scores_the_mode
     booster, X = _small_booster()
     expected = model.predict(booster, X)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # Artifacts beside the store, as the flow files them (never in the checkout's ./mlruns).
+    run_id = tracking.start_run(tracking_uri, "model-environment", "model-environment", params={}, tags={})
+    model_uri = tracking.log_xgboost_model(tracking_uri, run_id, booster, X[:5], expected[:5])
     mlflow.set_tracking_uri(tracking_uri)
-    with mlflow.start_run() as run:
-        pass
-    model_uri = tracking.log_xgboost_model(tracking_uri, run.info.run_id, booster, X[:5], expected[:5])
     local_model = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model")))
     requirements = (local_model / "requirements.txt").read_text()
     assert "xgboost-cpu==" in requirements and "nvidia" not in requirements

@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import runfiles, settings
+from taxi_duration import runfiles, settings, tracking
 from taxi_duration.notebooks import NotebookExecutionError, execute_notebook
 
 pytestmark = pytest.mark.notebooks
@@ -53,11 +53,11 @@ def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_sto
     assert features["train_rows"] > 2500 and features["val_rows"] > 2500
     assert (run_dir / "preprocessor.b").is_file()
 
-    client = MlflowClient(isolated_stores["tracking_uri"])
-    experiment_id = client.create_experiment("notebook-test")
-    run_id = client.create_run(experiment_id).info.run_id
+    # Artifacts beside the test's store, as the flow files them (never in the checkout's ./mlruns).
+    run_id = tracking.start_run(isolated_stores["tracking_uri"], "notebook-test", "notebook-test", params={}, tags={})
     _run("03_train", run_dir, {"run_dir": str(run_dir), "tracking_uri": isolated_stores["tracking_uri"], "mlflow_run_id": run_id})
 
+    client = MlflowClient(isolated_stores["tracking_uri"])
     run = client.get_run(run_id)
     assert run.info.status == "RUNNING", "the notebook must leave the caller's run open: the flow owns its status"
     assert run.data.metrics["train_nnz"] == features["train_nnz"]
