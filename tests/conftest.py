@@ -181,7 +181,6 @@ class FinishedRun:
 
     tracking_uri: str
     outputs: Path
-    completed: subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="session")
@@ -200,4 +199,4 @@ def green_run(tmp_path_factory, pipeline_cli, synthetic_source, empty_tracking_s
              "TAXI_DATA_DIR": str(root / "data"), "TAXI_OVERLAP_MAX_TRIPS": "1000000"},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    return FinishedRun(tracking_uri, root / "outputs", completed)
+    return FinishedRun(tracking_uri, root / "outputs")
