@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import fcntl
 import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -175,12 +178,56 @@ def pipeline_cli(prefect_home):
     return run
 
 
+def once_per_test_run(tmp_path_factory, name: str, produce) -> Path:
+    """A folder that `produce(folder)` fills once per `make test`, whichever process asks first.
+
+    Under pytest-xdist each worker is its own session: the first worker to ask produces the
+    folder in the run's shared temporary root while the others wait on a lock, then all read it.
+    Without xdist it is an ordinary session folder.
+    """
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        produce(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / name  # shared by the workers of this run
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".complete").exists():  # absent, or left half-made by a worker that failed
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            produce(folder)
+            (folder / ".complete").touch()
+    return folder
+
+
+def notebook_task_windows(prefect_api: str, flow_run_id: str) -> dict[str, tuple[dt.datetime, dt.datetime]]:
+    """(start, end) of each notebook task run of a flow run, read from the Prefect server it used."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with SyncPrefectClient(prefect_api) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: (run.start_time, run.end_time) for run in task_runs if run.name in NOTEBOOK_STAGES}
+
+
+NOTEBOOK_STAGES = ("01_explore", "02_features", "03_train")
+
+
+@pytest.fixture(name="notebook_task_windows", scope="session")
+def notebook_task_windows_fixture():
+    """`notebook_task_windows(prefect_api, flow_run_id)`: when each notebook's task run ran."""
+    return notebook_task_windows
+
+
 @dataclass(frozen=True)
 class FinishedRun:
     """Where one finished pipeline run left its results."""
 
     tracking_uri: str
     outputs: Path
+    # (start, end) of each notebook's task run: read when the run finished, because the Prefect
+    # server it reported to belongs to the worker that made it.
+    task_windows: dict[str, tuple[dt.datetime, dt.datetime]]
 
 
 @pytest.fixture(scope="session")
@@ -188,15 +235,28 @@ def green_run(tmp_path_factory, pipeline_cli, synthetic_source, empty_tracking_s
     """One real pipeline run (CLI, SQLite MLflow, synthetic green 2023-03), as `make run` leaves it.
 
     Shared by the tests that only read its results (the browser tests, the stage overlap):
-    once per pytest process, so at most once per `make test` worker.
+    made once per `make test`, by the first worker that needs it.
     """
-    root = tmp_path_factory.mktemp("green-run")
-    shutil.copyfile(empty_tracking_store, root / "mlflow.db")
-    tracking_uri = f"sqlite:///{root / 'mlflow.db'}"
-    completed = pipeline_cli(
-        "--data-source", str(synthetic_source),
-        env={"MLFLOW_TRACKING_URI": tracking_uri, "TAXI_OUTPUTS_DIR": str(root / "outputs"),
-             "TAXI_DATA_DIR": str(root / "data"), "TAXI_OVERLAP_MAX_TRIPS": "1000000"},
+
+    def produce(root: Path) -> None:
+        shutil.copyfile(empty_tracking_store, root / "mlflow.db")
+        completed = pipeline_cli(
+            "--data-source", str(synthetic_source),
+            env={"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
+                 "TAXI_DATA_DIR": str(root / "data"), "TAXI_OVERLAP_MAX_TRIPS": "1000000"},
+        )
+        assert completed.returncode == 0, completed.stderr[-3000:]
+        (record,) = (json.loads(path.read_text()) for path in (root / "outputs").glob("green/2023-03/*/run.json"))
+        server = services.read_state("prefect")
+        assert server is not None, "the run should have started the tests' local Prefect server"
+        windows = notebook_task_windows(server["env_value"], record["prefect_flow_run_id"])
+        (root / "task-windows.json").write_text(json.dumps(
+            {stage: [start.isoformat(), end.isoformat()] for stage, (start, end) in windows.items()}))
+
+    root = once_per_test_run(tmp_path_factory, "green-run", produce)
+    windows = json.loads((root / "task-windows.json").read_text())
+    return FinishedRun(
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        outputs=root / "outputs",
+        task_windows={stage: tuple(dt.datetime.fromisoformat(moment) for moment in pair) for stage, pair in windows.items()},
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    return FinishedRun(tracking_uri, root / "outputs")

@@ -95,6 +95,16 @@ def _server_environment() -> dict[str, str]:
     return environment
 
 
+# MLflow's server also starts a job runner and about eight huey worker processes (GenAI
+# evaluation and prompt jobs) unless told not to; the pipeline submits no jobs, and the workers
+# cost about 20 s of CPU at every server start. The user's own setting wins.
+MLFLOW_SERVER_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def mlflow_server_environment() -> dict[str, str]:
+    return {**MLFLOW_SERVER_DEFAULTS, **_server_environment()}
+
+
 def prefect_service(port: int | None = None) -> Service:
     port = port or configured_port("prefect")
     folder = services_dir()
@@ -143,7 +153,7 @@ def mlflow_service(
             "--host", HOST, "--port", str(port), "--workers", str(workers),
             "--allowed-hosts", f"{HOST}:{port},localhost:{port}",
         ],
-        environment=_server_environment(),
+        environment=mlflow_server_environment(),
         health_path="/health",
         env_var="MLFLOW_TRACKING_URI",
         env_value=f"http://{HOST}:{port}",

@@ -17,6 +17,8 @@ import pytest
 import requests
 from mlflow.tracking import MlflowClient
 
+from taxi_duration import services
+
 pytestmark = pytest.mark.flow
 
 UPLOAD_PREFIX = "/api/2.0/mlflow-artifacts/artifacts/"
@@ -36,7 +38,7 @@ def mlflow_server(tmp_path):
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts")],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **services.MLFLOW_SERVER_DEFAULTS},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
@@ -50,7 +52,7 @@ def mlflow_server(tmp_path):
         os.killpg(process.pid, signal.SIGKILL)
         pytest.fail("mlflow server did not become healthy within 120 s")
     yield url
-    os.killpg(process.pid, signal.SIGTERM)  # the server and the job workers it starts
+    os.killpg(process.pid, signal.SIGTERM)  # the server and its uvicorn worker
     try:
         process.wait(timeout=30)
     except subprocess.TimeoutExpired:

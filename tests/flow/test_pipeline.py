@@ -119,10 +119,14 @@ def read_prefect_artifacts() -> list[dict]:
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
-def test_yellow_taxis_run_end_to_end_with_another_experiment(run_pipeline, synthetic_source, isolated_stores):
+def test_yellow_taxis_run_end_to_end_with_another_experiment_and_a_big_month_is_explored_first(
+    run_pipeline, synthetic_source, isolated_stores, notebook_task_windows
+):
+    # Every month counts as big here (TAXI_OVERLAP_MAX_TRIPS=0): 01_explore runs before 02_features.
     completed = run_pipeline(
         "--year", "2023", "--month", "4", "--color", "yellow",
         "--data-source", str(synthetic_source), "--experiment", "yellow-check",
+        extra_env={"TAXI_OVERLAP_MAX_TRIPS": "0"},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     client, run = _only_run(isolated_stores["tracking_uri"], "yellow-check")
@@ -139,6 +143,13 @@ def test_yellow_taxis_run_end_to_end_with_another_experiment(run_pipeline, synth
     timings = json.loads(artifacts["taxi-duration-yellow-2023-04-timings"]["data"])
     assert [row["stage"] for row in timings] == ["fetch-trip-files", *NOTEBOOKS]
     assert all(row["status"] == "COMPLETED" and row["seconds"] > 0 for row in timings)
+
+    server = services.read_state("prefect")  # the tests' local server, which the run started or reused
+    assert server is not None
+    windows = notebook_task_windows(server["env_value"], run.data.tags["prefect.flow_run_id"])
+    explore, features = windows["01_explore"], windows["02_features"]
+    assert explore[1] <= features[0], "a big month is explored before it is featurized"
+    _assert_training_waits_for_both(windows)
 
 
 @pytest.mark.parametrize(
@@ -191,36 +202,13 @@ def test_a_failing_notebook_marks_the_run_failed_and_archives_what_ran(run_pipel
     assert review.index("This notebook failed") < review.index("02 · Features")
 
 
-def _stage_windows(flow_run_id: str) -> dict[str, tuple]:
-    """(start, end) of each notebook task run, read from the local Prefect server the run used."""
-    from prefect.client.orchestration import SyncPrefectClient
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
-    server = services.read_state("prefect")
-    assert server is not None
-    with SyncPrefectClient(server["env_value"]) as client:
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: (run.start_time, run.end_time) for run in task_runs if run.name in NOTEBOOKS}
-
-
 def _assert_training_waits_for_both(windows: dict[str, tuple]) -> None:
     explore, features, train = (windows[stage] for stage in NOTEBOOKS)
     assert train[0] >= max(explore[1], features[1]), "training waits for both"
 
 
 def test_explore_runs_beside_features(green_run):
-    _, run = _only_run(green_run.tracking_uri)
-    windows = _stage_windows(run.data.tags["prefect.flow_run_id"])
+    windows = green_run.task_windows
     explore, features = windows["01_explore"], windows["02_features"]
     assert features[0] < explore[1], "02_features started while 01_explore ran"
-    _assert_training_waits_for_both(windows)
-
-
-def test_a_big_month_is_explored_before_it_is_featurized(run_pipeline, synthetic_source, isolated_stores):
-    completed = run_pipeline("--data-source", str(synthetic_source), extra_env={"TAXI_OVERLAP_MAX_TRIPS": "0"})
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    _, run = _only_run(isolated_stores["tracking_uri"])
-    windows = _stage_windows(run.data.tags["prefect.flow_run_id"])
-    explore, features = windows["01_explore"], windows["02_features"]
-    assert explore[1] <= features[0], "a big month is explored before it is featurized"
     _assert_training_waits_for_both(windows)

@@ -61,7 +61,10 @@ def _edit(notebook: Path, cell, position: int | None = None) -> None:
     nbformat.write(content, notebook)
 
 
-def test_identical_rerun_reuses_every_stage_with_identical_results(run_pipeline, source, project, isolated_stores):
+def test_reruns_reuse_what_is_unchanged_and_rerun_what_edits_new_data_or_force_touch(
+    run_pipeline, source, project, isolated_stores
+):
+    # One history of runs, as a user makes it: identical rerun, --force, an edit, new data.
     first = _runs(run_pipeline, source, project)
     second = _runs(run_pipeline, source, project)
     assert first.returncode == 0 and second.returncode == 0, second.stderr[-3000:]
@@ -89,17 +92,12 @@ def test_identical_rerun_reuses_every_stage_with_identical_results(run_pipeline,
     assert forced.returncode == 0
     forced_record = _records(isolated_stores["outputs"])[-1]
     assert set(_stage_status(forced_record).values()) == {"COMPLETED"}
-    # A forced run's fresh outputs replace the cache entries: the next rerun reuses them.
-    assert _runs(run_pipeline, source, project).returncode == 0
-    after_forced = client.get_run(_records(isolated_stores["outputs"])[-1]["mlflow_run_id"])
-    assert after_forced.data.tags["taxi.stage.03_train.reused_from_run"] == forced_record["mlflow_run_id"]
-
-
-def test_editing_a_notebook_or_replacing_data_reruns_only_what_depends_on_it(run_pipeline, source, project, isolated_stores):
-    assert _runs(run_pipeline, source, project).returncode == 0
-
+    # A forced run's fresh outputs replace the cache entries: the next rerun reuses them...
+    # ...except what an edit touches: a note in 02_features reruns it and training, not exploration.
     _edit(project / "notebooks" / "02_features.ipynb", new_markdown_cell("A note added by a reviewer."))
     assert _runs(run_pipeline, source, project).returncode == 0
+    edited = client.get_run(_records(isolated_stores["outputs"])[-1]["mlflow_run_id"])
+    assert edited.data.tags["taxi.stage.01_explore.reused_from_run"] == forced_record["mlflow_run_id"]
     assert _stage_status(_records(isolated_stores["outputs"])[-1]) == {
         "01_explore": "CACHED", "02_features": "COMPLETED", "03_train": "COMPLETED"}
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
 import nbformat
+import psutil
 import pytest
 import requests
 
@@ -87,6 +88,10 @@ def test_pipeline_on_real_mlflow_and_prefect_servers(real_servers, tmp_path, syn
         cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    # MLflow's job runner and its huey workers stay off (services.MLFLOW_SERVER_DEFAULTS): the
+    # setting MLflow reads is MLFLOW_SERVER_ENABLE_JOB_EXECUTION; a rename would bring them back.
+    server_tree = psutil.Process(real_servers["mlflow"]["pid"]).children(recursive=True)
+    assert not [child for child in server_tree if "huey" in " ".join(child.cmdline())], "MLflow started job workers"
     run_id = re.search(r"MLflow run\s+([0-9a-f]{32}) \(experiment 'real-servers', (\S+)\)", completed.stdout)
     assert run_id and run_id.group(2) == mlflow_url, completed.stdout
     run_id = run_id.group(1)

@@ -18,6 +18,8 @@ from types import ModuleType
 import pytest
 import yaml
 
+from taxi_duration.services import MLFLOW_SERVER_DEFAULTS
+
 from .test_install_path import locked_versions
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
@@ -263,6 +265,9 @@ def test_mlflow_server_uses_postgres_and_serves_s3_artifacts(services):
     assert option("--host") == "0.0.0.0"
     assert option("--workers") == "1"  # more: every keep-alive request waits 40 ms (services.py)
     assert environment(services["mlflow"])["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
+    # The same server settings as `make services` (services.MLFLOW_SERVER_DEFAULTS).
+    for key, value in MLFLOW_SERVER_DEFAULTS.items():
+        assert environment(services["mlflow"]).get(key) == value, key
 
 
 def test_mlflow_allowed_hosts_include_the_name_the_worker_uses(services):

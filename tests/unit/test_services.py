@@ -144,6 +144,16 @@ def test_the_local_mlflow_server_runs_one_worker_unless_told(services_folder, mo
     assert command[command.index("--workers") + 1] == "3"
 
 
+def test_the_local_mlflow_server_starts_no_job_workers_unless_told(services_folder, monkeypatch, tmp_path):
+    # The pipeline submits no MLflow server jobs; their huey workers would cost CPU at every start.
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    assert services.mlflow_service(port=5123, artifacts_destination=tmp_path).environment[
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
+    assert services.mlflow_service(port=5123, artifacts_destination=tmp_path).environment[
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
+
+
 @pytest.mark.parametrize("raw", ["abc", "0", "-2", "1.5"])
 def test_a_bad_mlflow_workers_knob_is_named_before_a_server_starts(raw, services_folder, monkeypatch, tmp_path):
     monkeypatch.setenv("TAXI_MLFLOW_WORKERS", raw)
