@@ -11,6 +11,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -59,21 +60,33 @@ def free_port_fixture():
     return free_port
 
 
-@pytest.fixture(scope="session", autouse=True)
-def session_services(tmp_path_factory):
-    """The tests' own local servers folder and port, never the user's `.services/` or 4200.
+SERVICE_KNOBS = ("TAXI_SERVICES_DIR", "TAXI_PREFECT_PORT", "TAXI_MLFLOW_PORT")
+_saved_service_knobs: dict[str, str | None] = {}
 
-    Pipeline runs start the persistent local Prefect server here on first use (as `make run`
-    does) and reuse it; it is stopped when the session ends.
+
+def pytest_configure(config):
+    """The tests' own local servers folder and ports, never the user's `.services/` or 4200.
+
+    Pipeline runs start the persistent local Prefect server there on first use (as `make run`
+    does) and reuse it. Under pytest-xdist the controlling process chooses them before the
+    workers start, so the workers (which inherit its environment) share one server.
     """
-    saved = {key: os.environ.get(key) for key in ("TAXI_SERVICES_DIR", "TAXI_PREFECT_PORT", "TAXI_MLFLOW_PORT")}
-    os.environ["TAXI_SERVICES_DIR"] = str(tmp_path_factory.mktemp("services"))
+    if hasattr(config, "workerinput"):
+        return  # an xdist worker: the controller has set them
+    _saved_service_knobs.update({key: os.environ.get(key) for key in SERVICE_KNOBS})
+    os.environ["TAXI_SERVICES_DIR"] = tempfile.mkdtemp(prefix="taxi-test-services-")
     os.environ["TAXI_PREFECT_PORT"] = str(free_port())
     os.environ["TAXI_MLFLOW_PORT"] = str(free_port())
-    yield Path(os.environ["TAXI_SERVICES_DIR"])
+
+
+def pytest_unconfigure(config):
+    """The controller stops the servers once every worker is done, and forgets the folder."""
+    if hasattr(config, "workerinput") or not _saved_service_knobs:
+        return
     for name in services.SERVICE_FACTORIES:
         services.stop(name)
-    for key, value in saved.items():
+    shutil.rmtree(os.environ["TAXI_SERVICES_DIR"], ignore_errors=True)
+    for key, value in _saved_service_knobs.items():
         if value is None:
             os.environ.pop(key, None)
         else:

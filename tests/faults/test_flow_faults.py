@@ -124,9 +124,13 @@ def test_after_sigkill_the_next_start_marks_the_orphaned_run_killed(
               60, "orphaned notebook processes to exit")
     assert not _processes_with(marker, "uvicorn"), "a Prefect API server of the killed run is still running"
 
-    follow_up = _start(isolated_stores, prefect_home, synthetic_source, None)
+    # Any next start marks it, before it looks for its data: here one whose source folder is
+    # empty, so it fails at once instead of training a model nobody reads.
+    empty_source = isolated_stores["outputs"].parent / "empty-source"
+    empty_source.mkdir()
+    follow_up = _start(isolated_stores, prefect_home, empty_source, None)
     stdout, stderr = follow_up.communicate(timeout=900)
-    assert follow_up.returncode == 0, stderr[-3000:]
+    assert follow_up.returncode == 1 and "no green trip file for 2023-03" in stderr, stderr[-3000:]
     assert f"MLflow run {orphan} was left RUNNING" in stdout + stderr
     client, _ = _runs(isolated_stores["tracking_uri"])
     killed = client.get_run(orphan)

@@ -27,7 +27,7 @@ DASK_ROW = re.compile(r"^(?P<month>\d{4}-\d\d)\s+FINISHED\s+[\d.]+\s+.*?(?P<addr
 
 @pytest.fixture(scope="module")
 def prefect_server() -> str:
-    """The API URL of the session's local Prefect server (stopped by `session_services` at the end)."""
+    """The API URL of the session's local Prefect server (stopped when `make test` ends: tests/conftest.py)."""
     return services.ensure_prefect_server()
 
 
