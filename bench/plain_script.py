@@ -37,7 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", default="plain-script", help="MLflow experiment (default plain-script)")
     parser.add_argument("--pause-gc", action="store_true",
                         help="pause the garbage collector during the imports and skip its final scan at exit, "
-                             "as the pipeline's processes do (taxi_duration.startup)")
+                             "as the pipeline's processes do (taxi_duration.fast_start)")
     args = parser.parse_args(argv)
     if not 1 <= args.month <= 12:
         parser.error(f"--month must be 1-12, got {args.month}")
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         timings[step] = now - started
         started = now
 
-    from taxi_duration.startup import imports_without_gc
+    from taxi_duration.fast_start import imports_without_gc
 
     with imports_without_gc() if args.pause_gc else contextlib.nullcontext():
         import mlflow
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {step:<16} {seconds:7.2f} s")
     print(f"  {'total':<16} {sum(timings.values()):7.2f} s")
     if args.pause_gc:
-        from taxi_duration.startup import exit_without_final_collection
+        from taxi_duration.fast_start import exit_without_final_collection
 
         exit_without_final_collection()
     return 0

@@ -498,7 +498,7 @@ def render_markdown(header: dict[str, object], rows: list[dict[str, object]], rm
     lines += [
         "",
         "plain: bench/plain_script.py. plain, GC paused: the same with `--pause-gc`, the garbage-collector "
-        "pause the pipeline's own processes use (taxi_duration.startup); the targets are against plain, the last "
+        "pause the pipeline's own processes use (taxi_duration.fast_start); the targets are against plain, the last "
         "ratio shows what the pipeline costs against a script that uses the same trick. "
         "cold: the pipeline, nothing cached, local Prefect server already running. "
         "servers: with `make services` (MLflow server + Prefect server). rerun: cold again, every stage reused. "

@@ -10,7 +10,7 @@ folder all inside that temporary folder (the project's own are left alone; Prefe
 ephemeral server).
 
 Memory: the pipeline's process tree is sampled every --interval seconds with psutil. Each
-notebook runs in a papermill child process (`python -m taxi_duration.notebooks <notebook>`)
+notebook runs in a papermill child process (`python -m taxi_duration.runner.child <notebook>`)
 whose kernel is that child's child; both are attributed to the notebook's stage. A process's
 peak is its kernel-kept high-water mark (VmHWM in /proc/<pid>/status, so Linux only), read
 at every sample: a peak is missed only if it falls within the process's last sample
@@ -87,10 +87,10 @@ def high_water_mark(process: psutil.Process) -> int:
 
 
 def notebook_stage(command: list[str]) -> str | None:
-    """The stage a papermill runner executes, from `python -m taxi_duration.notebooks <notebook> ...`."""
-    if "taxi_duration.notebooks" not in command:
+    """The stage a papermill runner executes, from `python -m taxi_duration.runner.child <notebook> ...`."""
+    if "taxi_duration.runner.child" not in command:
         return None
-    notebook = command[command.index("taxi_duration.notebooks") + 1]
+    notebook = command[command.index("taxi_duration.runner.child") + 1]
     return Path(notebook).stem
 
 

@@ -1,107 +1,15 @@
-"""Serve the pipeline as a scheduled Prefect deployment from this process.
+"""Serve the pipeline as a scheduled Prefect deployment from this process (`make serve`).
 
     python flows/serve.py [--cron "0 6 3 * *"] [--name monthly]
 
-Registers the deployment `nyc-taxi-duration/<name>` with the Prefect API and executes its
-runs here until interrupted (Ctrl-C pauses the schedule). Scheduled runs pass no YEAR or
-MONTH, so each trains on the newest month TLC has published (taxi_duration.schedule).
-Serving needs a Prefect server that outlives this process, for the schedule and for
-`prefect deployment run` from another terminal: PREFECT_API_URL, else the project's local
-server (`make services`, or started here on first use).
+Defined in taxi_duration.orchestration.serve.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import sys
-from typing import TYPE_CHECKING
 
-from taxi_duration import services, settings
-
-# Before Prefect is imported: Prefect reads its settings (telemetry included) at import.
-settings.apply_environment_defaults()
-services.adopt_running_services()  # `make services` wrote where its servers are
-
-from taxi_duration.schedule import (  # noqa: E402
-    DEPLOYMENT_DESCRIPTION,
-    DEPLOYMENT_NAME,
-    DEPLOYMENT_TAGS,
-    MONTHLY_CRON,
-    SCHEDULE_TIMEZONE,
-    deployment_parameters,
-)
-
-if TYPE_CHECKING:
-    from prefect import Flow
-    from prefect.deployments.runner import RunnerDeployment
-
-FLOW_FUNCTION = "taxi_duration_pipeline"
-
-
-def flow_entrypoint() -> str:
-    """`<project>/flows/pipeline.py:taxi_duration_pipeline`, wherever the command runs from."""
-    return f"{settings.project_dir() / 'flows' / 'pipeline.py'}:{FLOW_FUNCTION}"
-
-
-def load_pipeline_flow() -> Flow:
-    """The pipeline flow, loaded the way Prefect loads an entrypoint (flows/ is no package).
-
-    No placeholder fallback: a flow file that fails to import must fail here, loudly,
-    rather than be served as a stub that fails at every scheduled run.
-    """
-    from prefect.flows import load_flow_from_entrypoint
-
-    return load_flow_from_entrypoint(flow_entrypoint(), use_placeholder_flow=False)
-
-
-def build_deployment(name: str = DEPLOYMENT_NAME, cron: str = MONTHLY_CRON) -> RunnerDeployment:
-    """The deployment `nyc-taxi-duration/<name>` on `cron` (UTC); nothing is registered or run.
-
-    Prefect records the entrypoint relative to the current directory, and served runs
-    execute from it; main() therefore changes to the project folder first.
-    """
-    from prefect.schedules import Cron
-
-    pipeline = load_pipeline_flow()
-    return pipeline.to_deployment(
-        name=name,
-        schedule=Cron(cron, timezone=SCHEDULE_TIMEZONE),
-        parameters=deployment_parameters(),
-        description=DEPLOYMENT_DESCRIPTION,
-        tags=list(DEPLOYMENT_TAGS),
-    )
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cron", default=MONTHLY_CRON, help=f"cron schedule in UTC (default {MONTHLY_CRON!r})")
-    parser.add_argument("--name", default=DEPLOYMENT_NAME, help=f"deployment name (default {DEPLOYMENT_NAME!r})")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    # Same working directory as prefect.yaml's pull step: entrypoint flows/pipeline.py.
-    os.chdir(settings.project_dir())
-    try:
-        deployment = build_deployment(name=args.name, cron=args.cron)
-    except ValueError as error:  # a malformed cron or name, reported by Prefect
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-    from prefect import serve
-
-    try:
-        with services.prefect_api_for_run() as prefect_api:
-            if prefect_api:
-                print(f"Prefect UI: {prefect_api.removesuffix('/api')}/deployments")
-            serve(deployment)
-    except services.ServiceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
-
+from taxi_duration.orchestration.serve import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,19 +1,11 @@
-"""The pipeline's notebook stages: their cache keys, and their runners started ahead.
-
-No Prefect and no MLflow here, on purpose: the command line (flows/pipeline.py) starts the
-stages' kernels with this module *before* it imports Prefect and MLflow. Those imports
-take about 1.4 s of one core on a 2-core machine; the kernels boot and import on the other
-core meanwhile, and the flow takes the runners over when it reaches them (`runners_for`).
-"""
+"""The pipeline's notebook stages: their names, cache keys, and runners started ahead of their turn."""
 
 from __future__ import annotations
 
-import atexit
-import threading
 from pathlib import Path
 from typing import Any
 
-from taxi_duration import data, notebooks, settings, stagecache
+from taxi_duration import runner, settings, stagecache
 from taxi_duration.periods import PipelineParams
 
 STAGES = ("01_explore", "02_features", "03_train")
@@ -26,7 +18,7 @@ KERNEL_PRELOAD = {
                  "sklearn.metrics", "xgboost", "mlflow", "mlflow.models", "mlflow.xgboost"),
 }
 
-Runners = dict[str, notebooks.PreparedRunner]
+Runners = dict[str, runner.PreparedRunner]
 
 
 def training_parameters(tracking_uri: str, experiment_name: str, registered_model: str | None) -> dict[str, Any]:
@@ -54,30 +46,17 @@ def stage_keys(params: PipelineParams, trip_files: dict[str, str], training: dic
     return keys
 
 
-def prepare_runners(params: PipelineParams, source: data.TripSource, training: dict[str, Any], force: bool) -> Runners:
-    """Runners for the stages that will execute, started now; none unless the month is small.
+def start_runners(to_execute: tuple[str, ...] | list[str]) -> Runners:
+    """Runners for the stages that will execute, started now: their kernels boot and import meanwhile.
 
-    Only when both months' files are already local (their digests give the stage keys, so
-    reused stages get no kernel) and the training month is small enough for its kernels to
-    run side by side (settings.overlap_max_trips); otherwise each stage starts its own.
+    The flow starts them only for a month whose files are local and small enough for its
+    kernels to run side by side (taxi_duration.orchestration.pipeline); otherwise each stage
+    starts its own when its turn comes.
     """
-    files = {month.label(): source.local_copy(params.color, month) for month in (params.train_month, params.validation_month)}
-    if None in files.values():
-        return {}
-    try:
-        if data.trip_count(files[params.train_month.label()]) > settings.overlap_max_trips():
-            return {}
-        keys = stage_keys(params, {label: str(path) for label, path in files.items()}, training)
-    except Exception:  # noqa: BLE001 - fetch-trip-files validates the files and says what is wrong
-        return {}
-    cache = stagecache.StageCache(settings.stage_cache_dir())
     runners: Runners = {}
     try:
-        for stage in STAGES:
-            if force or cache.lookup(stage, keys[stage]) is None:
-                runners[stage] = notebooks.PreparedRunner(
-                    settings.notebooks_dir() / f"{stage}.ipynb", preload=KERNEL_PRELOAD[stage]
-                )
+        for stage in to_execute:
+            runners[stage] = runner.PreparedRunner(settings.notebooks_dir() / f"{stage}.ipynb", preload=KERNEL_PRELOAD[stage])
     except BaseException:
         close_runners(runners)
         raise
@@ -86,62 +65,5 @@ def prepare_runners(params: PipelineParams, source: data.TripSource, training: d
 
 def close_runners(runners: Runners) -> None:
     """Close every runner (stopping its child and kernel if they still run)."""
-    for runner in runners.values():
-        runner.close()
-
-
-# Runners the command line started before the flow existed, with what they were started for.
-_ahead: tuple[tuple, Runners] | None = None
-_ahead_lock = threading.Lock()
-
-
-def _inputs(params: PipelineParams, source: data.TripSource, training: dict[str, Any], force: bool) -> tuple:
-    """What decides which runners a run needs: runners started for other inputs are not used."""
-    return (params, source.location, str(source.cache_dir), tuple(sorted(training.items())), force,
-            str(settings.stage_cache_dir()), settings.overlap_max_trips())
-
-
-def _take_ahead() -> tuple[tuple, Runners] | None:
-    """The runners started ahead (with their inputs), now no longer kept here; None if none."""
-    global _ahead
-    with _ahead_lock:
-        ahead, _ahead = _ahead, None
-    return ahead
-
-
-def start_runners_ahead(params: PipelineParams, source: data.TripSource, training: dict[str, Any], force: bool) -> None:
-    """Start the runners a run with these inputs will need, for `runners_for` to hand over.
-
-    Those not taken over are closed at exit at the latest (and a runner stops by itself when
-    this process is gone).
-    """
-    global _ahead
-    close_runners_ahead()
-    runners = prepare_runners(params, source, training, force)
-    with _ahead_lock:
-        _ahead = (_inputs(params, source, training, force), runners)
-
-
-def runners_for(params: PipelineParams, source: data.TripSource, training: dict[str, Any], force: bool) -> Runners:
-    """The runners for a run: those started ahead for exactly these inputs, else new ones.
-
-    Runners started ahead for other inputs (the flow's parameters differ from what the command
-    line foresaw) are closed: a runner serves only the notebook and inputs it was started for.
-    """
-    ahead = _take_ahead()
-    if ahead is not None:
-        inputs, runners = ahead
-        if inputs == _inputs(params, source, training, force):
-            return runners
-        close_runners(runners)
-    return prepare_runners(params, source, training, force)
-
-
-def close_runners_ahead() -> None:
-    """Close the runners started ahead that no run took over."""
-    ahead = _take_ahead()
-    if ahead is not None:
-        close_runners(ahead[1])
-
-
-atexit.register(close_runners_ahead)
+    for prepared in runners.values():
+        prepared.close()

@@ -40,11 +40,10 @@ from taxi_duration.data import (
     TripFileInvalid,
     TripFileNotFound,
     TripSource,
-    download_file,
     read_trips,
-    retry_delays,
     validate_trip_file,
 )
+from taxi_duration.download import download_file, retry_delays
 from taxi_duration.synthetic import generate_trips_table
 
 FAST = {"timeout_seconds": 5, "backoff_seconds": 0.001}
@@ -189,7 +188,7 @@ def test_nothing_listening_is_retried_then_reported(tmp_path, monkeypatch):
 def test_waits_double_between_attempts(tmp_path, fault_server, caplog):
     fault_server.script(PATH, status(503))
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="taxi_duration.data"), pytest.raises(TripDownloadError):
+    with caplog.at_level(logging.WARNING, logger="taxi_duration.download"), pytest.raises(TripDownloadError):
         fetch(fault_server, tmp_path / "cache", attempts=4, backoff_seconds=0.02)
     elapsed = time.monotonic() - started
 
@@ -211,7 +210,7 @@ def test_failed_download_leaves_an_existing_destination_as_it_was(tmp_path, faul
 
 
 def test_download_error_is_a_trip_data_error_so_the_flow_does_not_retry_it_again():
-    # flows/pipeline.py's fetch task skips its own retries for TripDataError.
+    # The fetch task (taxi_duration.orchestration.stage) skips its own retries for TripDataError.
     assert issubclass(TripDownloadError, TripDataError)
     assert not issubclass(TripDownloadError, TripFileNotFound)
 

@@ -120,7 +120,7 @@ def test_after_sigkill_the_next_start_marks_the_orphaned_run_killed(
     # persistent local Prefect server (shared by design, started without this run's
     # settings), so no temporary API server is left orphaned either.
     marker = str(isolated_stores["outputs"])
-    _wait_for(lambda: not (_processes_with(marker, "taxi_duration.notebooks") or _processes_with(marker, "ipykernel")),
+    _wait_for(lambda: not (_processes_with(marker, "taxi_duration.runner.child") or _processes_with(marker, "ipykernel")),
               60, "orphaned notebook processes to exit")
     assert not _processes_with(marker, "uvicorn"), "a Prefect API server of the killed run is still running"
 
@@ -233,7 +233,7 @@ def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthet
     review = next(isolated_stores["outputs"].glob("green/2023-03/*/01_explore.review.html")).read_text()
     assert "This notebook failed" in review
     marker = str(isolated_stores["outputs"])
-    assert not (_processes_with(marker, "ipykernel") or _processes_with(marker, "taxi_duration.notebooks"))
+    assert not (_processes_with(marker, "ipykernel") or _processes_with(marker, "taxi_duration.runner.child"))
     if extra_env:
         assert time.monotonic() - started < int(extra_env["TAXI_NOTEBOOK_TIMEOUT"]) + 120, "the timeout bounds the run"
 

@@ -26,8 +26,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from taxi_duration import notebooks
-from taxi_duration.notebooks import NotebookExecutionError, NotebookParameterError, execute_notebook
+from taxi_duration import runner as notebook_runner
+from taxi_duration.runner import NotebookExecutionError, NotebookParameterError, execute_notebook
 
 pytestmark = pytest.mark.notebooks
 FIXTURES = Path(__file__).parent / "notebooks"
@@ -77,7 +77,7 @@ class FaultRun:
         self.pid_file = folder / "pids.txt"
         self.started_at = time.monotonic()
 
-    def __call__(self, name: str, timeout: float = TIMEOUT, **parameters) -> notebooks.NotebookResult:
+    def __call__(self, name: str, timeout: float = TIMEOUT, **parameters) -> notebook_runner.NotebookResult:
         """execute_notebook on fixture `name`; `retries_on_kernel_death` is passed on, the rest are parameters."""
         options = {key: parameters.pop(key) for key in ["retries_on_kernel_death"] if key in parameters}
         return execute_notebook(
@@ -261,7 +261,7 @@ def test_a_runner_killed_outright_leaves_no_kernel_nor_what_the_kernel_started(r
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
 
-    monkeypatch.setattr(notebooks, "_stop", kill_outright)
+    monkeypatch.setattr(notebook_runner.parent, "stop_child", kill_outright)
     started = time.monotonic()
     error = run.fails("sleeps_forever", timeout=SHORT_TIMEOUT, spawn_child=True)
 
@@ -279,7 +279,7 @@ CALLER = """
 import sys
 from pathlib import Path
 
-from taxi_duration.notebooks import execute_notebook
+from taxi_duration.runner import execute_notebook
 
 notebook, executed, pid_file = sys.argv[1:]
 execute_notebook(Path(notebook), Path(executed), {"pid_file": pid_file, "spawn_child": True}, 600)
@@ -304,7 +304,7 @@ def test_when_the_caller_dies_the_runner_stops_its_kernel(run):
 
     stopped = time.monotonic()
     while any(_is_running(*process) for process in run.kernels()) or _marked_processes(run.marker):
-        assert time.monotonic() - stopped < notebooks.STOP_GRACE_SECONDS + 10, "the runner outlived its caller"
+        assert time.monotonic() - stopped < notebook_runner.STOP_GRACE_SECONDS + 10, "the runner outlived its caller"
         time.sleep(0.2)
 
 

@@ -14,12 +14,13 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import services
+from taxi_duration import run_servers, services
 
 pytestmark = pytest.mark.flow
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 FLOWS_DIR = PROJECT_DIR / "flows"
+SRC_DIR = PROJECT_DIR / "src"  # where the editable install finds the package
 BACKFILL_TIMEOUT = 1800
 # A table row of a month run on Dask: month, status, RMSE, reused stages, worker, MLflow run id.
 DASK_ROW = re.compile(r"^(?P<month>\d{4}-\d\d)\s+FINISHED\s+[\d.]+\s+.*?(?P<address>tcp://[\d.:]+) pid (?P<pid>\d+)\s+(?P<run>[0-9a-f]{32})$")
@@ -28,7 +29,7 @@ DASK_ROW = re.compile(r"^(?P<month>\d{4}-\d\d)\s+FINISHED\s+[\d.]+\s+.*?(?P<addr
 @pytest.fixture(scope="module")
 def prefect_server() -> str:
     """The API URL of the session's local Prefect server (stopped when `make test` ends: tests/conftest.py)."""
-    return services.ensure_prefect_server()
+    return run_servers.ensure_prefect_server()
 
 
 def _start_backfill(prefect_home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -105,9 +106,7 @@ def test_dask_address_sends_months_to_that_schedulers_workers(
     tmp_path, isolated_stores, synthetic_source, prefect_server, monkeypatch
 ):
     distributed = pytest.importorskip("distributed")
-    # What a worker elsewhere needs too: flows/ importable. Workers spawned from this process
-    # get its sys.path, and its environment (the isolated stores) as it is now.
-    monkeypatch.syspath_prepend(str(FLOWS_DIR))
+    # Workers spawned from this process get its environment (the isolated stores) as it is now.
     with distributed.LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, memory_limit=0, dashboard_address="127.0.0.1:0"
     ) as cluster:
@@ -173,8 +172,9 @@ def test_workers_that_cannot_import_the_pipeline_are_named(
     tmp_path, isolated_stores, synthetic_source, prefect_server, monkeypatch
 ):
     distributed = pytest.importorskip("distributed")
-    # Workers spawned from here get this sys.path: without flows/ they cannot import `pipeline`.
-    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry and Path(entry).resolve() != FLOWS_DIR])
+    # Workers spawned from here get this sys.path: without src/ they cannot import the project,
+    # as on a machine where it is not installed.
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry and Path(entry).resolve() != SRC_DIR])
     with distributed.LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, memory_limit=0, dashboard_address="127.0.0.1:0"
     ) as cluster:
@@ -186,4 +186,4 @@ def test_workers_that_cannot_import_the_pipeline_are_named(
         _, stderr = _finish(process, timeout=300)
     assert process.returncode == 1
     assert f"Dask workers at {cluster.scheduler_address} cannot import the pipeline flow" in stderr
-    assert f"{worker}: ModuleNotFoundError: No module named 'pipeline'" in stderr
+    assert f"{worker}: ModuleNotFoundError: No module named 'taxi_duration'" in stderr

@@ -30,7 +30,6 @@ from prefect.utilities.callables import parameter_schema  # noqa: E402
 from prefect.utilities.schema_tools.validation import ValidationError, validate  # noqa: E402
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
-SERVE_PY = PROJECT_DIR / "flows" / "serve.py"
 PREFECT_YAML = PROJECT_DIR / "prefect.yaml"
 FLOW_PARAMETERS = ["year", "month", "color", "data_source", "experiment", "force"]
 GOOD_OVERRIDES = [
@@ -42,10 +41,11 @@ BAD_OVERRIDES = [{"month": "x"}, {"year": 2023.5}, {"force": "yes"}, {"color": 3
 
 
 @pytest.fixture(scope="module")
-def serve_module(script_as_module):
-    """flows/serve.py as a module, imported without serving."""
-    with script_as_module(SERVE_PY, "taxi_serve_under_test") as module:
-        yield module
+def serve_module():
+    """What flows/serve.py runs (taxi_duration.orchestration.serve), imported without serving."""
+    from taxi_duration.orchestration import serve
+
+    return serve
 
 
 @pytest.fixture(scope="module")

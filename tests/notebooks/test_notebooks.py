@@ -10,7 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from taxi_duration import runfiles, settings, tracking
-from taxi_duration.notebooks import NotebookExecutionError, execute_notebook
+from taxi_duration.runner import NotebookExecutionError, execute_notebook
 
 pytestmark = pytest.mark.notebooks
 INLINE_PNG = re.compile(r'<img [^>]*src="data:image/png;base64,')

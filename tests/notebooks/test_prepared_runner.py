@@ -1,4 +1,4 @@
-"""Runners started ahead of their notebook (notebooks.PreparedRunner): what the kernel preloads,
+"""Runners started ahead of their notebook (taxi_duration.runner.PreparedRunner): what the kernel preloads,
 that it leaves no trace in the notebook, and that nothing outlives a runner nobody used."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import nbformat
 import psutil
 import pytest
 
-from taxi_duration import notebooks
-from taxi_duration.notebooks import NotebookExecutionError, PreparedRunner, execute_notebook
+from taxi_duration import runner as notebook_runner
+from taxi_duration.runner import NotebookExecutionError, PreparedRunner, execute_notebook
 
 TIMEOUT = 120
 # Standard-library modules neither Python's start-up nor ipykernel imports.
@@ -142,7 +142,7 @@ def test_notebook_imports_reads_top_level_imports_and_skips_magics(tmp_path):
         "from __future__ import annotations\nfrom typing import *",
         "this is not python(",
     )
-    assert notebooks.notebook_imports(notebook) == [
+    assert notebook_runner.notebook_imports(notebook) == [
         "os.path", "json", "collections", "collections.abc", "collections.OrderedDict", "typing",
     ]
 
@@ -157,20 +157,17 @@ def test_a_module_that_kills_the_kernel_on_import_is_reported_as_a_kernel_death_
     assert "the kernel died" in str(raised.value)
 
 
-@pytest.mark.parametrize("pidfd", [True, False], ids=["pidfd", "polling"])
-def test_waiting_for_a_runner_notices_its_exit_and_its_deadline(pidfd, monkeypatch):
-    if not pidfd:
-        monkeypatch.delattr(notebooks.os, "pidfd_open", raising=False)
+def test_waiting_for_a_runner_notices_its_exit_and_its_deadline():
     quick = subprocess.Popen([sys.executable, "-c", "pass"])
-    assert notebooks._wait_unless_stopped(quick, time.monotonic() + 60, None) is True
+    assert notebook_runner.parent._wait_unless_stopped(quick, time.monotonic() + 60, None) is True
     assert quick.returncode == 0
     slow = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        assert notebooks._wait_unless_stopped(slow, time.monotonic() + 0.3, None) is False
+        assert notebook_runner.parent._wait_unless_stopped(slow, time.monotonic() + 0.3, None) is False
         stop = threading.Event()
         stop.set()
-        with pytest.raises(notebooks.NotebookStopped):
-            notebooks._wait_unless_stopped(slow, time.monotonic() + 60, stop)
+        with pytest.raises(notebook_runner.NotebookStopped):
+            notebook_runner.parent._wait_unless_stopped(slow, time.monotonic() + 60, stop)
     finally:
         slow.kill()
         slow.wait()

@@ -18,7 +18,6 @@ from taxi_duration.data import (
     TripFileNotFound,
     TripSource,
     check_source_location,
-    download_file,
     normalize_trips,
     read_trips,
     required_columns,
@@ -27,6 +26,7 @@ from taxi_duration.data import (
     trip_source,
     validate_trip_file,
 )
+from taxi_duration.download import download_file
 from taxi_duration.periods import Month
 from taxi_duration.synthetic import generate_trips_table, write_trip_file
 

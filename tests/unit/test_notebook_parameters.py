@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from taxi_duration.notebooks import NotebookParameterError, check_parameters, declared_parameters
+from taxi_duration.runner import NotebookParameterError, check_parameters, declared_parameters
 
 NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 EXPLORE = NOTEBOOKS / "01_explore.ipynb"

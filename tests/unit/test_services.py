@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from taxi_duration import services, settings
+from taxi_duration import run_servers, services, settings
 
 
 def free_port() -> int:
@@ -56,9 +56,9 @@ def test_start_records_the_server_and_the_variables_a_run_picks_up(services_fold
         assert state["port"] == port and services.read_state("mlflow")["pid"] == state["pid"]
         assert (services_folder / "services.env").read_text() == f"MLFLOW_TRACKING_URI=http://127.0.0.1:{port}\n"
         environ: dict[str, str] = {}
-        assert services.adopt_running_services(environ) == {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+        assert run_servers.adopt_running_services(environ) == {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
         chosen = {"MLFLOW_TRACKING_URI": "http://elsewhere:5000"}
-        assert services.adopt_running_services(chosen) == {} and chosen["MLFLOW_TRACKING_URI"] == "http://elsewhere:5000"
+        assert run_servers.adopt_running_services(chosen) == {} and chosen["MLFLOW_TRACKING_URI"] == "http://elsewhere:5000"
         again = services.start(stand_in("mlflow", port), timeout_seconds=30)
         assert again["pid"] == state["pid"], "a healthy running server is reused, not started twice"
     finally:
@@ -111,7 +111,7 @@ def test_a_stale_state_file_of_a_dead_process_is_ignored(services_folder):
         f'"env_value": "http://127.0.0.1:1/api", "log": "x"}}'
     )
     assert services.read_state("prefect") is None
-    assert services.running_environment() == {}
+    assert run_servers.running_environment() == {}
 
 
 def test_the_server_does_not_inherit_the_starting_runs_settings(services_folder, monkeypatch):
@@ -203,8 +203,8 @@ def test_command_line_runs_send_no_flow_heartbeats_unless_configured(configured,
         env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] = configured
     code = (
         "from prefect.settings import get_current_settings\n"
-        "from taxi_duration import services\n"
-        "with services.without_flow_heartbeats():\n"
+        "from taxi_duration import run_servers\n"
+        "with run_servers.without_flow_heartbeats():\n"
         "    print(get_current_settings().flows.heartbeat_frequency)\n"
         "print(get_current_settings().flows.heartbeat_frequency)\n"
     )

@@ -1,0 +1,74 @@
+"""The pipeline's command line: `python flows/pipeline.py --year 2023 --month 3 [...]` (`make run`).
+
+The arguments are resolved and checked once (orchestration.request.resolve_request), and that
+RunRequest is what the flow runs. Bad input is refused (exit 2) before Prefect starts anything
+or MLflow records a run; an unreachable tracking server or Prefect server exits 1 with one line
+that says so; a failed run exits 1 after the flow has recorded what happened.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from taxi_duration import data, run_servers, services, settings, tracking
+from taxi_duration.orchestration.pipeline import run_resolved
+from taxi_duration.orchestration.report import format_summary
+from taxi_duration.orchestration.request import resolve_request
+from taxi_duration.periods import InvalidParameterError
+
+DESCRIPTION = "The pipeline flow: fetch the data, then execute 01_explore, 02_features and 03_train."
+USAGE_EXAMPLE = ("python flows/pipeline.py --year 2023 --month 3 [--color green] [--data-source URL|DIR] "
+                 "[--experiment NAME]")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=DESCRIPTION, epilog=USAGE_EXAMPLE)
+    parser.add_argument("--year", default="2023", help="training year (default 2023)")
+    parser.add_argument("--month", default="3", help="training month 1-12 (default 3); validation is the next month")
+    parser.add_argument("--color", default="green", help="green (default) or yellow")
+    parser.add_argument("--data-source", help="URL prefix or folder of trip files (default $TAXI_DATA_SOURCE, else TLC)")
+    parser.add_argument("--experiment", help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else nyc-taxi-duration)")
+    parser.add_argument("--latest", action="store_true", help="train on the newest month whose data and next month are published")
+    parser.add_argument("--force", action="store_true", help="rerun every stage, even those whose inputs have not changed")
+    return parser.parse_args(argv)
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    # Prefect turns SIGTERM during a flow run into TerminationSignal, then re-sends it to the
+    # previous handler. Python's default would end the process on the spot, skipping atexit,
+    # and leave Prefect's temporary API server running; a SystemExit unwinds normally.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    args = parse_args(argv)
+    try:
+        request = resolve_request(
+            None if args.latest else args.year, None if args.latest else args.month, args.color,
+            args.data_source, args.experiment, args.force,
+        )
+        settings.prefect_server_mode()
+    except (InvalidParameterError, data.TripDataError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        tracking.check_reachable(request.tracking_uri)
+    except tracking.TrackingUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    try:
+        with run_servers.prefect_api_for_run() as prefect_api, run_servers.without_flow_heartbeats():
+            result = run_resolved(request)
+    except services.ServiceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except Exception as error:
+        print(f"\nPipeline failed: {error}", file=sys.stderr)
+        return 1
+    print(format_summary(result))
+    if prefect_api:
+        print(f"  Prefect flow run  {prefect_api.removesuffix('/api')}/runs/flow-run/{result['prefect_flow_run_id']}")
+    return 0

@@ -1,0 +1,127 @@
+"""What a pipeline run leaves for people: run.json and the gallery row, Prefect artifacts, closing lines."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taxi_duration import gallery, settings, tracking
+from taxi_duration.orchestration.request import STAGES, RunRequest
+from taxi_duration.orchestration.stage import RunContext, StageOutcome
+
+SUMMARY_METRICS = ("train_nnz", "val_nnz", "n_features", "train_rows", "val_rows", "rmse")
+
+
+@dataclass(frozen=True)
+class RunEnding:
+    """How a run ended, as far as it got: what the gallery, the artifacts and the summary show."""
+
+    status: str  # FINISHED, FAILED or KILLED
+    error: BaseException | None
+    outcomes: dict[str, StageOutcome]  # the stages that ended, in pipeline order
+    timings: list[dict[str, Any]]  # stage, status (COMPLETED, CACHED, FAILED), seconds
+
+
+def report_run(request: RunRequest, context: RunContext, started: dt.datetime, flow_run_id: str,
+               ending: RunEnding) -> Path:
+    """Record the run, rebuild the gallery, publish Prefect artifacts; the gallery's path.
+
+    Runs on the way out of a failing flow too, so it must not replace the real error with
+    its own: a reporting problem is printed, and the run's own outcome stands.
+    """
+    gallery_path = settings.outputs_dir() / gallery.GALLERY
+    try:
+        record = run_record(request, context, started, flow_run_id, ending)
+        gallery.write_run_record(context.run_dir, record)
+        gallery_path = gallery.build_gallery(settings.outputs_dir())
+        publish_prefect_artifacts(record, context.run_dir, gallery_path)
+    except Exception as problem:  # noqa: BLE001 - reporting must not mask the pipeline's result
+        print(f"warning: could not record the run in the gallery or Prefect artifacts: {problem!r}")
+    return gallery_path
+
+
+def run_record(request: RunRequest, context: RunContext, started: dt.datetime, flow_run_id: str,
+               ending: RunEnding) -> dict[str, Any]:
+    """What the gallery shows of one run; written into the run folder as run.json."""
+    params = request.params
+    finished = dt.datetime.now(dt.timezone.utc)
+    experiment_id = tracking.experiment_id_of(context.tracking_uri, context.run_id)
+    training = ending.outcomes.get("03_train")
+    metrics = training.manifest.get("metrics", {}) if training else {}
+    stage_rows = []
+    for timing in ending.timings:
+        entry = dict(timing)
+        if timing["stage"] in STAGES:
+            for key, suffix in (("full_report", ".html"), ("review_report", ".review.html")):
+                entry[key] = f"{timing['stage']}{suffix}"
+        stage_rows.append(entry)
+    return {
+        "color": params.color,
+        "train_month": params.train_month.label(),
+        "validation_month": params.validation_month.label(),
+        "status": ending.status,
+        "error": None if ending.error is None else (str(ending.error) or type(ending.error).__name__),
+        "started": started.isoformat(),
+        "finished": finished.isoformat(),
+        "seconds": round((finished - started).total_seconds(), 1),
+        "rmse": metrics.get("rmse"),
+        "baseline_rmse": metrics.get("baseline_rmse"),
+        "mlflow_run_id": context.run_id,
+        "experiment": request.experiment,
+        "experiment_id": experiment_id,
+        "tracking_uri": context.tracking_uri,
+        "mlflow_url": gallery.mlflow_run_url(context.tracking_uri, experiment_id, context.run_id),
+        "prefect_flow_run_id": flow_run_id,
+        "stages": stage_rows,
+    }
+
+
+def publish_prefect_artifacts(record: dict[str, Any], run_dir: Path, gallery_path: Path) -> None:
+    """A metrics summary (markdown) and the stage timings (table), shown in the Prefect UI."""
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    key = f"taxi-duration-{record['color']}-{record['train_month']}"
+    rmse = "n/a" if record["rmse"] is None else f"{record['rmse']:.3f}"
+    baseline = "n/a" if record["baseline_rmse"] is None else f"{record['baseline_rmse']:.3f}"
+    reports = "\n".join(
+        f"- {stage['stage']}: `{run_dir / stage['review_report']}` (full: `{stage['full_report']}`)"
+        for stage in record["stages"] if "review_report" in stage
+    )
+    markdown = (
+        f"# {record['color']} taxis, {record['train_month']} → {record['validation_month']}: {record['status']}\n\n"
+        f"| metric | value |\n|---|---|\n| validation RMSE (min) | {rmse} |\n| baseline RMSE (min) | {baseline} |\n"
+        f"| MLflow run | `{record['mlflow_run_id']}` ({record['experiment']}) |\n| duration | {record['seconds']} s |\n\n"
+        + (f"**Error:** {record['error']}\n\n" if record["error"] else "")
+        + f"## Reports\n{reports}\n\nAll runs: `{gallery_path}`\n"
+    )
+    create_markdown_artifact(markdown=markdown, key=key, description="Pipeline run summary")
+    create_table_artifact(
+        table=[{"stage": s["stage"], "status": s["status"], "seconds": s["seconds"]} for s in record["stages"]],
+        key=f"{key}-timings",
+        description="Wall time of each stage",
+    )
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    """The closing lines a user looks for after a run (`result`: what the flow returns)."""
+    lines = [
+        "",
+        f"Pipeline finished: {result['color']} taxis, trained on {result['train_month']}, validated on {result['validation_month']}",
+        f"  train matrix      {result['train_rows']:>10,} rows  {result['train_nnz']:>10,} non-zeros",
+        f"  validation matrix {result['val_rows']:>10,} rows  {result['val_nnz']:>10,} non-zeros",
+        f"  features          {result['n_features']:>10,}",
+        f"  validation RMSE   {result['rmse']:>10.3f} minutes",
+        f"  MLflow run        {result['mlflow_run_id']} (experiment {result['experiment']!r}, {result['tracking_uri']})",
+        f"  model             {result['model_uri']}",
+        f"  reports (review)  {result['run_dir']}/",
+    ]
+    lines += [f"                    {Path(report).name}" for report in result["reports"]]
+    if result.get("promotion"):
+        lines.append(f"  model registry    {result['promotion']['taxi.promotion.reason']}")
+    if result["reused_stages"]:
+        reused = ", ".join(f"{stage} (run {run[:8]})" for stage, run in result["reused_stages"].items())
+        lines.append(f"  reused, unchanged {reused}")
+    lines.append(f"  all runs          {result['gallery']}")
+    return "\n".join(lines)

@@ -1,0 +1,164 @@
+"""The pipeline's Prefect tasks: make the trip files local, then run (or reuse) each notebook stage.
+
+Each notebook is one task, executed by papermill in a child process (taxi_duration.runner).
+Whatever a stage leaves, executed or reused, passed or failed, is archived in the MLflow run
+under `notebooks/` and `reports/`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from taxi_duration import data, reports, runfiles, runner, settings, stagecache, tracking
+from taxi_duration.periods import PipelineParams
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where one pipeline run records what its stages do."""
+
+    tracking_uri: str
+    run_id: str  # the MLflow run the flow owns
+    run_dir: Path
+
+
+@dataclass(frozen=True)
+class StageOutcome:
+    """How a stage ended: its manifest, and the cache entry it was reused from (None: it ran)."""
+
+    stage: str
+    manifest: dict[str, Any]
+    reused_from: stagecache.CacheEntry | None = None
+
+    @property
+    def reused(self) -> bool:
+        return self.reused_from is not None
+
+    @property
+    def status(self) -> str:
+        return "CACHED" if self.reused else "COMPLETED"
+
+
+def _retry_unless_bad_data(task, task_run, state) -> bool:
+    # A missing or invalid file will not fix itself; network hiccups might.
+    return not isinstance(state.data, data.TripDataError)
+
+
+@task(
+    name="fetch-trip-files", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_data,
+    cache_policy=NO_CACHE,
+)
+def fetch_trip_files(params: PipelineParams, source: data.TripSource) -> dict[str, str]:
+    """Make the training and validation files local and validated before any notebook runs."""
+    return {
+        str(month): str(source.ensure_local(params.color, month))
+        for month in (params.train_month, params.validation_month)
+    }
+
+
+@task(name="run-notebook", task_run_name="{stage}", cache_policy=NO_CACHE)
+def run_stage(
+    stage: str,
+    parameters: dict[str, Any],
+    context: RunContext,
+    timeout_seconds: int,
+    key: str,
+    reuse_from: stagecache.CacheEntry | None = None,
+    stop: threading.Event | None = None,
+    prepared: runner.PreparedRunner | None = None,
+) -> StageOutcome:
+    """Reuse the cache entry `reuse_from` if given, else execute the stage; archive either way.
+
+    An executed stage's outputs become the cache entry for `key` (replacing an older one).
+    `prepared` (a runner started ahead for this stage) executes it; it is closed either way.
+    """
+    if reuse_from is not None:
+        if prepared is not None:
+            prepared.close()
+        stagecache.StageCache.restore(reuse_from, context.run_dir)
+        _archive_stage_files(context, stage)
+        manifest = runfiles.read_manifest(context.run_dir, stage)
+        if stage == "03_train":
+            _replay_training(context, manifest)
+        print(f"{stage}: inputs unchanged, reused from {reuse_from.run_dir} (MLflow run {reuse_from.mlflow_run_id})")
+        return StageOutcome(stage, manifest, reuse_from)
+    manifest = _execute_notebook(stage, parameters, context, timeout_seconds, stop, prepared)
+    stagecache.StageCache(settings.stage_cache_dir()).store(
+        stage, key, context.run_dir, context.run_id, _stage_files(stage, manifest))
+    return StageOutcome(stage, manifest)
+
+
+def _stage_files(stage: str, manifest: dict[str, Any]) -> list[str]:
+    """What a stage leaves in the run folder (relative paths): what a reuse must bring back."""
+    own = [f"{stage}.ipynb", f"{stage}.html", f"{stage}.review.html", runfiles.manifest_path(Path(), stage).name]
+    return own + list(manifest.get("files", {}).values())
+
+
+def _archive_stage_files(context: RunContext, stage: str) -> None:
+    run_dir = context.run_dir
+    tracking.log_files(context.tracking_uri, context.run_id, [run_dir / f"{stage}.ipynb"], "notebooks")
+    tracking.log_files(context.tracking_uri, context.run_id,
+                       [run_dir / f"{stage}.html", run_dir / f"{stage}.review.html"], "reports")
+
+
+def _replay_training(context: RunContext, manifest: dict[str, Any]) -> None:
+    """Give a run whose training was reused the same params, metrics and preprocessor."""
+    from taxi_duration import model  # XGBoost: imported only when a reused training needs replaying
+
+    uri, run_id = context.tracking_uri, context.run_id
+    tracking.log_params(uri, run_id, model.training_params())
+    tracking.log_metrics(uri, run_id, manifest["metrics"])
+    tracking.log_files(uri, run_id, [context.run_dir / runfiles.PREPROCESSOR_FILENAME], "preprocessor")
+    tracking.set_tags(uri, run_id, {
+        "taxi.model_uri": manifest["model_uri"],
+        # The registry saw this model when its training ran; registering it again would
+        # only add a duplicate version.
+        "taxi.promotion.decision": "reused",
+        "taxi.promotion.reason": f"training reused from run {manifest['mlflow_run_id']}, whose model was registered and gated then",
+    })
+
+
+def _execute_notebook(
+    stage: str, parameters: dict[str, Any], context: RunContext, timeout_seconds: int,
+    stop: threading.Event | None = None, prepared: runner.PreparedRunner | None = None,
+) -> dict[str, Any]:
+    """Execute one notebook, archive the executed copy and its reports, return its manifest."""
+    executed = context.run_dir / f"{stage}.ipynb"
+    try:
+        result = runner.execute_notebook(
+            settings.notebooks_dir() / f"{stage}.ipynb", executed, parameters,
+            timeout_seconds=timeout_seconds, stop=stop, prepared=prepared,
+        )
+    except runner.NotebookExecutionError as error:
+        _archive(context, error.result)
+        raise
+    except BaseException:  # stopped from outside (SIGTERM, Ctrl-C, the flow): keep what ran
+        _archive_interrupted(context, executed)
+        raise
+    _archive(context, result)
+    return runfiles.read_manifest(context.run_dir, stage)
+
+
+def _archive_interrupted(context: RunContext, executed: Path) -> None:
+    """Render and archive a notebook the pipeline was stopped in, as far as it got."""
+    if not executed.is_file():
+        return
+    try:
+        paths = reports.render_reports(executed, failure="the pipeline was stopped (SIGTERM or Ctrl-C) while this notebook ran")
+        tracking.log_files(context.tracking_uri, context.run_id, [executed], "notebooks")
+        tracking.log_files(context.tracking_uri, context.run_id, [paths.full, paths.review], "reports")
+    except Exception as problem:  # noqa: BLE001 - we are already on the way out
+        print(f"warning: could not archive the interrupted {executed.name}: {problem!r}")
+
+
+def _archive(context: RunContext, result: runner.NotebookResult) -> None:
+    if result.executed_notebook.is_file():
+        tracking.log_files(context.tracking_uri, context.run_id, [result.executed_notebook], "notebooks")
+    if result.reports is not None:
+        tracking.log_files(context.tracking_uri, context.run_id, [result.reports.full, result.reports.review], "reports")

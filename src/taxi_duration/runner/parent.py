@@ -1,0 +1,216 @@
+"""The caller's side of a notebook run: start the child, wait, stop, reap, report."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taxi_duration.reports import ReportPaths, render_reports
+from taxi_duration.runner.cells import cell_label, check_every_cell_ran, read_notebook
+from taxi_duration.runner.messages import describe_failure
+from taxi_duration.runner.parameters import check_parameters
+from taxi_duration.runner.processes import reap_kernel, stop_child
+from taxi_duration.runner.records import (
+    CURRENT_CELL, GO, KERNEL_RECORD, RUNNER_LOG, Attempt, read_json, read_outcome, write_json,
+)
+
+log = logging.getLogger("taxi_duration.runner")
+
+
+class NotebookStopped(RuntimeError):
+    """The caller asked a running notebook to stop (the pipeline is being interrupted)."""
+
+
+class NotebookExecutionError(RuntimeError):
+    """A notebook failed; the message names the notebook, the cell and the cause."""
+
+    def __init__(self, message: str, result: "NotebookResult"):
+        super().__init__(message)
+        self.result = result
+
+
+@dataclass(frozen=True)
+class NotebookResult:
+    notebook: str
+    executed_notebook: Path
+    reports: ReportPaths | None  # full and review HTML; None if papermill wrote nothing
+    succeeded: bool
+    error: str | None
+    seconds: float
+    attempts: int = 1  # more than 1 when the kernel died and the notebook was run again
+
+
+def execute_notebook(
+    notebook: Path,
+    executed_notebook: Path,
+    parameters: dict[str, Any],
+    timeout_seconds: float,
+    cwd: Path | None = None,
+    retries_on_kernel_death: int = 1,
+    stop: threading.Event | None = None,
+    prepared: PreparedRunner | None = None,
+) -> NotebookResult:
+    """Run `notebook` with `parameters` in a child process; always keep and render the output.
+
+    `timeout_seconds` bounds the whole call, retries included. When the kernel dies, the
+    notebook is run again from the start up to `retries_on_kernel_death` times (an
+    out-of-memory kill can be a neighbour's fault; a second death is taken as the notebook's).
+    Raises NotebookExecutionError (with the result attached) when the notebook fails, stops
+    early or times out; the executed notebook and its HTML are on disk either way. Setting
+    `stop` (from another thread) stops the notebook and its kernel and raises NotebookStopped;
+    the executed copy, as far as it got, is left for the caller to report.
+
+    `prepared`, a PreparedRunner started earlier for this notebook (and working directory),
+    runs the first attempt; its kernel is already up with the notebook's imports done. The
+    call takes it over: it is closed whatever happens. A retry starts a runner of its own.
+    """
+    notebook = Path(notebook).resolve()
+    try:
+        if retries_on_kernel_death < 0:
+            raise ValueError(f"retries_on_kernel_death must be 0 or more, got {retries_on_kernel_death}")
+        if prepared is not None and (prepared.notebook, prepared.cwd) != (notebook, Path(cwd or notebook.parent).resolve()):
+            raise ValueError(f"the prepared runner is for {prepared.notebook} in {prepared.cwd}, not {notebook}")
+        check_parameters(notebook, parameters)
+    except BaseException:
+        if prepared is not None:
+            prepared.close()
+        raise
+    executed_notebook = Path(executed_notebook).resolve()
+    executed_notebook.parent.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    deadline = started + timeout_seconds
+    deaths: list[Attempt] = []
+    while True:
+        runner = prepared or PreparedRunner(notebook, cwd)
+        prepared = None
+        attempt = _run_attempt(runner, executed_notebook, parameters, deadline, stop)
+        if attempt.kind != "kernel_died" or len(deaths) == retries_on_kernel_death or time.monotonic() >= deadline:
+            break
+        deaths.append(attempt)
+        log.warning(
+            "the kernel running %s died at %s; running the notebook again from the start (attempt %d of %d)",
+            notebook.name, cell_label(read_notebook(executed_notebook), attempt), len(deaths) + 1,
+            retries_on_kernel_death + 1,
+        )
+    if attempt.kind == "completed":
+        stopped = check_every_cell_ran(executed_notebook)
+        if stopped is not None:
+            stopped.reaped, attempt = attempt.reaped, stopped
+    error = describe_failure(attempt, deaths, executed_notebook, timeout_seconds, retries_on_kernel_death)
+    reports = _note_and_render(executed_notebook, error, len(deaths) + 1)
+    seconds = time.monotonic() - started
+    result = NotebookResult(notebook.stem, executed_notebook, reports, error is None, error, seconds, len(deaths) + 1)
+    if error is not None:
+        where = f"executed copy: {executed_notebook}" + (f"; report: {reports.full}" if reports else "")
+        raise NotebookExecutionError(f"notebook {notebook.name} failed: {error} ({where})", result)
+    return result
+
+
+def _note_and_render(executed_notebook: Path, error: str | None, attempts: int) -> ReportPaths | None:
+    """Record the outcome in the executed notebook's metadata (`taxi`) and render both reports.
+
+    The metadata is for whoever opens the .ipynb later: a timeout or a dead kernel leaves no
+    error output in it. Returns None when papermill wrote nothing readable (it can die before
+    or while saving), so a broken file costs the reports, not the account of the failure.
+    """
+    import nbformat
+
+    from taxi_duration.runfiles import atomic_path
+
+    notebook = read_notebook(executed_notebook)
+    if notebook is None:
+        if executed_notebook.exists():
+            log.warning("the executed notebook %s is not readable; no reports rendered", executed_notebook)
+        return None
+    notebook.metadata["taxi"] = {"succeeded": error is None, "failure": error, "attempts": attempts}
+    with atomic_path(executed_notebook) as temporary:
+        nbformat.write(notebook, temporary)
+    return render_reports(executed_notebook, failure=error)
+
+
+class PreparedRunner:
+    """A notebook runner, possibly started ahead of its notebook's turn.
+
+    The child process starts the kernel and has it import, silently, the modules the
+    notebook's code cells import plus `preload` (with the collector paused: see
+    taxi_duration.fast_start), then waits for the executed notebook's path and the parameters
+    (execute_notebook sends them). Started ahead, the kernel's start and imports (1-2.5 s a
+    notebook here) overlap whatever runs before. The imports bind no name in the kernel, and
+    the executed notebook shows only the notebook's own cells, numbered from 1. Close a
+    runner that is not used: its child and kernel are stopped.
+    """
+
+    def __init__(self, notebook: Path, cwd: Path | None = None, preload: tuple[str, ...] = ()) -> None:
+        self.notebook = Path(notebook).resolve()
+        self.cwd = Path(cwd or self.notebook.parent).resolve()
+        self._folder = tempfile.TemporaryDirectory(prefix="taxi-notebook-")
+        self.records = Path(self._folder.name)
+        command = [
+            sys.executable, "-m", "taxi_duration.runner.child", str(self.notebook),
+            "--cwd", str(self.cwd), "--records", str(self.records), "--parent-pid", str(os.getpid()),
+            *(["--preload", ",".join(preload)] if preload else []),
+        ]
+        # The child's output goes to a file, not a pipe: a kernel (or a process it started)
+        # inherits the child's stdout/stderr, and reading a pipe until EOF would then wait
+        # for those processes as well as for the child.
+        with open(self.records / RUNNER_LOG, "wb") as runner_log:
+            self.child = subprocess.Popen(
+                command, stdin=subprocess.DEVNULL, stdout=runner_log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.reaped: list[int] = []
+
+    def go(self, executed_notebook: Path, parameters: dict[str, Any]) -> None:
+        """Tell the child what to write and with which parameters: it runs the notebook now."""
+        # In a file rather than on the command line, which caps one argument at 128 KiB.
+        write_json(self.records / GO, {"executed_notebook": str(executed_notebook), "parameters": parameters})
+
+    def close(self) -> None:
+        """Stop the child if it still runs, kill what is left of its kernel, remove the records."""
+        try:
+            if self.child.returncode is None and self.child.poll() is None:
+                stop_child(self.child)
+            self.reaped = reap_kernel(self.records / KERNEL_RECORD)
+        finally:
+            self._folder.cleanup()
+
+
+def _run_attempt(
+    runner: PreparedRunner, executed_notebook: Path, parameters: dict[str, Any], deadline: float,
+    stop: threading.Event | None = None,
+) -> Attempt:
+    """Run the notebook on `runner` once, stop it at `deadline` (or on `stop`), reap, say how it ended."""
+    try:
+        runner.go(executed_notebook, parameters)
+        if _wait_unless_stopped(runner.child, deadline, stop):
+            attempt = read_outcome(runner.records, runner.child.returncode)
+        else:
+            stop_child(runner.child)
+            attempt = Attempt("timeout")
+        attempt.cell_index = read_json(runner.records / CURRENT_CELL).get("index")
+    finally:
+        runner.close()  # also when interrupted (KeyboardInterrupt, `stop`): leave nothing behind
+    attempt.reaped = runner.reaped
+    return attempt
+
+
+def _wait_unless_stopped(child: subprocess.Popen, deadline: float, stop: threading.Event | None) -> bool:
+    """Wait for the child: True when it exited, False at the deadline; NotebookStopped on `stop`."""
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            # With a `stop` to watch, wake up four times a second to look at it.
+            child.wait(timeout=max(min(remaining, 0.25), 0) if stop is not None else max(remaining, 0))
+            return True
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                return False
+            if stop is not None and stop.is_set():
+                raise NotebookStopped("stopped by the caller while running") from None
