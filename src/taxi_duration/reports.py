@@ -99,7 +99,7 @@ def first_error(notebook: nbformat.NotebookNode) -> str | None:
 
 
 # One exporter per kind, made on first use and kept: a new one compiles its Jinja templates
-# again, which was half of a render (0.1 s of 0.2 s a report). Exporters are reusable (nbconvert's
+# again, which was half of a render (docs/performance.md). Exporters are reusable (nbconvert's
 # own command line converts many notebooks with one) but not meant for two threads at once, and
 # the pipeline renders 01_explore's and 02_features' reports from two threads: hence the lock.
 _exporters: dict[bool, Any] = {}

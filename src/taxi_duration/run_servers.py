@@ -70,7 +70,7 @@ def without_flow_heartbeats() -> Iterator[None]:
 
     For runs started from the command line. Prefect 3.9 joins a flow run's heartbeat thread
     when the run ends, and that thread looks for its stop signal once a second, so every run
-    ended 0-1 s late (0.5 s on average here). Heartbeats drive the automations that mark
+    ended up to a second late (docs/performance.md). Heartbeats drive the automations that mark
     deployment runs whose process died as crashed; a command-line run has its user watching
     (and the next pipeline start marks its MLflow run KILLED if the process died). Setting
     PREFECT_FLOWS_HEARTBEAT_FREQUENCY (environment or Prefect profile) keeps them.

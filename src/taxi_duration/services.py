@@ -97,8 +97,8 @@ def _server_environment() -> dict[str, str]:
 
 
 # MLflow's server also starts a job runner and about eight huey worker processes (GenAI
-# evaluation and prompt jobs) unless told not to; the pipeline submits no jobs, and the workers
-# cost about 20 s of CPU at every server start. The user's own setting wins.
+# evaluation and prompt jobs) unless told not to; the pipeline submits no jobs, and each worker
+# imports MLflow at every server start (docs/performance.md). The user's own setting wins.
 MLFLOW_SERVER_DEFAULTS = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
@@ -136,9 +136,8 @@ def mlflow_service(
     port = port or configured_port("mlflow")
     artifacts = artifacts_destination or settings.local_artifact_root()
     # One worker by default: with two or more, uvicorn's worker processes answer a reused
-    # (keep-alive) connection's request with the headers and, 40 ms later, the body (Nagle's
-    # algorithm meeting the client's delayed ACK); measured 44 ms a request instead of 1.4 ms, and
-    # a run makes dozens. One worker still serves requests concurrently (the app runs in threads).
+    # (keep-alive) connection's request with the headers and, a delayed ACK later, the body
+    # (Nagle's algorithm; measured in docs/performance.md), and a run makes dozens. One worker still serves requests concurrently (the app runs in threads).
     try:
         workers = settings.mlflow_workers()
     except ValueError as error:

@@ -7,6 +7,7 @@ import gc
 import subprocess
 import sys
 import inspect
+import os
 import textwrap
 
 import pytest
@@ -14,6 +15,12 @@ from jupyter_client.asynchronous import AsyncKernelClient
 
 from taxi_duration import fast_start
 from taxi_duration.fast_start import imports_without_gc
+
+
+@pytest.fixture(autouse=True)
+def speed_ups_on(monkeypatch):
+    """Each test says whether it wants the switch off; the default is on, whatever `make test` ran with."""
+    monkeypatch.setenv(fast_start.SWITCH, "1")
 
 
 def test_the_collector_is_paused_inside_and_what_was_made_is_frozen_after():
@@ -35,7 +42,7 @@ def test_a_collector_the_caller_had_disabled_stays_disabled():
         gc.enable()
 
 
-def _garbage_cycle_finalized_at_exit(freeze_before_exit: bool, env: dict[str, str] | None = None) -> bool:
+def _garbage_cycle_finalized_at_exit(freeze_before_exit: bool, switch: str = "1") -> bool:
     """Whether a garbage reference cycle's finalizer ran when the interpreter shut down."""
     script = textwrap.dedent(f"""
         import gc, sys
@@ -54,7 +61,7 @@ def _garbage_cycle_finalized_at_exit(freeze_before_exit: bool, env: dict[str, st
             exit_without_final_collection()
     """)
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
-                               env=env)
+                               env={**os.environ, fast_start.SWITCH: switch})
     return "finalized" in completed.stdout
 
 
@@ -73,9 +80,7 @@ def test_the_switch_turns_every_speed_up_off(value, monkeypatch):
         kept = [[index] for index in range(1000)]
     assert gc.get_freeze_count() == frozen_before and kept
     assert fast_start.kernel_client_class(AsyncKernelClient) is AsyncKernelClient
-    import os
-
-    assert _garbage_cycle_finalized_at_exit(freeze_before_exit=True, env={**os.environ, fast_start.SWITCH: value})
+    assert _garbage_cycle_finalized_at_exit(freeze_before_exit=True, switch=value)
 
 
 def test_the_speed_ups_are_on_unless_switched_off(monkeypatch):

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("could not prepare a kernel ahead (%r); papermill starts one", error)
         return _discard_kernel(kernel)
 
-    # The kernel is launched before papermill is imported (0.3 s here), so it boots meanwhile.
+    # The kernel is launched before papermill is imported, so it boots meanwhile.
     kernel: Any = RecordingKernelManager(kernel_name="python3")
     try:
         run_sync(kernel.start_kernel)(extra_arguments=list(KERNEL_ARGUMENTS), cwd=args.cwd)
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             on_cell_start=note_running_cell,
             extra_arguments=list(KERNEL_ARGUMENTS),
             # Every result is on disk once the last cell has run; a graceful shutdown would
-            # only wait (0.5-1.5 s per notebook) for the kernel's exit handlers.
+            # only wait for the kernel's exit handlers (docs/performance.md).
             shutdown_kernel="immediate",
         )
         outcome: dict[str, Any] = {"kind": "completed"}

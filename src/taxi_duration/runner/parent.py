@@ -142,8 +142,8 @@ class PreparedRunner:
     The child process starts the kernel and has it import, silently, the modules the
     notebook's code cells import plus `preload` (with the collector paused: see
     taxi_duration.fast_start), then waits for the executed notebook's path and the parameters
-    (execute_notebook sends them). Started ahead, the kernel's start and imports (1-2.5 s a
-    notebook here) overlap whatever runs before. The imports bind no name in the kernel, and
+    (execute_notebook sends them). Started ahead, the kernel's start and imports overlap
+    whatever runs before. The imports bind no name in the kernel, and
     the executed notebook shows only the notebook's own cells, numbered from 1. Close a
     runner that is not used: its child and kernel are stopped.
     """
