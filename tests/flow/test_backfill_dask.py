@@ -14,7 +14,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import run_servers, services
+from taxi_duration import run_servers
 
 pytestmark = pytest.mark.flow
 
