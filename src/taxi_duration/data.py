@@ -42,9 +42,13 @@ DISTANCE_COLUMN = "trip_distance"
 _log = logging.getLogger(__name__)
 
 
-def required_columns(color: str) -> tuple[str, ...]:
-    """Columns the pipeline cannot work without, for one taxi colour."""
-    return (PICKUP_COLUMN[color], DROPOFF_COLUMN[color], *LOCATION_COLUMNS, DISTANCE_COLUMN)
+def required_columns(color: str, actuals: bool = True) -> tuple[str, ...]:
+    """Columns the pipeline cannot work without, for one taxi colour.
+
+    `actuals` False: what scoring needs, a month whose dropoff times may not be published yet.
+    """
+    dropoff = (DROPOFF_COLUMN[color],) if actuals else ()
+    return (PICKUP_COLUMN[color], *dropoff, *LOCATION_COLUMNS, DISTANCE_COLUMN)
 
 
 def trip_filename(color: str, month: Month) -> str:
@@ -57,7 +61,7 @@ def is_url(source: str) -> bool:
     return source.startswith(("http://", "https://"))
 
 
-def validate_trip_file(path: Path, color: str, name: str | None = None) -> int:
+def validate_trip_file(path: Path, color: str, name: str | None = None, *, actuals: bool = True) -> int:
     """Check that `path` is readable parquet with the required columns and at least one row.
 
     Returns the row count. Raises TripFileInvalid (a TripDataError) saying what is wrong,
@@ -71,7 +75,7 @@ def validate_trip_file(path: Path, color: str, name: str | None = None) -> int:
     except (OSError, pa.ArrowException) as error:
         raise TripFileInvalid(f"{name} is not a readable parquet file: {_why_unreadable(path, error)}") from error
     names = set(metadata.schema.to_arrow_schema().names)
-    missing = [column for column in required_columns(color) if column not in names]
+    missing = [column for column in required_columns(color, actuals) if column not in names]
     if missing:
         raise TripFileInvalid(
             f"{name} lacks the column(s) {', '.join(missing)} that {color} trip files have; "
@@ -80,6 +84,11 @@ def validate_trip_file(path: Path, color: str, name: str | None = None) -> int:
     if metadata.num_rows == 0:
         raise TripFileInvalid(f"{name} has no rows: it is valid parquet with the right columns but holds no trips.")
     return metadata.num_rows
+
+
+def available_columns(path: Path) -> list[str]:
+    """The columns a local parquet file holds (from its footer)."""
+    return list(pq.read_schema(path).names)
 
 
 def trip_count(path: Path) -> int:
@@ -137,6 +146,7 @@ class TripSource:
         *,
         attempts: int = DOWNLOAD_ATTEMPTS,
         backoff_seconds: float = DOWNLOAD_BACKOFF_SECONDS,
+        actuals: bool = True,
     ) -> Path:
         """Return a validated local path to the month's file, downloading it if needed.
 
@@ -145,7 +155,8 @@ class TripSource:
         is renamed `<name>.invalid` and downloaded again (see download_file for retries).
 
         Raises TripFileNotFound (no such file), TripFileInvalid (the file is unusable) or
-        TripDownloadError (the download kept failing), all TripDataErrors.
+        TripDownloadError (the download kept failing), all TripDataErrors. `actuals` False
+        accepts a file without dropoff times (see required_columns).
         """
         name = trip_filename(color, month)
         if not is_url(self.location):
@@ -156,7 +167,7 @@ class TripSource:
                     f"or point the data source at a folder or URL that has it."
                 )
             try:
-                validate_trip_file(path, color)
+                validate_trip_file(path, color, actuals=actuals)
             except TripFileInvalid as error:
                 raise TripFileInvalid(
                     f"{error} The file belongs to the data source folder, so it was left untouched: "
@@ -166,7 +177,7 @@ class TripSource:
         cached = self._local_path(color, month)
         if cached.is_file():
             try:
-                validate_trip_file(cached, color)
+                validate_trip_file(cached, color, actuals=actuals)
                 return cached
             except TripFileInvalid as error:
                 aside = _move_aside(cached)
@@ -174,7 +185,7 @@ class TripSource:
         url = f"{self.location.rstrip('/')}/{name}"
         download_file(
             url, cached, timeout_seconds=timeout_seconds,
-            validate=lambda path: validate_trip_file(path, color, name=url),
+            validate=lambda path: validate_trip_file(path, color, name=url, actuals=actuals),
             attempts=attempts, backoff_seconds=backoff_seconds,
         )
         return cached
@@ -190,7 +201,7 @@ def _move_aside(path: Path) -> Path:
     return target
 
 
-def read_trips(path: Path, color: str, columns: list[str] | None = None) -> pd.DataFrame:
+def read_trips(path: Path, color: str, columns: list[str] | None = None, *, actuals: bool = True) -> pd.DataFrame:
     """Read a trip file with explicit dtypes, whatever TLC file version wrote it.
 
     TLC changed types between releases (location ids int64 vs int32, counts double vs
@@ -202,7 +213,7 @@ def read_trips(path: Path, color: str, columns: list[str] | None = None) -> pd.D
     import pandas as pd  # here, not at import: the command line decides which kernels to start without it
 
     try:
-        validate_trip_file(path, color)
+        validate_trip_file(path, color, actuals=actuals)
         frame = pd.read_parquet(path, columns=columns)
     except TripFileInvalid as error:
         raise TripFileInvalid(f"{error} Replace or delete the file and fetch the month again.") from error
@@ -211,19 +222,20 @@ def read_trips(path: Path, color: str, columns: list[str] | None = None) -> pd.D
         raise TripFileInvalid(
             f"{path} could not be read as a {color} trip file ({str(error).strip()}). Replace or delete the file and fetch the month again."
         ) from error
-    return normalize_trips(frame, color)
+    return normalize_trips(frame, color, actuals=actuals)
 
 
-def normalize_trips(frame: pd.DataFrame, color: str) -> pd.DataFrame:
+def normalize_trips(frame: pd.DataFrame, color: str, *, actuals: bool = True) -> pd.DataFrame:
     """Cast the columns the pipeline uses to one dtype each; raise naming a missing column."""
     import pandas as pd
 
-    missing = [column for column in required_columns(color) if column not in frame.columns]
+    missing = [column for column in required_columns(color, actuals) if column not in frame.columns]
     if missing:
         raise TripDataError(f"trip data lacks required column(s): {', '.join(missing)}")
     frame = frame.copy()
     for column in (PICKUP_COLUMN[color], DROPOFF_COLUMN[color]):
-        frame[column] = pd.to_datetime(frame[column]).astype("datetime64[us]")
+        if column in frame.columns:
+            frame[column] = pd.to_datetime(frame[column]).astype("datetime64[us]")
     for column in LOCATION_COLUMNS:
         frame[column] = frame[column].astype("Int64")
     frame[DISTANCE_COLUMN] = frame[DISTANCE_COLUMN].astype("float64")

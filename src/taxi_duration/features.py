@@ -25,13 +25,15 @@ import scipy.sparse
 if TYPE_CHECKING:
     from sklearn.feature_extraction import DictVectorizer
 
-from taxi_duration.data import DISTANCE_COLUMN, DROPOFF_COLUMN, PICKUP_COLUMN, normalize_trips
+from taxi_duration.data import DISTANCE_COLUMN, DROPOFF_COLUMN, LOCATION_COLUMNS, PICKUP_COLUMN, normalize_trips
 
 MIN_DURATION_MINUTES = 1.0
 MAX_DURATION_MINUTES = 60.0
 CATEGORICAL_FEATURES = ["PU_DO"]
 NUMERICAL_FEATURES = [DISTANCE_COLUMN]
 TARGET = "duration"
+# What one trip record must hold to be scored: the servable model's input (taxi_duration.serving).
+RAW_FEATURES = [*LOCATION_COLUMNS, DISTANCE_COLUMN]
 
 
 def trip_duration_minutes(frame: pd.DataFrame, color: str) -> pd.Series:
@@ -52,6 +54,15 @@ def prepare_trips(frame: pd.DataFrame, color: str) -> pd.DataFrame:
     trips = normalize_trips(frame, color)
     trips["duration"] = trip_duration_minutes(trips, color)
     trips = trips[in_duration_window(trips["duration"])].copy()
+    return with_zone_pairs(trips)
+
+
+def with_zone_pairs(trips: pd.DataFrame) -> pd.DataFrame:
+    """`trips` with `PU_DO` set from its zone ids: the one place that spells the pair feature.
+
+    The training stages and the servable model (taxi_duration.serving) both call this, so a
+    request's zone ids become exactly the categories the vectorizer was fitted on.
+    """
     trips["PU_DO"] = _zone_text(trips["PULocationID"]) + "_" + _zone_text(trips["DOLocationID"])
     return trips
 
@@ -83,6 +94,10 @@ class FeatureMatrices:
     def validation_column(self, feature: str) -> np.ndarray:
         """Dense values of one feature (e.g. trip_distance) for the validation rows."""
         return self.X_val[:, self.vectorizer.vocabulary_[feature]].toarray().ravel()
+
+    def training_column(self, feature: str) -> np.ndarray:
+        """Dense values of one feature for the training rows."""
+        return self.X_train[:, self.vectorizer.vocabulary_[feature]].toarray().ravel()
 
     def summary(self) -> dict[str, int]:
         """Figures users compare runs by: shapes and non-zero counts."""

@@ -82,7 +82,13 @@ def train_booster(
 def predict(booster: xgb.Booster, X: scipy.sparse.spmatrix) -> np.ndarray:
     import xgboost as xgb
 
-    return booster.predict(xgb.DMatrix(X))
+    # The trees up to the best iteration, as the scikit-learn wrapper the servable model holds
+    # (taxi_duration.serving) predicts; a booster trained without early stopping uses them all.
+    try:
+        iteration_range = (0, booster.best_iteration + 1)
+    except AttributeError:
+        iteration_range = (0, 0)
+    return booster.predict(xgb.DMatrix(X), iteration_range=iteration_range)
 
 
 def rmse(y_true: np.ndarray, y_pred: np.ndarray) -> float:

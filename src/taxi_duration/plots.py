@@ -105,3 +105,19 @@ def feature_importance_bar(table: pd.DataFrame) -> Figure:
     axes.invert_yaxis()
     axes.set(title="Top features by total gain", xlabel="share of total gain")
     return figure
+
+
+def profile_comparison_bar(training: dict, scored: dict, feature: str, unit: str) -> Figure:
+    """Share of trips per bin of `feature` ("distance" or "duration"): training month beside the scored month."""
+    from taxi_duration.drift import bin_labels
+
+    before, after = training[feature], scored[feature]
+    labels = bin_labels(before["edges"])
+    positions = np.arange(len(labels))
+    figure, axes = _figure()
+    axes.bar(positions - 0.2, before["shares"], width=0.4, label=f"{training['month']} (training)", color="#4c72b0")
+    axes.bar(positions + 0.2, after["shares"], width=0.4, label=f"{scored['month']} (scored)", color="#dd8452")
+    axes.set_xticks(positions, labels, rotation=45, ha="right")
+    axes.set(title=f"Trip {feature}: share of trips per bin", xlabel=unit, ylabel="share of trips")
+    axes.legend()
+    return figure

@@ -6,9 +6,10 @@ than the current champion's RMSE *re-scored on the same validation trips*: the c
 logged RMSE was measured on whatever month it was validated on, so comparing it with a
 different month's RMSE would reward an easy month rather than a better model.
 
-Each version keeps its own feature space: a DictVectorizer fitted on its own training month.
-The champion is therefore re-scored with the `preprocessor/preprocessor.b` its source run
-logged, never with the challenger's vectorizer (whose column order and width differ).
+Each version is the servable Pipeline (taxi_duration.serving) with its own feature space: the
+DictVectorizer fitted on its own training month is inside it. The champion is re-scored by
+loading that version and predicting on the raw validation trips, so it never meets the
+challenger's vectorizer (whose column order and width differ).
 
 Every MLflow call goes through an `MlflowClient` built for the given tracking URI. MLflow's
 shortcuts for this (`mlflow.register_model`, `load_model("models:/name@champion")`) resolve
@@ -20,29 +21,20 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from taxi_duration import settings, tracking
-from taxi_duration.features import CATEGORICAL_FEATURES, NUMERICAL_FEATURES
+from taxi_duration import serving, settings, tracking
 from taxi_duration.model import rmse
-from taxi_duration.runfiles import PREPROCESSOR_FILENAME
 
 if TYPE_CHECKING:
     import pandas as pd
-    import xgboost as xgb
-    from sklearn.feature_extraction import DictVectorizer
 
 DEFAULT_REGISTERED_MODEL = settings.DEFAULT_REGISTERED_MODEL
 CHAMPION_ALIAS = "champion"
-# Where the training notebook logs the fitted DictVectorizer (tracking.log_files(..., "preprocessor")).
-PREPROCESSOR_ARTIFACT_DIR = "preprocessor"
-PREPROCESSOR_ARTIFACT_PATH = f"{PREPROCESSOR_ARTIFACT_DIR}/{PREPROCESSOR_FILENAME}"
 
 TAG_PREFIX = "taxi.promotion."
 VERSION_TAG_RUN_ID = "taxi.run_id"
@@ -52,15 +44,13 @@ VERSION_TAG_MODEL_URI = "taxi.model_uri"
 # Tag value for "there was no champion", so the keys are always present and searchable.
 NO_CHAMPION = "none"
 
-FEATURE_COLUMNS = CATEGORICAL_FEATURES + NUMERICAL_FEATURES
-
 
 class RegistryError(RuntimeError):
     """The registry is not in a state the promotion gate can work with."""
 
 
-class MissingChampionArtifactError(RegistryError, FileNotFoundError):
-    """The champion's source run lacks an artifact needed to re-score it (its preprocessor)."""
+class NotServableModelError(RegistryError):
+    """A registered version is not the servable Pipeline (a bare booster registered before it)."""
 
 
 @dataclass(frozen=True)
@@ -105,22 +95,24 @@ def register_and_gate(
 ) -> PromotionDecision:
     """Register the run's model and move the champion alias to it if it beats the champion.
 
-    `model_uri` is the logged model of run `run_id` ("models:/m-...", as returned by
-    `tracking.log_xgboost_model`); `validation_records` are the run's validation trips
-    (dicts or a frame with PU_DO and trip_distance) and `y_val` their durations, the data
-    `challenger_rmse` was measured on. The current champion is re-scored on those trips with
-    its own preprocessor; the alias moves only if `challenger_rmse` is strictly lower.
+    `model_uri` is the servable model logged by run `run_id` ("models:/m-...", as returned by
+    `tracking.log_servable_model`); `validation_records` are the run's validation trips (dicts
+    or a frame with PULocationID, DOLocationID and trip_distance) and `y_val` their durations,
+    the data `challenger_rmse` was measured on. The current champion is loaded and re-scored on
+    those trips; the alias moves only if `challenger_rmse` is strictly lower. A champion from
+    before the servable model (NotServableModelError) cannot be re-scored: the challenger
+    replaces it, and the reason says so.
 
     The champion is scored before anything is written, so a champion that cannot be scored
-    (MissingChampionArtifactError, RegistryError) leaves the registry and the run untouched.
+    otherwise (RegistryError, an MLflow error) leaves the registry and the run untouched.
     The decision is tagged on the run (`PromotionDecision.tags`), which stays RUNNING: the
     caller owns its status.
     """
-    records = _records(validation_records)
+    records = _frame(validation_records)
     targets = np.asarray(y_val, dtype="float64")
     if targets.shape != (len(records),):
         raise ValueError(f"y_val has shape {targets.shape}; expected one target per validation record ({len(records)})")
-    if not records:
+    if records.empty:
         raise ValueError("no validation records: cannot compare the challenger with the champion")
     challenger_rmse = float(challenger_rmse)
     if not math.isfinite(challenger_rmse):
@@ -139,12 +131,18 @@ def register_and_gate(
     # someone else meanwhile cannot make us score one version and name another.
     champion_version = _champion_version(client, registered_model)
     champion_rmse = None
+    not_servable = None
     if champion_version is not None:
-        champion_rmse = rescore_version(tracking_uri, registered_model, champion_version, records, targets)
+        try:
+            champion_rmse = rescore_version(tracking_uri, registered_model, champion_version, records, targets)
+        except NotServableModelError as error:
+            # A champion from before the servable model cannot be re-scored on raw trips: the
+            # first servable version takes over, and its tags say why.
+            not_servable = str(error)
 
     version = _create_version(client, registered_model, logged_model, run_id, validation_month, challenger_rmse)
     decision = _decide(
-        registered_model, version, challenger_rmse, champion_rmse, champion_version, validation_month
+        registered_model, version, challenger_rmse, champion_rmse, champion_version, validation_month, not_servable
     )
     if decision.promoted:
         client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
@@ -163,25 +161,37 @@ def rescore_version(
     validation_records: Sequence[dict[str, Any]] | pd.DataFrame,
     y_val: np.ndarray,
 ) -> float:
-    """RMSE of registered `version` on the given trips, featurized by its own preprocessor."""
-    import xgboost as xgb
+    """RMSE of registered `version` on the given raw trips: its own Pipeline featurizes them.
 
-    records = _records(validation_records)
+    NotServableModelError when the version is a bare booster from before the servable model.
+    """
+    servable, _ = load_servable(tracking_uri, registered_model, version)
+    # PU_DO pairs the champion never saw get no pair feature, as they would in serving.
+    predictions = servable.predict(serving.raw_trips(_frame(validation_records)))
+    return rmse(np.asarray(y_val, dtype="float64"), np.asarray(predictions, dtype="float64"))
+
+
+def load_servable(tracking_uri: str, registered_model: str, version: str) -> tuple[Any, dict[str, Any]]:
+    """The version's servable Pipeline and its MLmodel metadata, fetched through `tracking_uri`.
+
+    NotServableModelError when the version holds some other model (a bare booster).
+    """
+    tracking.import_mlflow()  # first import through the helper that silences its import warning
+    import mlflow.artifacts
+    import mlflow.sklearn
+    from mlflow.models import Model
+
     client = tracking._client(tracking_uri)
-    source_run_id = version_run_id(tracking_uri, registered_model, version)
-    with tempfile.TemporaryDirectory(prefix="taxi-champion-") as scratch:
-        vectorizer = _download_preprocessor(client, source_run_id, registered_model, version, Path(scratch))
-        booster = _download_booster(tracking_uri, client, registered_model, version, Path(scratch))
-    width = len(vectorizer.feature_names_)
-    if booster.num_features() != width:
-        raise RegistryError(
-            f"{registered_model} version {version}: its booster expects {booster.num_features()} features "
-            f"but the preprocessor of run {source_run_id} ({PREPROCESSOR_ARTIFACT_PATH}) makes {width}; "
-            "they are not from the same training"
-        )
-    # Categories the champion never saw are dropped by its vectorizer, as they would be in serving.
-    predictions = booster.predict(xgb.DMatrix(vectorizer.transform(records)))
-    return rmse(np.asarray(y_val, dtype="float64"), predictions)
+    download_uri = client.get_model_version_download_uri(registered_model, version)
+    with tempfile.TemporaryDirectory(prefix="taxi-model-") as scratch:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=scratch, tracking_uri=tracking_uri)
+        description = Model.load(local)
+        if "sklearn" not in description.flavors:
+            raise NotServableModelError(
+                f"{registered_model} version {version} is a {'/'.join(sorted(description.flavors))} model, "
+                "not the servable Pipeline on raw trip fields (it predates it): it cannot score raw trips"
+            )
+        return mlflow.sklearn.load_model(local), dict(description.metadata or {})
 
 
 def version_run_id(tracking_uri: str, registered_model: str, version: str) -> str:
@@ -207,26 +217,19 @@ def version_run_id(tracking_uri: str, registered_model: str, version: str) -> st
         if source_run_id:
             return source_run_id
     raise RegistryError(
-        f"{registered_model} version {version} (source {model_version.source}) names no run, "
-        f"so its preprocessor ({PREPROCESSOR_ARTIFACT_PATH}) cannot be found"
+        f"{registered_model} version {version} (source {model_version.source}) names no run"
     )
 
 
-def _records(validation_records: Sequence[dict[str, Any]] | pd.DataFrame) -> list[dict[str, Any]]:
-    """Validation trips as the dicts DictVectorizer takes, checked for the feature columns."""
-    if hasattr(validation_records, "to_dict") and hasattr(validation_records, "columns"):
-        missing = [column for column in FEATURE_COLUMNS if column not in validation_records.columns]
-        if missing:
-            raise ValueError(
-                f"validation frame lacks feature column(s) {missing}; it has {list(validation_records.columns)}"
-            )
-        return validation_records[FEATURE_COLUMNS].to_dict(orient="records")
-    records = list(validation_records)
-    if records:
-        missing = [column for column in FEATURE_COLUMNS if column not in records[0]]
-        if missing:
-            raise ValueError(f"validation records lack feature key(s) {missing}; the first has {sorted(records[0])}")
-    return records
+def _frame(validation_records: Sequence[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+    """Validation trips as a frame, checked for the raw columns the servable model takes."""
+    import pandas as pd
+
+    frame = validation_records if isinstance(validation_records, pd.DataFrame) else pd.DataFrame(list(validation_records))
+    missing = [column for column in serving.RAW_COLUMNS if column not in frame.columns]
+    if missing:
+        raise ValueError(f"validation trips lack the column(s) {missing}; they have {list(frame.columns)}")
+    return frame
 
 
 def _logged_model_id(model_uri: str) -> str:
@@ -292,45 +295,6 @@ def _create_version(
     return version
 
 
-def _download_preprocessor(
-    client, run_id: str, registered_model: str, version: str, scratch: Path
-) -> DictVectorizer:
-    """The fitted DictVectorizer logged by `run_id`; MissingChampionArtifactError if absent."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        logged = {info.path for info in client.list_artifacts(run_id, PREPROCESSOR_ARTIFACT_DIR)}
-    except MlflowException as error:
-        raise RegistryError(
-            f"cannot read the artifacts of run {run_id}, source of {registered_model} version {version}: {error}"
-        ) from error
-    if PREPROCESSOR_ARTIFACT_PATH not in logged:
-        raise MissingChampionArtifactError(
-            f"{registered_model} version {version} cannot be re-scored: its run {run_id} has no artifact "
-            f"{PREPROCESSOR_ARTIFACT_PATH} (the DictVectorizer it was trained with)"
-        )
-    local = client.download_artifacts(run_id, PREPROCESSOR_ARTIFACT_PATH, str(scratch))
-    with open(local, "rb") as source:
-        return pickle.load(source)
-
-
-def _download_booster(tracking_uri: str, client, registered_model: str, version: str, scratch: Path) -> xgb.Booster:
-    """The version's XGBoost model, fetched through `tracking_uri` (not the global registry URI)."""
-    import xgboost as xgb
-
-    tracking.import_mlflow()  # first import through the helper that silences its import warning
-    import mlflow.artifacts
-    import mlflow.xgboost
-
-    download_uri = client.get_model_version_download_uri(registered_model, version)
-    local = mlflow.artifacts.download_artifacts(
-        artifact_uri=download_uri, dst_path=str(scratch / "model"), tracking_uri=tracking_uri
-    )
-    loaded = mlflow.xgboost.load_model(local)
-    # A model logged through the scikit-learn API (XGBRegressor) loads as that class.
-    return loaded if isinstance(loaded, xgb.Booster) else loaded.get_booster()
-
-
 def _decide(
     registered_model: str,
     version: str,
@@ -338,8 +302,12 @@ def _decide(
     champion_rmse: float | None,
     champion_version: str | None,
     validation_month: str,
+    not_servable: str | None = None,
 ) -> PromotionDecision:
-    if champion_version is None or champion_rmse is None:
+    if not_servable is not None:
+        reason = f"{not_servable}; version {version} becomes champion"
+        promoted = True
+    elif champion_version is None or champion_rmse is None:
         if version == "1":
             reason = "first registered model becomes champion"
         else:

@@ -97,10 +97,15 @@ def save_matrices(run_dir: Path, matrices: FeatureMatrices) -> dict[str, str]:
 
 def save_validation_records(run_dir: Path, records: pd.DataFrame) -> str:
     """Keep the validation trips' raw features so other models can be re-scored on them."""
-    path = Path(run_dir) / VALIDATION_RECORDS
+    return save_table(run_dir, VALIDATION_RECORDS, records)
+
+
+def save_table(run_dir: Path, relative_path: str, frame: pd.DataFrame) -> str:
+    """Write `frame` as parquet at `relative_path` in the run folder (atomically); return that path."""
+    path = Path(run_dir) / relative_path
     with atomic_path(path) as temporary:
-        records.reset_index(drop=True).to_parquet(temporary, index=False)
-    return VALIDATION_RECORDS
+        frame.reset_index(drop=True).to_parquet(temporary, index=False)
+    return relative_path
 
 
 def load_validation_records(run_dir: Path) -> pd.DataFrame:

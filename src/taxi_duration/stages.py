@@ -15,7 +15,8 @@ KERNEL_PRELOAD = {
     "01_explore": ("matplotlib_inline.backend_inline", "matplotlib.pyplot"),
     "02_features": ("matplotlib_inline.backend_inline", "matplotlib.pyplot", "sklearn.feature_extraction"),
     "03_train": ("matplotlib_inline.backend_inline", "matplotlib.pyplot", "sklearn.feature_extraction",
-                 "sklearn.metrics", "xgboost", "mlflow", "mlflow.models", "mlflow.xgboost"),
+                 "sklearn.metrics", "sklearn.pipeline", "xgboost", "mlflow", "mlflow.models", "mlflow.xgboost",
+                 "mlflow.sklearn"),
 }
 
 Runners = dict[str, runner.PreparedRunner]

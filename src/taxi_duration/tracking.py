@@ -7,8 +7,10 @@ notebook kernel close the flow's run before the pipeline has finished.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
@@ -182,7 +184,8 @@ def model_pip_requirements() -> list[str]:
         xgboost_version = version("xgboost-cpu")
     except PackageNotFoundError:
         xgboost_version = version("xgboost")
-    exact = [f"{name}=={version(name)}" for name in ("mlflow", "scikit-learn", "scipy", "numpy", "pandas")]
+    # skops: the servable model is saved in its format (mlflow.sklearn's default), not as a pickle.
+    exact = [f"{name}=={version(name)}" for name in ("mlflow", "scikit-learn", "scipy", "numpy", "pandas", "skops")]
     return [
         *exact,
         f"xgboost-cpu=={xgboost_version}; sys_platform != 'darwin'",
@@ -210,6 +213,80 @@ def log_xgboost_model(tracking_uri: str, run_id: str, booster, input_example_mat
         run_id=run_id,
     )
     return info.model_uri
+
+
+SERVABLE_MODEL_NAME = "servable_model"
+# The training month's profile (taxi_duration.drift) travels in the servable model's metadata,
+# so scoring a later month can measure drift without fetching the training month again.
+TRAINING_PROFILE_KEY = "taxi_training_profile"
+
+
+def log_servable_model(tracking_uri: str, run_id: str, pipeline, example, training_profile: dict[str, Any]) -> str:
+    """Log the raw-trips Pipeline (taxi_duration.serving) on the run; return its model URI.
+
+    It carries this package as code, so it loads wherever its pip requirements are installed.
+    """
+    import_mlflow()
+    import mlflow
+    import mlflow.sklearn
+    from mlflow.models import infer_signature
+
+    import taxi_duration
+    from taxi_duration import serving
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment_id=_client(tracking_uri).get_run(run_id).info.experiment_id)
+    info = mlflow.sklearn.log_model(
+        pipeline,
+        name=SERVABLE_MODEL_NAME,
+        signature=infer_signature(example, pipeline.predict(example)),
+        input_example=example,
+        pip_requirements=model_pip_requirements(),
+        code_paths=[str(Path(taxi_duration.__file__).parent)],
+        metadata={TRAINING_PROFILE_KEY: training_profile},
+        # skops loads only the types it is told to trust: besides scikit-learn's, these.
+        skops_trusted_types=list(serving.SKOPS_TRUSTED_TYPES),
+        run_id=run_id,
+    )
+    return info.model_uri
+
+
+@dataclass(frozen=True)
+class TripDataset:
+    """One trip file a run read, as its MLflow Datasets tab names it."""
+
+    name: str  # the file name, {color}_tripdata_YYYY-MM.parquet
+    source: str  # the URL it comes from, or its path in a folder source
+    sha256: str  # the digest the stage keys compute
+    rows: int  # trips in the file
+    context: str  # training, validation or scoring
+
+
+# MLflow's SQL stores keep a dataset digest in 36 characters: the digest is the sha256's
+# first 16 hex digits, and the whole sha256 is in the dataset's profile.
+DATASET_DIGEST_LENGTH = 16
+
+
+def log_trip_datasets(tracking_uri: str, run_id: str, datasets: Iterable[TripDataset]) -> None:
+    """Record the run's input files with `log_inputs`: name, digest, source, row count, context."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    inputs = []
+    for dataset in datasets:
+        remote = dataset.source.startswith(("http://", "https://"))
+        inputs.append(DatasetInput(
+            dataset=Dataset(
+                name=dataset.name,
+                digest=dataset.sha256[:DATASET_DIGEST_LENGTH],
+                # The source JSON of MLflow's own HTTP and local-file dataset sources.
+                source_type="http" if remote else "local",
+                source=json.dumps({"url": dataset.source} if remote else {"uri": dataset.source}),
+                profile=json.dumps({"num_rows": dataset.rows, "sha256": dataset.sha256}),
+            ),
+            tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=dataset.context)],
+        ))
+    _client(tracking_uri).log_inputs(run_id, datasets=inputs)
 
 
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:
