@@ -12,6 +12,8 @@ TEST_WORKERS ?= 2
 PARALLEL ?= 2
 FORCE ?=
 BENCH_ARGS ?=
+MODEL ?=
+MODEL_PORT ?= 5002
 
 # uv, pinned: the same version as in requirements/dev.txt (a unit test checks they agree).
 UV_VERSION := 0.13.9
@@ -31,7 +33,7 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .DEFAULT_GOAL := help
 
-.PHONY: help env run backfill serve lab test test-fast lock clean-outputs strip-notebooks browser-deps reports services services-stop ui bench
+.PHONY: help env run score serve-model backfill serve lab test test-fast lock clean-outputs strip-notebooks browser-deps reports services services-stop ui bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -53,6 +55,13 @@ $(ENV_STAMP): requirements/dev.txt pyproject.toml | $(UV)
 
 run: env ## Run the pipeline for YEAR-MONTH (default 2023-03) and COLOR; unchanged stages are reused
 	$(BIN)/python flows/pipeline.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(FORCE),--force)
+
+score: env ## Score YEAR-MONTH with the champion (MODEL=models:/nyc-taxi-duration/3 for another version); predictions and a report
+	$(BIN)/python flows/score.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(MODEL),--model $(MODEL)) $(if $(FORCE),--force)
+
+serve-model: env ## Serve the champion over HTTP on 127.0.0.1:$(MODEL_PORT) (POST trip fields to /invocations)
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$$($(BIN)/python -c 'from taxi_duration import run_servers, settings; run_servers.adopt_running_services(); print(settings.tracking_uri())')}" \
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m $(or $(MODEL),models:/nyc-taxi-duration@champion) --env-manager local --host 127.0.0.1 --port $(MODEL_PORT)
 
 backfill: env ## Run every month FROM=YYYY-MM TO=YYYY-MM (PARALLEL=2 at a time; DASK=1 or DASK_ADDRESS=tcp://host:8786 for Dask)
 	@test -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make backfill FROM=2023-01 TO=2023-04 [COLOR=green] [PARALLEL=2] [DASK=1 | DASK_ADDRESS=tcp://host:8786]"; exit 2; }

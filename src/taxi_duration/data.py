@@ -133,6 +133,12 @@ class TripSource:
             return self.cache_dir / color / name
         return Path(self.location).expanduser().resolve() / name
 
+    def origin(self, color: str, month: Month) -> str:
+        """Where the month's file comes from: its URL, or its path in the folder source."""
+        if is_url(self.location):
+            return f"{self.location.rstrip('/')}/{trip_filename(color, month)}"
+        return str(self._local_path(color, month))
+
     def local_copy(self, color: str, month: Month) -> Path | None:
         """Where the month's file already is on this machine, or None; never downloads or validates."""
         path = self._local_path(color, month)

@@ -1,4 +1,4 @@
-"""The run gallery: `outputs/index.html`, one row per pipeline run, newest first.
+"""The run gallery: `outputs/index.html`, one row per pipeline or scoring run, newest first.
 
 Each run folder holds a `run.json` record written by the flow when the run ends (pass or
 fail). The gallery is rebuilt from all records after every run, so it never drifts from what
@@ -54,6 +54,14 @@ def _format_seconds(seconds: float | None) -> str:
     return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
 
+def _period(record: dict[str, Any]) -> str:
+    """'2023-03 → 2023-04' for a training run; 'scores 2023-05 with nyc-taxi-duration v3' for a scoring run."""
+    e = html.escape
+    if record.get("kind") == "score":
+        return f'scores {e(str(record.get("scored_month", "")))} with {e(str(record.get("model", "")))}'
+    return f'{e(str(record.get("train_month", "")))} → {e(str(record.get("validation_month", "")))}'
+
+
 def _row(record: dict[str, Any]) -> str:
     e = html.escape
     folder = record["folder"]
@@ -78,7 +86,7 @@ def _row(record: dict[str, Any]) -> str:
         "<tr>"
         f'<td>{e(str(record.get("started", ""))[:19].replace("T", " "))}</td>'
         f'<td>{e(str(record.get("color", "")))}</td>'
-        f'<td>{e(str(record.get("train_month", "")))} → {e(str(record.get("validation_month", "")))}</td>'
+        f"<td>{_period(record)}</td>"
         f'<td><span class="status status-{e(status.lower())}">{e(status)}</span>'
         + (f'<div class="error">{e(str(error))}</div>' if error else "")
         + "</td>"
@@ -121,7 +129,7 @@ ul {{ margin: 0; padding-left: 1.1em; }}
 <p class="meta">{len(records)} run(s), newest first. Generated {html.escape(generated.strftime("%Y-%m-%d %H:%M:%S UTC"))}.
 Review reports show outputs only; full reports include the code.</p>
 <table>
-<thead><tr><th>started (UTC)</th><th>colour</th><th>train → validation</th><th>status</th><th>RMSE (min)</th><th>duration</th><th>reports</th><th>MLflow run</th></tr></thead>
+<thead><tr><th>started (UTC)</th><th>colour</th><th>train → validation, or scored month</th><th>status</th><th>RMSE (min)</th><th>duration</th><th>reports</th><th>MLflow run</th></tr></thead>
 <tbody>
 {rows}
 </tbody>

@@ -94,6 +94,20 @@ class PipelineParams:
         return self.train_month.next()
 
 
+def scoring_month(year: object, month: object, color: object = "green") -> tuple[Month, str]:
+    """The month to score and its colour, validated; unlike training it needs no month after it."""
+    year_int, month_int = _as_int("year", year), _as_int("month", month)
+    if not 1 <= month_int <= 12:
+        raise InvalidParameterError(f"month must be between 1 and 12, got {month_int}")
+    color_text = str(color).strip().lower()
+    if color_text not in COLORS:
+        raise InvalidParameterError(f"color must be one of {', '.join(COLORS)}, got {color!r}")
+    first = Month(*FIRST_PUBLISHED[color_text])
+    if Month(year_int, month_int) < first:
+        raise InvalidParameterError(f"TLC publishes {color_text} taxi trips from {first} on; {Month(year_int, month_int)} has no data")
+    return Month(year_int, month_int), color_text
+
+
 MAX_BACKFILL_MONTHS = 240
 
 

@@ -69,6 +69,14 @@ def experiment_name(explicit: str | None = None) -> str:
     return explicit or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
+def scoring_experiment_name(explicit: str | None = None) -> str:
+    """Where scoring runs go: `--experiment`, else `TAXI_SCORING_EXPERIMENT`, else `<training experiment>-scoring`.
+
+    Apart from training runs, so a scored month's RMSE never competes with validation RMSEs.
+    """
+    return explicit or os.environ.get("TAXI_SCORING_EXPERIMENT") or f"{experiment_name()}-scoring"
+
+
 def _whole_number_knob(name: str, default: int, unit: str, minimum: int) -> int:
     """The environment variable `name` as a whole number >= `minimum`; a clear error otherwise."""
     raw = os.environ.get(name)

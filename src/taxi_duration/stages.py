@@ -27,10 +27,15 @@ def training_parameters(tracking_uri: str, experiment_name: str, registered_mode
     return {"tracking_uri": tracking_uri, "experiment_name": experiment_name, "registered_model": registered_model}
 
 
-def stage_keys(params: PipelineParams, trip_files: dict[str, str], training: dict[str, Any]) -> dict[str, str]:
+def trip_digests(trip_files: dict[str, str]) -> dict[str, str]:
+    """sha256 of each month's file (label -> digest): what the stage keys and the MLflow datasets name."""
+    return {label: stagecache.file_sha256(Path(path)) for label, path in trip_files.items()}
+
+
+def stage_keys(params: PipelineParams, digests: dict[str, str], training: dict[str, Any]) -> dict[str, str]:
     """Cache keys: notebook bytes, the parameters that matter, input file digests, upstream keys."""
-    train_digest = stagecache.file_sha256(Path(trip_files[params.train_month.label()]))
-    validation_digest = stagecache.file_sha256(Path(trip_files[params.validation_month.label()]))
+    train_digest = digests[params.train_month.label()]
+    validation_digest = digests[params.validation_month.label()]
     period = {"year": params.year, "month": params.month, "color": params.color}
     notebook = {stage: settings.notebooks_dir() / f"{stage}.ipynb" for stage in STAGES}
     keys = {

@@ -46,7 +46,7 @@ def _started(request: RunRequest) -> list[str]:
 def _cache_stages(request: RunRequest, cache_dir, tmp_path, *cached: str) -> None:
     """Stage-cache entries, under the keys this month's run computes, for the `cached` stages."""
     files = {month.label(): str(request.source.local_copy(request.params.color, month)) for month in request.months}
-    keys = stages.stage_keys(request.params, files, request.training_parameters)
+    keys = stages.stage_keys(request.params, stages.trip_digests(files), request.training_parameters)
     (tmp_path / "earlier-run").mkdir()
     (tmp_path / "earlier-run" / "output.txt").write_text("x")
     for stage in cached:
@@ -78,7 +78,7 @@ def test_a_small_local_month_executes_every_stage_side_by_side_with_runners_ahea
     files = {month.label(): str(request.source.local_copy("green", month)) for month in request.months}
     stage_plan = plan(request, files)
     assert stage_plan.to_execute == tuple(STAGES) and stage_plan.reuse == {} and stage_plan.side_by_side
-    assert stage_plan.keys == stages.stage_keys(request.params, files, request.training_parameters)
+    assert stage_plan.keys == stages.stage_keys(request.params, stages.trip_digests(files), request.training_parameters)
     assert _started(request) == STAGES
 
 

@@ -59,16 +59,61 @@ def main(argv: list[str] | None = None) -> int:
     except tracking.TrackingUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    return _run_flow(lambda: run_resolved(request), format_summary, "Pipeline")
+
+
+def _run_flow(run, summary, what: str) -> int:
+    """Run a resolved flow with a Prefect API, print its summary; 1 with one line when it fails."""
     try:
         with run_servers.prefect_api_for_run() as prefect_api, run_servers.without_flow_heartbeats():
-            result = run_resolved(request)
+            result = run()
     except services.ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Exception as error:
-        print(f"\nPipeline failed: {error}", file=sys.stderr)
+        print(f"\n{what} failed: {error}", file=sys.stderr)
         return 1
-    print(format_summary(result))
+    print(summary(result))
     if prefect_api:
         print(f"  Prefect flow run  {prefect_api.removesuffix('/api')}/runs/flow-run/{result['prefect_flow_run_id']}")
     return 0
+
+
+SCORE_USAGE = ("python flows/score.py --year 2023 --month 5 [--color green] [--model models:/nyc-taxi-duration@champion] "
+               "[--data-source URL|DIR] [--experiment NAME] [--force]")
+
+
+def parse_score_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from taxi_duration.scoring import DEFAULT_MODEL_URI
+
+    parser = argparse.ArgumentParser(description="Score one month's trips with a registered model (04_score).",
+                                     epilog=SCORE_USAGE)
+    parser.add_argument("--year", required=True, help="year of the month to score")
+    parser.add_argument("--month", required=True, help="month to score, 1-12")
+    parser.add_argument("--color", default="green", help="green (default) or yellow")
+    parser.add_argument("--model", default=DEFAULT_MODEL_URI,
+                        help=f"registered model: models:/NAME@ALIAS or models:/NAME/VERSION (default {DEFAULT_MODEL_URI})")
+    parser.add_argument("--data-source", help="URL prefix or folder of trip files (default $TAXI_DATA_SOURCE, else TLC)")
+    parser.add_argument("--experiment", help="MLflow experiment (default $TAXI_SCORING_EXPERIMENT, else <experiment>-scoring)")
+    parser.add_argument("--force", action="store_true", help="score again even if this month and model were scored already")
+    return parser.parse_args(argv)
+
+
+def score_main(argv: list[str] | None = None) -> int:
+    """`python flows/score.py` (`make score`): exit 2 for bad input or an unknown model, 1 when the run fails."""
+    from taxi_duration.orchestration.scoring import format_score_summary, resolve_score_request, run_resolved_scoring
+    from taxi_duration.scoring import ModelNotFoundError
+
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    args = parse_score_args(argv)
+    try:
+        request = resolve_score_request(args.year, args.month, args.color, args.model, args.data_source,
+                                        args.experiment, args.force)
+        settings.prefect_server_mode()
+    except tracking.TrackingUnavailableError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (InvalidParameterError, data.TripDataError, ValueError, ModelNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return _run_flow(lambda: run_resolved_scoring(request), format_score_summary, "Scoring")

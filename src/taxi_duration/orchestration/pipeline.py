@@ -23,7 +23,7 @@ from prefect.runtime import flow_run
 from taxi_duration import settings, stages, tracking
 from taxi_duration.orchestration.report import SUMMARY_METRICS, RunEnding, report_run
 from taxi_duration.orchestration.request import STAGES, RunRequest, StagePlan, local_trip_files, plan, resolve_request
-from taxi_duration.orchestration.stage import RunContext, StageOutcome, fetch_trip_files, run_stage
+from taxi_duration.orchestration.stage import RunContext, StageOutcome, fetch_trip_files, log_trip_datasets, run_stage
 
 
 @flow(name="nyc-taxi-duration", log_prints=True)
@@ -171,6 +171,11 @@ def _run_stages(
             trip_files = _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(request.params, request.source))
             if stage_plan is None:
                 stage_plan = plan(request, trip_files)
+            train_month, validation_month = request.months
+            log_trip_datasets(context, request.source, request.params.color, {
+                month: (trip_files[month.label()], stage_plan.trip_digests[month.label()], role)
+                for month, role in ((train_month, "training"), (validation_month, "validation"))
+            })
             # The copied context carries the flow run into the thread, so the task belongs to it.
             explore = background.submit(contextvars.copy_context().run, stage_step, "01_explore", stop_explore)
             if not stage_plan.side_by_side:

@@ -89,6 +89,7 @@ class StagePlan:
     """What a run does with its stages, decided from its request and its (local) trip files."""
 
     keys: dict[str, str]  # stage -> cache key
+    trip_digests: dict[str, str]  # month label -> sha256 of its file
     side_by_side: bool  # 01_explore runs beside 02_features (a small month), else before it
     reuse: dict[str, stagecache.CacheEntry]  # stages whose outputs are reused, and from where
 
@@ -101,11 +102,12 @@ class StagePlan:
 def plan(request: RunRequest, trip_files: dict[str, str]) -> StagePlan:
     """The stage plan for `request`, given its months' local files (label -> path)."""
     params = request.params
-    keys = stages.stage_keys(params, trip_files, request.training_parameters)
+    digests = stages.trip_digests(trip_files)
+    keys = stages.stage_keys(params, digests, request.training_parameters)
     cache = stagecache.StageCache(settings.stage_cache_dir())
     found = {} if request.force else {stage: cache.lookup(stage, keys[stage]) for stage in STAGES}
     side_by_side = data.trip_count(Path(trip_files[params.train_month.label()])) <= request.overlap_max_trips
-    return StagePlan(keys=keys, side_by_side=side_by_side,
+    return StagePlan(keys=keys, trip_digests=digests, side_by_side=side_by_side,
                      reuse={stage: entry for stage, entry in found.items() if entry is not None})
 
 

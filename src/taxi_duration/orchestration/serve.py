@@ -1,9 +1,10 @@
-"""Serve the pipeline as a scheduled Prefect deployment from this process.
+"""Serve the pipeline as a scheduled Prefect deployment, and scoring on demand, from this process.
 
     python flows/serve.py [--cron "0 6 3 * *"] [--name monthly]
 
-Registers the deployment `nyc-taxi-duration/<name>` with the Prefect API and executes its
-runs here until interrupted (Ctrl-C pauses the schedule). Scheduled runs pass no YEAR or
+Registers the deployments `nyc-taxi-duration/<name>` (monthly training) and `nyc-taxi-score/score`
+(score a month with the champion) with the Prefect API and executes their runs here until
+interrupted (Ctrl-C pauses the schedule). Scheduled runs pass no YEAR or
 MONTH, so each trains on the newest month TLC has published (taxi_duration.schedule).
 Serving needs a Prefect server that outlives this process, for the schedule and for
 `prefect deployment run` from another terminal: PREFECT_API_URL, else the project's local
@@ -73,6 +74,29 @@ def build_deployment(name: str = DEPLOYMENT_NAME, cron: str = MONTHLY_CRON) -> R
     )
 
 
+SCORING_DEPLOYMENT_NAME = "score"
+SCORING_DEPLOYMENT_TAGS = ("nyc-taxi", "scoring")
+SCORING_DEPLOYMENT_DESCRIPTION = (
+    "Score one month's trips with a registered model (default: the champion): predictions, accuracy "
+    "next to the model's validation RMSE, and drift since its training month. Run it with YEAR and MONTH."
+)
+
+
+def build_scoring_deployment(name: str = SCORING_DEPLOYMENT_NAME) -> RunnerDeployment:
+    """The on-demand deployment `nyc-taxi-score/<name>` (no schedule: a month is scored when asked)."""
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.flows import load_flow_from_entrypoint
+
+    from taxi_duration.scoring import DEFAULT_MODEL_URI
+
+    entrypoint = f"{os.path.relpath(settings.project_dir() / 'flows' / 'score.py')}:taxi_duration_scoring"
+    load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)  # fails loudly, as load_pipeline_flow
+    return RunnerDeployment.from_entrypoint(
+        entrypoint, name=name, parameters={"color": "green", "model_uri": DEFAULT_MODEL_URI},
+        description=SCORING_DEPLOYMENT_DESCRIPTION, tags=list(SCORING_DEPLOYMENT_TAGS),
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cron", default=MONTHLY_CRON, help=f"cron schedule in UTC (default {MONTHLY_CRON!r})")
@@ -85,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     # Same working directory as prefect.yaml's pull step: entrypoint flows/pipeline.py.
     os.chdir(settings.project_dir())
     try:
-        deployment = build_deployment(name=args.name, cron=args.cron)
+        deployments = [build_deployment(name=args.name, cron=args.cron), build_scoring_deployment()]
     except ValueError as error:  # a malformed cron or name, reported by Prefect
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -96,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         with run_servers.prefect_api_for_run() as prefect_api:
             if prefect_api:
                 print(f"Prefect UI: {prefect_api.removesuffix('/api')}/deployments")
-            serve(deployment)
+            serve(*deployments)
     except services.ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from taxi_duration import data, reports, runfiles, runner, settings, stagecache, tracking
-from taxi_duration.periods import PipelineParams
+from taxi_duration.periods import Month, PipelineParams
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,26 @@ def fetch_trip_files(params: PipelineParams, source: data.TripSource) -> dict[st
         str(month): str(source.ensure_local(params.color, month))
         for month in (params.train_month, params.validation_month)
     }
+
+
+@task(
+    name="fetch-trip-file", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_data,
+    cache_policy=NO_CACHE,
+)
+def fetch_trip_file(color: str, month: Month, source: data.TripSource) -> str:
+    """Make the month to score local and validated (its dropoff times may be missing: not published yet)."""
+    return str(source.ensure_local(color, month, actuals=False))
+
+
+def log_trip_datasets(
+    context: RunContext, source: data.TripSource, color: str, files: dict[Month, tuple[str, str, str]]
+) -> None:
+    """Name the run's input files in MLflow (its Datasets tab): month -> (local path, sha256, context)."""
+    tracking.log_trip_datasets(context.tracking_uri, context.run_id, [
+        tracking.TripDataset(name=data.trip_filename(color, month), source=source.origin(color, month), sha256=sha256,
+                             rows=data.trip_count(Path(path)), context=role)
+        for month, (path, sha256, role) in files.items()
+    ])
 
 
 @task(name="run-notebook", task_run_name="{stage}", cache_policy=NO_CACHE)

@@ -1,0 +1,23 @@
+"""Score a month with a registered model: the scoring flow's command line and Prefect entrypoint.
+
+    python flows/score.py --year 2023 --month 5 [--color green] [--model models:/nyc-taxi-duration@champion]
+                          [--data-source URL|DIR] [--experiment NAME] [--force]
+
+Prefect's entrypoint (prefect.yaml, `make serve`): flows/score.py:taxi_duration_scoring. The flow
+is defined in taxi_duration.orchestration.scoring, the command line in taxi_duration.orchestration.cli.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from taxi_duration import fast_start
+from taxi_duration.orchestration import cli
+from taxi_duration.orchestration.scoring import taxi_duration_scoring
+
+__all__ = ["taxi_duration_scoring"]
+
+if __name__ == "__main__":
+    exit_code = cli.score_main()
+    fast_start.exit_without_final_collection()
+    sys.exit(exit_code)

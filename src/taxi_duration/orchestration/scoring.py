@@ -1,0 +1,293 @@
+"""The scoring flow: score one month's trips with a registered model (by default the champion).
+
+One stage, 04_score, with the pipeline stages' contract: an MLflow run of its own (in the
+scoring experiment, apart from training runs), the executed notebook and its reports
+archived, its outputs cached by content (the notebook, the month's file, the model version
+itself: a moved alias scores again), a row in the gallery. The run names its input file in
+MLflow's Datasets tab (context `scoring`) and links the model it used.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import Flow, flow
+from prefect.runtime import flow_run
+
+from taxi_duration import data, gallery, scoring, settings, stagecache, tracking
+from taxi_duration.orchestration.stage import RunContext, StageOutcome, fetch_trip_file, log_trip_datasets, run_stage
+from taxi_duration.periods import Month, scoring_month
+
+SCORE_STAGE = "04_score"
+SCORE_FLOW_NAME = "nyc-taxi-score"
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Everything a scoring run needs before it starts, checked: the month, the source, the model."""
+
+    month: Month
+    color: str
+    source: data.TripSource
+    model: scoring.ScoringModel
+    tracking_uri: str
+    experiment: str
+    force: bool
+    timeout_seconds: int
+
+    @property
+    def flow_parameters(self) -> dict[str, Any]:
+        return {"year": self.month.year, "month": self.month.month, "color": self.color,
+                "model_uri": self.model.requested_uri, "data_source": self.source.location,
+                "experiment": self.experiment, "force": self.force}
+
+
+def resolve_score_request(
+    year: int | str,
+    month: int | str,
+    color: str = "green",
+    model_uri: str = scoring.DEFAULT_MODEL_URI,
+    data_source: str | None = None,
+    experiment: str | None = None,
+    force: bool = False,
+) -> ScoreRequest:
+    """The scoring run these inputs ask for.
+
+    InvalidParameterError, TripDataError or ValueError name bad input; TrackingUnavailableError
+    an unreachable tracking server; scoring.ModelNotFoundError a URI that names no version.
+    """
+    scored, color_text = scoring_month(year, month, color)
+    source = data.trip_source(data_source)
+    data.check_source_location(source.location)
+    tracking_uri = settings.tracking_uri()
+    tracking.check_reachable(tracking_uri)
+    return ScoreRequest(
+        month=scored, color=color_text, source=source, model=scoring.resolve_model(tracking_uri, model_uri),
+        tracking_uri=tracking_uri, experiment=settings.scoring_experiment_name(experiment), force=force,
+        timeout_seconds=settings.notebook_timeout_seconds(),
+    )
+
+
+@flow(name=SCORE_FLOW_NAME, log_prints=True)
+def taxi_duration_scoring(
+    year: int = 2023,
+    month: int = 5,
+    color: str = "green",
+    model_uri: str = scoring.DEFAULT_MODEL_URI,
+    data_source: str | None = None,
+    experiment: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Score YEAR-MONTH's trips with `model_uri` (default: the champion) and report accuracy and drift.
+
+    The predictions go into the run's folder; a month without published dropoff times is
+    scored without the accuracy part. An unchanged month scored by the same model version is
+    reused unless `force`.
+    """
+    return run_scoring(resolve_score_request(year, month, color, model_uri, data_source, experiment, force))
+
+
+def run_resolved_scoring(request: ScoreRequest) -> dict[str, Any]:
+    """A run of the scoring flow for a request the command line resolved already (see pipeline.run_resolved)."""
+
+    @functools.wraps(taxi_duration_scoring.fn)
+    def resolved_scoring(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return run_scoring(request)
+
+    as_flow = Flow(resolved_scoring, name=taxi_duration_scoring.name, log_prints=True,
+                   description=taxi_duration_scoring.description)
+    return as_flow(**request.flow_parameters)
+
+
+def score_key(request: ScoreRequest, file_digest: str) -> str:
+    """04_score's cache key: the notebook, the month, the file's bytes and the model version's identity."""
+    model = request.model
+    parameters = {"year": request.month.year, "month": request.month.month, "color": request.color,
+                  "model_name": model.name, "model_version": model.version, "model_id": model.model_id,
+                  "tracking_uri": request.tracking_uri}
+    notebook = settings.notebooks_dir() / f"{SCORE_STAGE}.ipynb"
+    return stagecache.stage_key(SCORE_STAGE, notebook, parameters, {"scored": file_digest}, {})
+
+
+def run_scoring(request: ScoreRequest) -> dict[str, Any]:
+    """The flow's body: fetch the month, open the MLflow run, run or reuse 04_score, record it all."""
+    started = dt.datetime.now(dt.timezone.utc)
+    trip_file = fetch_trip_file(request.color, request.month, request.source)
+    digest = stagecache.file_sha256(Path(trip_file))
+    key = score_key(request, digest)
+    cache = stagecache.StageCache(settings.stage_cache_dir())
+    reuse_from = None if request.force else cache.lookup(SCORE_STAGE, key)
+    context = _start_mlflow_run(request, started)
+    print(f"MLflow run {context.run_id} in experiment {request.experiment!r}; outputs in {context.run_dir}")
+    log_trip_datasets(context, request.source, request.color, {request.month: (trip_file, digest, "scoring")})
+    _link_model(context, request.model)
+    status, error, outcome = "FAILED", None, None
+    try:
+        outcome = run_stage(SCORE_STAGE, _notebook_parameters(request, context), context, request.timeout_seconds, key,
+                            reuse_from=reuse_from)
+        tracking.log_metrics(context.tracking_uri, context.run_id, _numeric(outcome.manifest["metrics"]))
+        if outcome.reused:
+            tracking.set_tags(context.tracking_uri, context.run_id, {
+                f"taxi.stage.{SCORE_STAGE}.reused_from_run": outcome.reused_from.mlflow_run_id,
+                "taxi.reused_stages": SCORE_STAGE})
+        status = "FINISHED"
+    except Exception as failed:
+        error = failed
+        raise
+    except BaseException as stopped:
+        status, error = "KILLED", stopped
+        raise
+    finally:
+        tracking.finish_run(context.tracking_uri, context.run_id, status)
+        gallery_path = _report(request, context, started, status, error, outcome)
+    return _result(request, context, outcome, gallery_path)
+
+
+def _start_mlflow_run(request: ScoreRequest, started: dt.datetime) -> RunContext:
+    model = request.model
+    tags = {
+        **tracking.process_tags(),
+        "prefect.flow_run_id": str(flow_run.id),
+        "prefect.flow_run_name": str(flow_run.name),
+        "taxi.kind": "score",
+        "taxi.color": request.color,
+        "taxi.scored_month": request.month.label(),
+        "taxi.model_name": model.name,
+        "taxi.model_version": model.version,
+    }
+    commit = tracking.git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run_id = tracking.start_run(
+        request.tracking_uri, request.experiment,
+        run_name=f"score-{request.color}-{request.month.label()}-v{model.version}-{started:%Y%m%dT%H%M%SZ}",
+        params={"year": request.month.year, "month": request.month.month, "color": request.color,
+                "data_source": request.source.location, "model_uri": model.pinned_uri,
+                "requested_model_uri": model.requested_uri},
+        tags=tags,
+    )
+    run_dir = (settings.outputs_dir() / request.color / request.month.label()
+               / f"{started:%Y%m%dT%H%M%SZ}-score-{run_id[:8]}")
+    tracking.set_tags(request.tracking_uri, run_id, {"taxi.run_dir": str(run_dir)})
+    return RunContext(request.tracking_uri, run_id, run_dir)
+
+
+def _link_model(context: RunContext, model: scoring.ScoringModel) -> None:
+    """Record the model version as an input of the run (the run page links to it)."""
+    if model.model_id is None:
+        return
+    from mlflow.entities import LoggedModelInput
+
+    tracking._client(context.tracking_uri).log_inputs(context.run_id, models=[LoggedModelInput(model_id=model.model_id)])
+
+
+def _notebook_parameters(request: ScoreRequest, context: RunContext) -> dict[str, Any]:
+    return {"year": request.month.year, "month": request.month.month, "color": request.color,
+            # The version itself: the alias may move while the run is going.
+            "model_uri": request.model.pinned_uri, "data_source": request.source.location,
+            "data_dir": str(request.source.cache_dir), "run_dir": str(context.run_dir),
+            "tracking_uri": request.tracking_uri}
+
+
+def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
+    return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
+
+
+def _report(request: ScoreRequest, context: RunContext, started: dt.datetime, status: str,
+            error: BaseException | None, outcome: StageOutcome | None) -> Path:
+    """run.json, the gallery and the Prefect summary; a problem here is printed, never raised."""
+    gallery_path = settings.outputs_dir() / gallery.GALLERY
+    try:
+        finished = dt.datetime.now(dt.timezone.utc)
+        metrics = outcome.manifest["metrics"] if outcome else {}
+        experiment_id = tracking.experiment_id_of(context.tracking_uri, context.run_id)
+        stage_row: dict[str, Any] = {"stage": SCORE_STAGE, "status": outcome.status if outcome else "FAILED",
+                                     "seconds": round((finished - started).total_seconds(), 1)}
+        if (context.run_dir / f"{SCORE_STAGE}.html").is_file():
+            stage_row.update(full_report=f"{SCORE_STAGE}.html", review_report=f"{SCORE_STAGE}.review.html")
+        record = {
+            "kind": "score", "color": request.color, "scored_month": request.month.label(),
+            "model": request.model.label(), "model_train_month": request.model.train_month,
+            "status": status, "error": None if error is None else (str(error) or type(error).__name__),
+            "started": started.isoformat(), "finished": finished.isoformat(),
+            "seconds": round((finished - started).total_seconds(), 1), "rmse": metrics.get("rmse"),
+            "mlflow_run_id": context.run_id, "experiment": request.experiment, "experiment_id": experiment_id,
+            "tracking_uri": context.tracking_uri,
+            "mlflow_url": gallery.mlflow_run_url(context.tracking_uri, experiment_id, context.run_id),
+            "prefect_flow_run_id": str(flow_run.id), "stages": [stage_row],
+        }
+        gallery.write_run_record(context.run_dir, record)
+        gallery_path = gallery.build_gallery(settings.outputs_dir())
+        _publish_summary(record, metrics, context.run_dir)
+    except Exception as problem:  # noqa: BLE001 - reporting must not mask the run's result
+        print(f"warning: could not record the scoring run in the gallery or Prefect artifacts: {problem!r}")
+    return gallery_path
+
+
+def _publish_summary(record: dict[str, Any], metrics: dict[str, Any], run_dir: Path) -> None:
+    from prefect.artifacts import create_markdown_artifact
+
+    def figure(key: str, digits: int = 3) -> str:
+        value = metrics.get(key)
+        return "n/a" if value is None else f"{value:.{digits}f}"
+
+    create_markdown_artifact(
+        key=f"taxi-score-{record['color']}-{record['scored_month']}",
+        description="Scoring run summary",
+        markdown=(
+            f"# {record['color']} taxis, {record['scored_month']} scored with {record['model']}: {record['status']}\n\n"
+            f"| figure | value |\n|---|---|\n| RMSE on the scored month (min) | {figure('rmse')} |\n"
+            f"| trips scored | {int(metrics.get('scored_trips', 0)):,} |\n"
+            f"| trip-distance PSI | {figure('distance_psi', 4)} |\n| duration PSI | {figure('duration_psi', 4)} |\n"
+            f"| PU_DO pairs unseen in training | {figure('unseen_pu_do_share', 4)} |\n\n"
+            f"Report: `{run_dir / (SCORE_STAGE + '.review.html')}`\n"
+        ),
+    )
+
+
+def _result(request: ScoreRequest, context: RunContext, outcome: StageOutcome, gallery_path: Path) -> dict[str, Any]:
+    manifest = outcome.manifest
+    return {
+        "color": request.color, "scored_month": request.month.label(), "model": request.model.label(),
+        "model_uri": request.model.pinned_uri, "model_train_month": request.model.train_month,
+        "model_validation_rmse": request.model.validation_rmse, "has_actuals": manifest["has_actuals"],
+        "metrics": manifest["metrics"], "mlflow_run_id": context.run_id, "experiment": request.experiment,
+        "tracking_uri": context.tracking_uri, "prefect_flow_run_id": str(flow_run.id), "run_dir": str(context.run_dir),
+        "predictions": str(context.run_dir / manifest["files"]["predictions"]),
+        "report": str(context.run_dir / f"{SCORE_STAGE}.review.html"), "gallery": str(gallery_path),
+        "reused_from": outcome.reused_from.mlflow_run_id if outcome.reused else None,
+    }
+
+
+def format_score_summary(result: dict[str, Any]) -> str:
+    """The closing lines of `make score`."""
+    metrics = result["metrics"]
+    if result["has_actuals"]:
+        accuracy = (f"  RMSE              {metrics['rmse']:>10.3f} minutes on {result['scored_month']} "
+                    + (f"(registered with {result['model_validation_rmse']:.3f})" if result["model_validation_rmse"] is not None else ""))
+    else:
+        accuracy = f"  RMSE              unavailable: {result['scored_month']} has no actual durations yet"
+    lines = [
+        "",
+        f"Scoring finished: {result['color']} taxis of {result['scored_month']} with {result['model']} "
+        f"(trained on {result['model_train_month']})",
+        f"  trips scored      {int(metrics['scored_trips']):>10,}",
+        accuracy,
+    ]
+    for key, label in (("distance_psi", "distance PSI"), ("duration_psi", "duration PSI")):
+        if key in metrics:
+            lines.append(f"  {label:<17} {metrics[key]:>10.4f}")
+    lines += [
+        f"  unseen PU_DO      {metrics['unseen_pu_do_share']:>10.2%} of trips",
+        f"  predictions       {result['predictions']}",
+        f"  report (review)   {result['report']}",
+        f"  MLflow run        {result['mlflow_run_id']} (experiment {result['experiment']!r}, {result['tracking_uri']})",
+    ]
+    if result["reused_from"]:
+        lines.append(f"  reused, unchanged 04_score (run {result['reused_from'][:8]})")
+    lines.append(f"  all runs          {result['gallery']}")
+    return "\n".join(lines)
