@@ -174,13 +174,13 @@ def prefect_home(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def pipeline_cli(prefect_home):
-    """Run `python flows/pipeline.py ARGS` as a user would, with `env` on top of ours."""
+    """Run `python flows/pipeline.py ARGS` (or another flows/ `script`) as a user would, with `env` on top of ours."""
 
-    def run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    def run(*args: str, env: dict[str, str], script: str = "pipeline.py") -> subprocess.CompletedProcess:
         full_env = {**os.environ, **settings.ENVIRONMENT_DEFAULTS, "PREFECT_HOME": str(prefect_home), **env}
         full_env.pop("PREFECT_API_URL", None)  # the embedded default: no server to install
         return subprocess.run(
-            [sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), *args],
+            [sys.executable, str(PROJECT_DIR / "flows" / script), *args],
             cwd=PROJECT_DIR,
             env=full_env,
             capture_output=True,
@@ -273,3 +273,41 @@ def green_run(tmp_path_factory, pipeline_cli, synthetic_source, empty_tracking_s
         outputs=root / "outputs",
         task_windows={stage: tuple(dt.datetime.fromisoformat(moment) for moment in pair) for stage, pair in windows.items()},
     )
+
+
+@dataclass(frozen=True)
+class RealRun:
+    """The real reference run (green 2023-03, validated on 2023-04), then 2023-05 scored with its champion."""
+
+    tracking_uri: str
+    outputs: Path
+    data: Path  # the real files' folder
+    training_stdout: str
+    scoring_stdout: str
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory, pipeline_cli, real_tlc_dir, empty_tracking_store) -> RealRun:
+    """`make run` then `make score YEAR=2023 MONTH=5` on the real files, made once per `make test`.
+
+    Shared by the tests that read them: the reference figures, the scoring report and
+    predictions, the champion served over HTTP.
+    """
+    if not (real_tlc_dir / "green_tripdata_2023-05.parquet").is_file():
+        pytest.skip(f"real TLC file not present: {real_tlc_dir / 'green_tripdata_2023-05.parquet'}")
+
+    def produce(root: Path) -> None:
+        shutil.copyfile(empty_tracking_store, root / "mlflow.db")
+        env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
+               "TAXI_DATA_DIR": str(root / "data")}
+        trained = pipeline_cli("--year", "2023", "--month", "3", "--data-source", str(real_tlc_dir), env=env)
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        (root / "training.out").write_text(trained.stdout)
+        scored = pipeline_cli("--year", "2023", "--month", "5", "--data-source", str(real_tlc_dir), env=env,
+                              script="score.py")
+        assert scored.returncode == 0, scored.stderr[-3000:]
+        (root / "scoring.out").write_text(scored.stdout)
+
+    root = once_per_test_run(tmp_path_factory, "real-run", produce)
+    return RealRun(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", outputs=root / "outputs", data=real_tlc_dir,
+                   training_stdout=(root / "training.out").read_text(), scoring_stdout=(root / "scoring.out").read_text())

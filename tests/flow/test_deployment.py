@@ -75,8 +75,8 @@ def prefect_yaml() -> dict:
 
 @pytest.fixture(scope="module")
 def yaml_deployment(prefect_yaml) -> dict:
-    (only,) = prefect_yaml["deployments"]
-    return only
+    (monthly,) = [d for d in prefect_yaml["deployments"] if d["entrypoint"].startswith("flows/pipeline.py:")]
+    return monthly
 
 
 def check_defaults(parameters: dict, schema: dict) -> None:
@@ -154,9 +154,12 @@ def test_serve_main_serves_the_built_deployment(serve_module, monkeypatch, tmp_p
     monkeypatch.setattr(prefect, "serve", lambda *deployments, **_: served.extend(deployments))
     monkeypatch.chdir(tmp_path)  # main() moves to the project folder itself
     assert serve_module.main(["--name", "nightly", "--cron", "30 2 * * *"]) == 0
-    (only,) = served
+    only, scoring = served
     assert (only.name, only.schedules[0].schedule.cron) == ("nightly", "30 2 * * *")
     assert only.entrypoint == "flows/pipeline.py:taxi_duration_pipeline"
+    # Scoring is served beside it, on demand: no schedule.
+    assert (scoring.name, scoring.entrypoint) == ("score", "flows/score.py:taxi_duration_scoring")
+    assert not scoring.schedules
 
 
 def test_serve_main_rejects_a_bad_cron_before_serving(serve_module, monkeypatch, capsys):
@@ -215,3 +218,18 @@ def test_prefect_yaml_runs_start_in_the_checkout_it_was_deployed_from(prefect_ya
     step = "prefect.deployments.steps.set_working_directory"
     assert build[step] == {"id": "project", "directory": "."}
     assert pull[step] == {"directory": "{{ project.directory }}"}
+
+
+def test_prefect_yaml_scoring_deployment_matches_the_served_one(prefect_yaml, serve_module, monkeypatch):
+    from prefect.flows import load_flow_from_entrypoint
+    from prefect.utilities.callables import parameter_schema
+
+    monkeypatch.chdir(PROJECT_DIR)
+    served = serve_module.build_scoring_deployment()
+    (listed,) = [d for d in prefect_yaml["deployments"] if d["name"] == served.name]
+    assert listed["entrypoint"] == served.entrypoint == "flows/score.py:taxi_duration_scoring"
+    assert listed["parameters"] == served.parameters and listed["tags"] == served.tags
+    assert " ".join(listed["description"].split()) == served.description
+    assert "schedules" not in listed and listed["work_pool"]["name"] == "local-process"
+    scoring_flow = load_flow_from_entrypoint(listed["entrypoint"], use_placeholder_flow=False)
+    check_run(listed["parameters"], {"year": 2023, "month": 5}, parameter_schema(scoring_flow).model_dump())

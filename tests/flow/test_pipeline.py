@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -36,18 +37,15 @@ def _artifact_names(client, run_id, folder):
 
 
 @pytest.mark.realdata
-def test_real_green_2023_03_reproduces_the_reference_model(run_pipeline, real_tlc_dir, isolated_stores):
-    completed = run_pipeline("--year", "2023", "--month", "3", "--data-source", str(real_tlc_dir))
-    assert completed.returncode == 0, completed.stderr[-3000:]
-
+def test_real_green_2023_03_reproduces_the_reference_model(real_run):
     # The terminal ends with the figures users look for.
-    tail = completed.stdout[completed.stdout.index("Pipeline finished"):]
+    tail = real_run.training_stdout[real_run.training_stdout.index("Pipeline finished"):]
     assert re.search(r"train matrix\s+69,392 rows\s+138,784 non-zeros", tail)
     assert re.search(r"validation matrix\s+62,979 rows\s+122,674 non-zeros", tail)
     assert re.search(r"features\s+6,053", tail)
     assert re.search(r"validation RMSE\s+5\.47\d minutes", tail)
 
-    client, run = _only_run(isolated_stores["tracking_uri"])
+    client, run = _only_run(real_run.tracking_uri)
     run_id = run.info.run_id
     assert f"MLflow run        {run_id}" in tail
     assert run.info.status == "FINISHED"
@@ -70,27 +68,44 @@ def test_real_green_2023_03_reproduces_the_reference_model(run_pipeline, real_tl
     assert len(INLINE_PNG.findall(report)) >= 4, "predicted-vs-actual, residuals, error by distance, importances"
     assert "5.470923" in report and "baseline: training mean" in report
 
-    # The logged model has a signature and, loaded back, scores the same validation RMSE.
+    # The logged models have signatures and, loaded back, score the same validation RMSE: the
+    # booster on the matrices, the servable model on the validation trips' raw fields.
     run_dir = Path(tags["taxi.run_dir"])
-    assert run_dir.is_relative_to(isolated_stores["outputs"] / "green" / "2023-03")
+    assert run_dir.is_relative_to(real_run.outputs / "green" / "2023-03")
     assert sorted(path.name for path in run_dir.glob("*.html")) == REPORTS
-    model_uri = runfiles.read_manifest(run_dir, "03_train")["model_uri"]
-    mlflow.set_tracking_uri(isolated_stores["tracking_uri"])
-    assert mlflow.models.get_model_info(model_uri).signature is not None
-    booster = mlflow.xgboost.load_model(model_uri)
+    manifest = runfiles.read_manifest(run_dir, "03_train")
+    mlflow.set_tracking_uri(real_run.tracking_uri)
+    assert mlflow.models.get_model_info(manifest["booster_uri"]).signature is not None
+    booster = mlflow.xgboost.load_model(manifest["booster_uri"])
     matrices = runfiles.load_matrices(run_dir)
     assert model.rmse(matrices.y_val, model.predict(booster, matrices.X_val)) == pytest.approx(metrics["rmse"], rel=1e-6)
+    servable_info = mlflow.models.get_model_info(manifest["model_uri"])
+    assert servable_info.signature.inputs.input_names() == ["PULocationID", "DOLocationID", "trip_distance"]
+    servable = mlflow.sklearn.load_model(manifest["model_uri"])
+    records = runfiles.load_validation_records(run_dir)
+    assert model.rmse(matrices.y_val, servable.predict(records)) == pytest.approx(metrics["rmse"], rel=1e-6)
     logged = client.search_logged_models([run.info.experiment_id])
-    assert [m.name for m in logged] == ["model"] and logged[0].source_run_id == run_id
+    assert sorted(m.name for m in logged) == ["model", "servable_model"]
+    assert {m.source_run_id for m in logged} == {run_id}
 
-    # The first model in a fresh registry becomes champion, and the run says why.
+    # The run names its two input files, with their digests, in MLflow's Datasets tab.
+    datasets = {entry.dataset.name: entry for entry in client.get_run(run_id).inputs.dataset_inputs}
+    assert sorted(datasets) == ["green_tripdata_2023-03.parquet", "green_tripdata_2023-04.parquet"]
+    for name, context in (("green_tripdata_2023-03.parquet", "training"), ("green_tripdata_2023-04.parquet", "validation")):
+        sha256 = hashlib.sha256((real_run.data / name).read_bytes()).hexdigest()
+        entry = datasets[name]
+        assert entry.dataset.digest == sha256[:16] and json.loads(entry.dataset.profile)["sha256"] == sha256
+        assert json.loads(entry.dataset.profile)["num_rows"] == pq.read_metadata(real_run.data / name).num_rows
+        assert {tag.key: tag.value for tag in entry.tags}["mlflow.data.context"] == context
+
+    # The first model in a fresh registry becomes champion, and the run says why: the servable one.
     version = client.get_model_version_by_alias("nyc-taxi-duration", "champion")
-    assert version.run_id == run_id
+    assert version.run_id == run_id and version.model_id == manifest["model_uri"].removeprefix("models:/")
     assert tags["taxi.promotion.decision"] == "promoted" and "first" in tags["taxi.promotion.reason"]
 
     # The gallery lists the run with its RMSE and links to every report.
-    index = (isolated_stores["outputs"] / "index.html").read_text()
-    folder = run_dir.relative_to(isolated_stores["outputs"]).as_posix()
+    index = (real_run.outputs / "index.html").read_text()
+    folder = run_dir.relative_to(real_run.outputs).as_posix()
     assert "5.471" in index and "FINISHED" in index
     for name in REPORTS:
         assert f'href="{folder}/{name}"' in index
