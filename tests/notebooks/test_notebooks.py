@@ -6,10 +6,11 @@ import json
 import re
 
 import mlflow
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import runfiles, settings, tracking
+from taxi_duration import model, runfiles, settings, tracking
 from taxi_duration.runner import NotebookExecutionError, execute_notebook
 
 pytestmark = pytest.mark.notebooks
@@ -66,7 +67,34 @@ def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_sto
     assert [a.path for a in client.list_artifacts(run_id, "preprocessor")] == ["preprocessor/preprocessor.b"]
     trained = runfiles.read_manifest(run_dir, "03_train")
     mlflow.set_tracking_uri(isolated_stores["tracking_uri"])
-    assert mlflow.xgboost.load_model(trained["model_uri"]).num_features() == features["n_features"]
+    assert mlflow.xgboost.load_model(trained["booster_uri"]).num_features() == features["n_features"]
+    # The registered champion is the servable model: raw validation trips in, the same RMSE out.
+    champion = client.get_model_version_by_alias("nyc-taxi-duration", "champion")
+    assert champion.model_id == trained["model_uri"].removeprefix("models:/")
+    servable = mlflow.sklearn.load_model(trained["model_uri"])
+    records = runfiles.load_validation_records(run_dir)
+    assert list(records.columns) == ["PULocationID", "DOLocationID", "trip_distance"]
+    assert model.rmse(runfiles.load_matrices(run_dir).y_val, servable.predict(records)) == pytest.approx(
+        run.data.metrics["rmse"], rel=1e-6)
+
+    # 04_score scores the next month with that champion, into its own folder.
+    score_dir = tmp_path / "score"
+    result = _run("04_score", score_dir, {
+        "year": 2023, "month": 5, "color": "green", "data_source": str(synthetic_source),
+        "data_dir": str(isolated_stores["data"]), "run_dir": str(score_dir), "tracking_uri": isolated_stores["tracking_uri"],
+    })
+    scored = runfiles.read_manifest(score_dir, "04_score")
+    assert scored["model"]["uri"] == f"models:/nyc-taxi-duration/{champion.version}"
+    assert scored["model"]["train_month"] == "2023-03" and scored["has_actuals"] is True
+    predictions = pd.read_parquet(score_dir / scored["files"]["predictions"])
+    assert len(predictions) == scored["metrics"]["scored_trips"]
+    assert scored["metrics"]["rmse"] == pytest.approx(
+        model.rmse(predictions["actual_minutes"].to_numpy(), predictions["predicted_minutes"].to_numpy()))
+    assert scored["metrics"]["training_trips"] == features["train_rows"]
+    assert 0 <= scored["metrics"]["unseen_pu_do_share"] <= 1 and scored["metrics"]["distance_psi"] >= 0
+    review = result.reports.review.read_text()
+    assert "distance PSI" in review and "duration PSI" in review and "(its validation month)" in review
+    assert len(INLINE_PNG.findall(review)) == 3, "error by distance, distance and duration distributions"
 
 
 def test_train_standalone_starts_and_finishes_its_own_run(synthetic_source, isolated_stores, tmp_path):

@@ -13,12 +13,15 @@ NOTEBOOKS = Path(__file__).resolve().parents[2] / "notebooks"
 EXPLORE = NOTEBOOKS / "01_explore.ipynb"
 FEATURES = NOTEBOOKS / "02_features.ipynb"
 TRAIN = NOTEBOOKS / "03_train.ipynb"
+SCORE = NOTEBOOKS / "04_score.ipynb"
 
 
 def test_real_notebooks_declare_the_expected_parameters():
     assert set(declared_parameters(EXPLORE)) == {"year", "month", "color", "data_source", "data_dir", "run_dir"}
     assert set(declared_parameters(FEATURES)) == {"year", "month", "color", "data_source", "data_dir", "run_dir"}
     assert set(declared_parameters(TRAIN)) == {"run_dir", "tracking_uri", "experiment_name", "mlflow_run_id", "registered_model"}
+    assert set(declared_parameters(SCORE)) == {"year", "month", "color", "model_uri", "data_source", "data_dir",
+                                               "run_dir", "tracking_uri"}
 
 
 def test_valid_explore_parameters_pass():
