@@ -92,7 +92,9 @@ def drift_table(training: dict[str, Any], scored: dict[str, Any], unseen_share: 
     for feature, unit in (("distance", "mi"), ("duration", "min")):
         before, after = training.get(feature), scored.get(feature)
         if not (before and after):
-            rows.append((f"{feature}", "", "", "unavailable: the scored month has no actual durations"))
+            month = training["month"] if not before else scored["month"]
+            what = "actual durations" if feature == "duration" else "trip distances"
+            rows.append((f"{feature}", "", "", f"unavailable: {month} has no {what}"))
             continue
         psi = population_stability_index(before["shares"], after["shares"])
         for statistic in ("mean", "median", "p95"):

@@ -84,12 +84,23 @@ def resolve_model(tracking_uri: str, model_uri: str) -> ScoringModel:
         requested_uri=model_uri,
         name=name,
         version=str(found.version),
-        model_id=getattr(found, "model_id", None),
+        model_id=_model_id(found),
         source_run_id=source_run_id,
         train_month=train_month,
         validation_month=tags.get(registry.VERSION_TAG_VALIDATION_MONTH),
         validation_rmse=None if rmse_tag is None else float(rmse_tag),
     )
+
+
+def _model_id(found) -> str | None:
+    """The LoggedModel behind a version: MLflow's SQL registry does not keep `model_id` on the
+    version, so the gate records it as the version's `taxi.model_uri` tag too."""
+    if getattr(found, "model_id", None):
+        return found.model_id
+    try:
+        return registry._logged_model_id((found.tags or {}).get(registry.VERSION_TAG_MODEL_URI) or "")
+    except ValueError:
+        return None
 
 
 def trips_to_score(path: Path, color: str, month: Month) -> tuple[pd.DataFrame, bool]:

@@ -88,5 +88,5 @@ def servable_model(vectorizer: DictVectorizer, booster: xgb.Booster) -> Pipeline
 
 def input_example(trips: pd.DataFrame, rows: int = 5) -> pd.DataFrame:
     """A few trips' RAW_COLUMNS with plain dtypes, as a request would send them (for the signature)."""
-    example = raw_trips(trips.head(rows)).dropna().reset_index(drop=True)
+    example = raw_trips(trips).dropna().head(rows).reset_index(drop=True)
     return example.astype({column: "int64" for column in LOCATION_COLUMNS})

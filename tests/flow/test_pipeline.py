@@ -100,7 +100,7 @@ def test_real_green_2023_03_reproduces_the_reference_model(real_run):
 
     # The first model in a fresh registry becomes champion, and the run says why: the servable one.
     version = client.get_model_version_by_alias("nyc-taxi-duration", "champion")
-    assert version.run_id == run_id and version.model_id == manifest["model_uri"].removeprefix("models:/")
+    assert version.run_id == run_id and version.tags["taxi.model_uri"] == manifest["model_uri"]
     assert tags["taxi.promotion.decision"] == "promoted" and "first" in tags["taxi.promotion.reason"]
 
     # The gallery lists the run with its RMSE and links to every report.

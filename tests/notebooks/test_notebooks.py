@@ -70,7 +70,7 @@ def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_sto
     assert mlflow.xgboost.load_model(trained["booster_uri"]).num_features() == features["n_features"]
     # The registered champion is the servable model: raw validation trips in, the same RMSE out.
     champion = client.get_model_version_by_alias("nyc-taxi-duration", "champion")
-    assert champion.model_id == trained["model_uri"].removeprefix("models:/")
+    assert champion.tags["taxi.model_uri"] == trained["model_uri"]
     servable = mlflow.sklearn.load_model(trained["model_uri"])
     records = runfiles.load_validation_records(run_dir)
     assert list(records.columns) == ["PULocationID", "DOLocationID", "trip_distance"]

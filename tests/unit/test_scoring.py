@@ -126,6 +126,7 @@ class Registered:
     uri: str
     run_ids: list[str]
     rmses: list[float]
+    model_uris: list[str]  # the servable models registered as v1 and v2, "models:/m-..."
 
 
 def trips(month: Month, rows: int, seed: int) -> pd.DataFrame:
@@ -133,10 +134,11 @@ def trips(month: Month, rows: int, seed: int) -> pd.DataFrame:
 
 
 def register(uri: str, name: str, train: pd.DataFrame, validation: pd.DataFrame, validation_month: str,
-             tags: dict[str, str]) -> tuple[str, float]:
+             tags: dict[str, str], rmse_penalty: float = 0.0) -> tuple[str, float, str]:
+    """Train, log and gate one run's servable model; return its run id, the RMSE it was gated with, its URI."""
     matrices = build_matrices(train, validation)
     booster = train_booster(matrices.X_train, matrices.y_train, matrices.X_val, matrices.y_val, num_boost_round=3)
-    run_rmse = rmse(matrices.y_val, predict(booster, matrices.X_val))
+    run_rmse = rmse(matrices.y_val, predict(booster, matrices.X_val)) + rmse_penalty
     run_id = tracking.start_run(uri, "scoring-tests", name, params={}, tags=tags)
     profile = drift.trip_profile("train", matrices.training_column("trip_distance"), matrices.y_train)
     model_uri = tracking.log_servable_model(
@@ -144,7 +146,7 @@ def register(uri: str, name: str, train: pd.DataFrame, validation: pd.DataFrame,
     )
     registry.register_and_gate(uri, run_id, model_uri, validation[RAW_FEATURES], matrices.y_val, run_rmse,
                                validation_month)
-    return run_id, run_rmse
+    return run_id, run_rmse, model_uri
 
 
 @pytest.fixture(scope="module")
@@ -162,27 +164,23 @@ def registered(tmp_path_factory, empty_tracking_store) -> Registered:
         patch.delenv("MLFLOW_EXPERIMENT_ID")
         first = register(uri, "first", trips(Month(2023, 2), 300, 1), trips(Month(2023, 3), 200, 1), "2023-03",
                          {"taxi.train_month": "2023-02"})
-        # Far worse than any model on its month: the gate keeps v1 as champion.
-        second_run, second_rmse = first[0], first[1]
-        second_run, second_rmse = register(uri, "second", trips(Month(2023, 3), 300, 2),
-                                           trips(Month(2023, 4), 200, 2), "2023-04", {})
+        # Gated with an RMSE far worse than v1 can score on its month: v1 stays champion.
+        second = register(uri, "second", trips(Month(2023, 3), 300, 2), trips(Month(2023, 4), 200, 2), "2023-04",
+                          {}, rmse_penalty=100.0)
         tracking.import_mlflow().set_tracking_uri(None)
-    return Registered(uri, [first[0], second_run], [first[1], second_rmse])
+    return Registered(uri, [first[0], second[0]], [first[1], second[1]], [first[2], second[2]])
 
 
 def test_champion_alias_resolves_to_its_version_with_its_tags(registered):
-    champion = str(tracking._client(registered.uri).get_model_version_by_alias(MODEL, "champion").version)
-    index = int(champion) - 1
-
     model = scoring.resolve_model(registered.uri, scoring.DEFAULT_MODEL_URI)
 
     assert scoring.DEFAULT_MODEL_URI == f"models:/{MODEL}@champion"
-    assert (model.requested_uri, model.name, model.version) == (scoring.DEFAULT_MODEL_URI, MODEL, champion)
-    assert model.source_run_id == registered.run_ids[index]
-    assert model.validation_month == ["2023-03", "2023-04"][index]
-    assert model.validation_rmse == registered.rmses[index]
-    assert model.train_month == ["2023-02", None][index]
-    assert model.pinned_uri == f"models:/{MODEL}/{champion}"
+    assert (model.requested_uri, model.name, model.version) == (scoring.DEFAULT_MODEL_URI, MODEL, "1")
+    assert model.source_run_id == registered.run_ids[0]
+    assert model.validation_month == "2023-03"
+    assert model.validation_rmse == registered.rmses[0]
+    assert model.train_month == "2023-02"
+    assert model.pinned_uri == f"models:/{MODEL}/1"
 
 
 @pytest.mark.parametrize("version", ["1", "2"])
@@ -196,6 +194,11 @@ def test_a_version_number_resolves_to_that_version(registered, version):
     assert model.validation_month == ["2023-03", "2023-04"][index]
     assert model.validation_rmse == registered.rmses[index]
     assert model.train_month == ["2023-02", None][index]  # the second run has no taxi.train_month tag
+
+
+def test_the_version_names_its_logged_model(registered):
+    model = scoring.resolve_model(registered.uri, f"models:/{MODEL}/2")
+    assert model.model_id == registered.model_uris[1].removeprefix("models:/")
 
 
 @pytest.mark.parametrize("model_uri", [f"models:/{MODEL}@challenger", f"models:/{MODEL}/99", "models:/no-such-model@champion"])

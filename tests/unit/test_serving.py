@@ -165,8 +165,8 @@ def test_input_example_has_plain_int_zones_and_no_missing_values(trained):
     assert example["trip_distance"].dtype == np.float64
     assert not example.isna().any().any()
     assert list(example.index) == list(range(len(example)))
-    # The first five trips, less the two with a gap.
-    expected = raw.iloc[[0, 2, 4]].reset_index(drop=True).astype({"PULocationID": "int64", "DOLocationID": "int64"})
+    # The first five trips without a gap: the two with one are skipped, not left out of the count.
+    expected = raw.iloc[[0, 2, 4, 5, 6]].reset_index(drop=True).astype({"PULocationID": "int64", "DOLocationID": "int64"})
     pd.testing.assert_frame_equal(example, expected)
 
 
