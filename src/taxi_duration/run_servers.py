@@ -16,11 +16,15 @@ from taxi_duration.services import SERVICE_FACTORIES, prefect_service, read_stat
 
 
 def running_environment() -> dict[str, str]:
-    """The variables that point a run at the running servers (empty when none run)."""
+    """The variables that point a run at the running servers (empty when none run).
+
+    A server still starting (another process is waiting for it) is not adopted: the run would
+    talk to it before it answers. Such a run goes through `start`, which waits for it.
+    """
     return {
         state["env_var"]: state["env_value"]
         for name in SERVICE_FACTORIES
-        if (state := read_state(name)) is not None
+        if (state := read_state(name)) is not None and state.get("ready", True)
     }
 
 

@@ -182,11 +182,12 @@ def read_state(name: str) -> dict | None:
     return state
 
 
-def _write_state(service: Service, pid: int, log: Path) -> None:
+def _write_state(service: Service, pid: int, log: Path, ready: bool) -> None:
+    # Recorded while it starts too (so `stop` finds it), with ready False until it is healthy.
     state = {
         "name": service.name, "pid": pid, "port": service.port, "url": service.ui_url,
         "env_var": service.env_var, "env_value": service.env_value, "log": str(log),
-        "command": service.command, "started_at": time.time(),
+        "command": service.command, "started_at": time.time(), "ready": ready,
     }
     path = _state_path(service.name)
     temporary = path.with_suffix(".json.tmp")
@@ -279,7 +280,7 @@ def start(service: Service, timeout_seconds: float = START_TIMEOUT_SECONDS) -> d
                 service.command, env=service.environment, stdout=log_handle, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=folder,
             )
-        _write_state(service, process.pid, log)
+        _write_state(service, process.pid, log, ready=False)
         deadline = time.monotonic() + timeout_seconds
         while not _healthy(service.health_url):
             if process.poll() is not None:
@@ -295,6 +296,7 @@ def start(service: Service, timeout_seconds: float = START_TIMEOUT_SECONDS) -> d
                     f"{timeout_seconds:.0f} s; last lines of {log}:\n{_log_tail(log)}"
                 )
             time.sleep(0.2)
+        _write_state(service, process.pid, log, ready=True)
         _write_env_file()
         return read_state(service.name) or {}
 

@@ -55,7 +55,9 @@ def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_sto
     assert (run_dir / "preprocessor.b").is_file()
 
     # Artifacts beside the test's store, as the flow files them (never in the checkout's ./mlruns).
-    run_id = tracking.start_run(isolated_stores["tracking_uri"], "notebook-test", "notebook-test", params={}, tags={})
+    # Tagged as the flow tags its runs: scoring reads the training month from there.
+    run_id = tracking.start_run(isolated_stores["tracking_uri"], "notebook-test", "notebook-test", params={},
+                                tags={"taxi.train_month": "2023-03"})
     _run("03_train", run_dir, {"run_dir": str(run_dir), "tracking_uri": isolated_stores["tracking_uri"], "mlflow_run_id": run_id})
 
     client = MlflowClient(isolated_stores["tracking_uri"])

@@ -67,6 +67,33 @@ def test_start_records_the_server_and_the_variables_a_run_picks_up(services_fold
     assert (services_folder / "services.env").read_text() == ""
 
 
+def test_a_server_still_starting_is_not_adopted_until_it_answers(services_folder):
+    # A server that binds its port only after 3 s: another run asking meanwhile must not be
+    # pointed at it (it would be refused a connection), and is once the start has finished.
+    port = free_port()
+    slow = stand_in("prefect", port)
+    slow = services.Service(**{**slow.__dict__, "command": [sys.executable, "-c",
+                                                            f"import time, runpy, sys; time.sleep(3); sys.argv = {slow.command[2:]!r}; "
+                                                            "runpy.run_module('http.server', run_name='__main__')"]})
+    import threading
+
+    started = threading.Thread(target=services.start, args=(slow,), kwargs={"timeout_seconds": 30})
+    started.start()
+    try:
+        deadline = time.monotonic() + 10
+        while services.read_state("prefect") is None:
+            assert time.monotonic() < deadline, "the starting server was never recorded"
+            time.sleep(0.05)
+        assert services.read_state("prefect")["ready"] is False
+        assert run_servers.adopt_running_services({}) == {}, "adopted a server that does not answer yet"
+        started.join(timeout=30)
+        assert services.read_state("prefect")["ready"] is True
+        assert run_servers.adopt_running_services({}) == {"PREFECT_API_URL": f"http://127.0.0.1:{port}"}
+    finally:
+        started.join(timeout=30)
+        services.stop("prefect")
+
+
 def test_stop_ends_the_whole_process_group_and_frees_the_port(services_folder):
     port = free_port()
     state = services.start(stand_in("prefect", port, spawn_child=True), timeout_seconds=30)
