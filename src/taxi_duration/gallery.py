@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import quote, urlparse
 
 from taxi_duration.runfiles import atomic_path
+from taxi_duration.trends import trend_section
 
 RUN_RECORD = "run.json"
 GALLERY = "index.html"
@@ -83,7 +84,7 @@ def _row(record: dict[str, Any]) -> str:
         run_cell = f'<a href="{e(mlflow_link)}">{run_cell}</a>'
     error = record.get("error")
     return (
-        "<tr>"
+        f'<tr class="color-{e(str(record.get("color", "")))} status-{e(status.lower())}">'
         f'<td>{e(str(record.get("started", ""))[:19].replace("T", " "))}</td>'
         f'<td>{e(str(record.get("color", "")))}</td>'
         f"<td>{_period(record)}</td>"
@@ -101,6 +102,9 @@ def _row(record: dict[str, Any]) -> str:
 def render_gallery(records: list[dict[str, Any]], generated: dt.datetime | None = None) -> str:
     generated = generated or dt.datetime.now(dt.timezone.utc)
     rows = "\n".join(_row(record) for record in records) or '<tr><td colspan="8">No runs yet: <code>make run</code>.</td></tr>'
+    colors = sorted({str(record.get("color", "")) for record in records})
+    statuses = sorted({str(record.get("status", "UNKNOWN")).lower() for record in records})
+    filters = _filters(colors, statuses)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
@@ -122,21 +126,37 @@ ul {{ margin: 0; padding-left: 1.1em; }}
 .stage-failed {{ color: #b71c1c; }}
 .error {{ color: #b71c1c; font-size: 0.85em; max-width: 28em; margin-top: 0.3em; }}
 .meta {{ color: #666; font-size: 0.9em; }}
+.trends img {{ margin: 0 1em 1em 0; border: 1px solid #ddd; }}
+.filters a {{ margin-right: 0.6em; }}
+{filters["css"]}
 </style>
 </head>
 <body>
 <h1>NYC taxi trip duration · pipeline runs</h1>
 <p class="meta">{len(records)} run(s), newest first. Generated {html.escape(generated.strftime("%Y-%m-%d %H:%M:%S UTC"))}.
 Review reports show outputs only; full reports include the code.</p>
-<table>
+{trend_section(records)}
+<p class="filters">Show: {filters["links"]}</p>
+{filters["open"]}<table>
 <thead><tr><th>started (UTC)</th><th>colour</th><th>train → validation, or scored month</th><th>status</th><th>RMSE (min)</th><th>duration</th><th>reports</th><th>MLflow run</th></tr></thead>
 <tbody>
 {rows}
 </tbody>
-</table>
+</table>{filters["close"]}
 </body>
 </html>
 """
+
+
+def _filters(colors: list[str], statuses: list[str]) -> dict[str, str]:
+    """Filters by colour and status without script: links to anchors on nested wrappers, and
+    CSS that hides the other rows while one of them is the URL's target."""
+    e = html.escape
+    names = [f"color-{color}" for color in colors] + [f"status-{status}" for status in statuses]
+    links = ['<a href="#">all</a>'] + [f'<a href="#only-{e(name)}">{e(name.split("-", 1)[1])}</a>' for name in names]
+    css = "\n".join(f"#only-{name}:target tbody tr:not(.{name}) {{ display: none; }}" for name in names)
+    return {"links": " ".join(links), "css": css,
+            "open": "".join(f'<div id="only-{e(name)}">' for name in names), "close": "</div>" * len(names)}
 
 
 def build_gallery(outputs_dir: Path) -> Path:

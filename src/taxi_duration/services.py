@@ -183,8 +183,7 @@ def read_state(name: str) -> dict | None:
 
 
 def _write_state(service: Service, pid: int, log: Path, ready: bool) -> None:
-    # Recorded while it starts too (so `stop` finds it), with ready False until it is healthy.
-    state = {
+    state = {  # recorded while it starts too (so `stop` finds it), ready once it is healthy
         "name": service.name, "pid": pid, "port": service.port, "url": service.ui_url,
         "env_var": service.env_var, "env_value": service.env_value, "log": str(log),
         "command": service.command, "started_at": time.time(), "ready": ready,

@@ -7,10 +7,8 @@ notebook kernel close the flow's run before the pipeline has finished.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import urlparse
@@ -249,44 +247,6 @@ def log_servable_model(tracking_uri: str, run_id: str, pipeline, example, traini
         run_id=run_id,
     )
     return info.model_uri
-
-
-@dataclass(frozen=True)
-class TripDataset:
-    """One trip file a run read, as its MLflow Datasets tab names it."""
-
-    name: str  # the file name, {color}_tripdata_YYYY-MM.parquet
-    source: str  # the URL it comes from, or its path in a folder source
-    sha256: str  # the digest the stage keys compute
-    rows: int  # trips in the file
-    context: str  # training, validation or scoring
-
-
-# MLflow's SQL stores keep a dataset digest in 36 characters: the digest is the sha256's
-# first 16 hex digits, and the whole sha256 is in the dataset's profile.
-DATASET_DIGEST_LENGTH = 16
-
-
-def log_trip_datasets(tracking_uri: str, run_id: str, datasets: Iterable[TripDataset]) -> None:
-    """Record the run's input files with `log_inputs`: name, digest, source, row count, context."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    inputs = []
-    for dataset in datasets:
-        remote = dataset.source.startswith(("http://", "https://"))
-        inputs.append(DatasetInput(
-            dataset=Dataset(
-                name=dataset.name,
-                digest=dataset.sha256[:DATASET_DIGEST_LENGTH],
-                # The source JSON of MLflow's own HTTP and local-file dataset sources.
-                source_type="http" if remote else "local",
-                source=json.dumps({"url": dataset.source} if remote else {"uri": dataset.source}),
-                profile=json.dumps({"num_rows": dataset.rows, "sha256": dataset.sha256}),
-            ),
-            tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=dataset.context)],
-        ))
-    _client(tracking_uri).log_inputs(run_id, datasets=inputs)
 
 
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:

@@ -59,6 +59,15 @@ def test_gallery_and_review_reports_render_offline(browser, finished_run, tmp_pa
     assert gallery_page.locator("tbody tr .status").inner_text() == "FINISHED"
     review_links = gallery_page.locator("a", has_text="review")
     assert review_links.count() == 3
+    # The trend charts above the table load, and their alt text names the month they show.
+    charts = gallery_page.locator("img.trend")
+    assert charts.count() == 2
+    assert all(complete and width > 0 for complete, width in _image_states(gallery_page)), "a trend chart did not load"
+    assert charts.nth(0).get_attribute("alt").startswith("Validation RMSE by training month: green 2023-03 ")
+    assert charts.nth(1).get_attribute("alt").startswith("Training trips (1-60 min) by month: green 2023-03 ")
+    # The colour filter is a link to an anchor: no script, and the row stays (it is green).
+    gallery_page.locator('a[href="#only-color-green"]').click()
+    assert gallery_page.locator("tbody tr").first.is_visible()
 
     images_seen = 0
     for index in range(3):

@@ -27,7 +27,8 @@ def test_runs_are_listed_newest_first_with_relative_links(tmp_path):
 
     page = build_gallery(tmp_path).read_text()
 
-    assert page.index("6.250") < page.index("5.471"), "newest first"
+    table = page[page.index("<tbody>"):]  # the trend charts above name the runs too, in month order
+    assert table.index("6.250") < table.index("5.471"), "newest first"
     assert 'href="green/2023-03/20260101T000000Z-aaaaaaaa/01_explore.review.html"' in page
     assert 'href="yellow/2023-03/20260202T000000Z-bbbbbbbb/01_explore.html"' in page
     assert "1 min 15 s" in page
@@ -67,3 +68,15 @@ def test_gallery_link_to_mlflow_when_known(tmp_path):
     write_run_record(tmp_path / "green" / "2023-03" / "r1",
                      _record("2026-01-01T00:00:00+00:00", mlflow_url="http://mlflow.example:5000/#/experiments/1/runs/abcdef1234567890"))
     assert 'href="http://mlflow.example:5000/#/experiments/1/runs/abcdef1234567890"' in build_gallery(tmp_path).read_text()
+
+
+def test_colour_and_status_filters_work_without_script(tmp_path):
+    write_run_record(tmp_path / "green" / "2023-03" / "a", _record("2026-01-01T00:00:00+00:00"))
+    write_run_record(tmp_path / "yellow" / "2023-03" / "b", _record("2026-01-02T00:00:00+00:00", color="yellow",
+                                                                      status="FAILED"))
+    page = build_gallery(tmp_path).read_text()
+    assert "<script" not in page
+    for name in ("color-green", "color-yellow", "status-finished", "status-failed"):
+        assert f'<a href="#only-{name}">' in page and f'<div id="only-{name}">' in page
+        assert f"#only-{name}:target tbody tr:not(.{name}) {{ display: none; }}" in page
+    assert '<tr class="color-yellow status-failed">' in page and '<tr class="color-green status-finished">' in page

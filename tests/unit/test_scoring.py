@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import xgboost as xgb
 
-from taxi_duration import drift, registry, scoring, serving, tracking
+from taxi_duration import datasets, drift, registry, scoring, serving, tracking
 from taxi_duration.data import DROPOFF_COLUMN, PICKUP_COLUMN
 from taxi_duration.features import RAW_FEATURES, build_matrices, prepare_trips
 from taxi_duration.model import predict, rmse, train_booster
@@ -234,16 +234,16 @@ def test_trip_datasets_are_recorded_as_run_inputs(tmp_path, empty_tracking_store
     url = "https://d37ci6vzurychx.cloudfront.net/trip-data/green_tripdata_2023-02.parquet"
     folder_file = str(tmp_path / "green_tripdata_2023-05.parquet")
 
-    tracking.log_trip_datasets(uri, run_id, [
-        tracking.TripDataset("green_tripdata_2023-02.parquet", url, sha_train, 64_809, "training"),
-        tracking.TripDataset("green_tripdata_2023-05.parquet", folder_file, sha_score, 1_234, "scoring"),
+    datasets.log_trip_datasets(uri, run_id, [
+        datasets.TripDataset("green_tripdata_2023-02.parquet", url, sha_train, 64_809, "training"),
+        datasets.TripDataset("green_tripdata_2023-05.parquet", folder_file, sha_score, 1_234, "scoring"),
     ])
 
     inputs = tracking._client(uri).get_run(run_id).inputs.dataset_inputs
     by_name = {entry.dataset.name: entry for entry in inputs}
     assert sorted(by_name) == ["green_tripdata_2023-02.parquet", "green_tripdata_2023-05.parquet"]
     train, score = by_name["green_tripdata_2023-02.parquet"], by_name["green_tripdata_2023-05.parquet"]
-    assert train.dataset.digest == sha_train[:16] and len(train.dataset.digest) == tracking.DATASET_DIGEST_LENGTH
+    assert train.dataset.digest == sha_train[:16] and len(train.dataset.digest) == datasets.DATASET_DIGEST_LENGTH
     assert score.dataset.digest == sha_score[:16]
     assert json.loads(train.dataset.profile) == {"num_rows": 64_809, "sha256": sha_train}
     assert json.loads(score.dataset.profile) == {"num_rows": 1_234, "sha256": sha_score}

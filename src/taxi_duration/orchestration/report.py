@@ -57,7 +57,9 @@ def run_record(request: RunRequest, context: RunContext, started: dt.datetime, f
             for key, suffix in (("full_report", ".html"), ("review_report", ".review.html")):
                 entry[key] = f"{timing['stage']}{suffix}"
         stage_rows.append(entry)
+    promotion = (training.manifest.get("promotion") or {}) if training else {}
     return {
+        "kind": "train",
         "color": params.color,
         "train_month": params.train_month.label(),
         "validation_month": params.validation_month.label(),
@@ -68,6 +70,9 @@ def run_record(request: RunRequest, context: RunContext, started: dt.datetime, f
         "seconds": round((finished - started).total_seconds(), 1),
         "rmse": metrics.get("rmse"),
         "baseline_rmse": metrics.get("baseline_rmse"),
+        "train_rows": metrics.get("train_rows"),
+        # promoted / kept; "reused" for a training reused from an earlier run (it registered nothing)
+        "promotion": "reused" if training and training.reused else promotion.get("taxi.promotion.decision"),
         "mlflow_run_id": context.run_id,
         "experiment": request.experiment,
         "experiment_id": experiment_id,

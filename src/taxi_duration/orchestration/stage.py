@@ -15,7 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from taxi_duration import data, reports, runfiles, runner, settings, stagecache, tracking
+from taxi_duration import data, datasets, reports, runfiles, runner, settings, stagecache, tracking
 from taxi_duration.periods import Month, PipelineParams
 
 
@@ -75,8 +75,8 @@ def log_trip_datasets(
     context: RunContext, source: data.TripSource, color: str, files: dict[Month, tuple[str, str, str]]
 ) -> None:
     """Name the run's input files in MLflow (its Datasets tab): month -> (local path, sha256, context)."""
-    tracking.log_trip_datasets(context.tracking_uri, context.run_id, [
-        tracking.TripDataset(name=data.trip_filename(color, month), source=source.origin(color, month), sha256=sha256,
+    datasets.log_trip_datasets(context.tracking_uri, context.run_id, [
+        datasets.TripDataset(name=data.trip_filename(color, month), source=source.origin(color, month), sha256=sha256,
                              rows=data.trip_count(Path(path)), context=role)
         for month, (path, sha256, role) in files.items()
     ])
