@@ -261,7 +261,11 @@ def trip_source(location: str | None = None, cache_dir: str | Path | None = None
     """A TripSource from notebook/flow parameters; None means the configured default."""
     from taxi_duration import settings
 
-    return TripSource(location or settings.data_source(), Path(cache_dir) if cache_dir else settings.data_dir())
+    location = location or settings.data_source()
+    if not is_url(location) and "://" not in location:
+        # Absolute, so the notebooks (whose kernels run in notebooks/) read the same folder.
+        location = str(Path(location).expanduser().resolve())
+    return TripSource(location, Path(cache_dir) if cache_dir else settings.data_dir())
 
 
 def check_source_location(location: str) -> None:

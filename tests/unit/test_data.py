@@ -411,3 +411,13 @@ def test_local_copy_finds_a_folder_file_or_a_cached_download_and_never_fetches(t
     assert remote.local_copy("green", month) is None
     cached = write_trip_file(tmp_path / "cache" / "green", "green", month, 50, seed=1)
     assert remote.local_copy("green", month) == cached
+
+
+def test_a_relative_folder_source_is_made_absolute_so_notebooks_in_another_folder_read_it(tmp_path, monkeypatch):
+    # `TAXI_DATA_SOURCE=../shared/data/tlc make run`: the kernels run in notebooks/, not where make ran.
+    (tmp_path / "shared" / "tlc").mkdir(parents=True)
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    source = trip_source("../shared/tlc")
+    assert source.location == str(tmp_path / "shared" / "tlc")
+    assert trip_source("https://example.org/trip-data").location == "https://example.org/trip-data"
