@@ -9,9 +9,29 @@ from matplotlib.figure import Figure
 from taxi_duration.features import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES
 
 
+class ReportFigure(Figure):
+    """A Figure that tells the notebook front end (and so the HTML reports) its alt text.
+
+    IPython keeps the metadata of `_repr_mimebundle_` while matplotlib's inline formatter
+    renders the PNG; the report template writes `alt` from it.
+    """
+
+    def alt_text(self) -> str:
+        parts = []
+        for axes in self.axes:
+            title = axes.get_title()
+            x_label, y_label = axes.get_xlabel(), axes.get_ylabel()
+            axis = f"{y_label} by {x_label}" if x_label and y_label else (y_label or x_label)
+            parts.append(": ".join(part for part in (title, axis) if part))
+        return "; ".join(part for part in parts if part) or "figure"
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        return {}, {"image/png": {"alt": self.alt_text()}}
+
+
 def _figure(width: float = 8, height: float = 3.5) -> tuple[Figure, object]:
     # Figure() rather than pyplot: no global state, safe in any backend.
-    figure = Figure(figsize=(width, height), layout="constrained")
+    figure = ReportFigure(figsize=(width, height), layout="constrained")
     return figure, figure.add_subplot()
 
 
@@ -45,7 +65,7 @@ def null_counts_bar(nulls: pd.Series) -> Figure:
 
 
 def top_zones_bar(pickup_zones: pd.DataFrame, dropoff_zones: pd.DataFrame) -> Figure:
-    figure = Figure(figsize=(10, 3.5), layout="constrained")
+    figure = ReportFigure(figsize=(10, 3.5), layout="constrained")
     for axes, zones, title in zip(figure.subplots(1, 2), (pickup_zones, dropoff_zones), ("pickup", "dropoff")):
         axes.barh(zones["zone"], zones["trips"], color="#8172b2")
         axes.invert_yaxis()

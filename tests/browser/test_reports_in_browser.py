@@ -77,6 +77,8 @@ def test_gallery_and_review_reports_render_offline(browser, finished_run, tmp_pa
         assert images, f"{href} should show its plots"
         images_seen += len(images)
         assert all(complete and width > 0 for complete, width in images), f"an image in {href} did not load"
+        alts = report.eval_on_selector_all("img", "images => images.map(image => image.alt)")
+        assert all(alt and "No description" not in alt for alt in alts), f"a plot in {href} has no alt text: {alts}"
         assert errors == [], f"console errors in {href}: {errors}"
         assert remote == [], f"{href} fetched {remote}"
         assert report.locator(".jp-CodeCell .jp-InputArea-editor").count() == 0, "review reports hide code"
