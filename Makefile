@@ -89,8 +89,8 @@ browser-deps: ## Install Debian's Chromium for the browser tests (root; apt)
 	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 	@chromium --version
 
-lab: env ## JupyterLab on notebooks/, kernel from the project environment
-	cd notebooks && ../$(BIN)/jupyter lab --notebook-dir=.
+lab: env ## JupyterLab on notebooks/, kernel from the project environment (root too, as in containers)
+	cd notebooks && ../$(BIN)/jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root)
 
 test: env ## Run the whole test suite (every layer; TEST_WORKERS=2 processes side by side)
 	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS)) $(PYTEST_ARGS)

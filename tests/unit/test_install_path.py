@@ -148,3 +148,12 @@ def test_lock_files_are_current_against_pyproject(tmp_path):
     for lock in (RUNTIME_LOCK, DEV_LOCK):
         regenerated = (copy / "requirements" / lock.name).read_text()
         assert regenerated == lock.read_text(), f"{lock.relative_to(PROJECT_DIR)} is stale: run `make lock` and commit it"
+
+
+def test_make_lab_lets_root_start_jupyterlab():
+    # JupyterLab refuses to start as root without --allow-root (containers, this CI machine).
+    import os
+
+    planned = subprocess.run(["make", "-n", "lab"], cwd=PROJECT_DIR, capture_output=True, text=True, check=True).stdout
+    (command,) = [line for line in planned.splitlines() if "jupyter lab" in line]
+    assert ("--allow-root" in command) == (os.getuid() == 0), command
