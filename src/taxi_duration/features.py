@@ -137,6 +137,11 @@ _CATEGORY_PREFIX = f"{CATEGORICAL_FEATURES[0]}{_SEPARATOR}"
 _DISTANCE = NUMERICAL_FEATURES[0]
 
 
+def fitted_pairs(vectorizer: DictVectorizer) -> set[str]:
+    """The PU_DO pairs ("132_236") a vectorizer was fitted on."""
+    return {name.removeprefix(_CATEGORY_PREFIX) for name in vectorizer.vocabulary_ if name.startswith(_CATEGORY_PREFIX)}
+
+
 def fit_vectorizer(trips: pd.DataFrame) -> DictVectorizer:
     """The DictVectorizer that `fit` on `feature_records(trips)` would give, fitted without the records."""
     _, names = _factorized_pairs(trips)

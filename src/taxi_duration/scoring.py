@@ -75,10 +75,11 @@ def resolve_model(tracking_uri: str, model_uri: str) -> ScoringModel:
             "train and register a model first (make run)"
         ) from error
     tags = found.tags or {}
-    source_run_id = found.run_id or tags.get(registry.VERSION_TAG_RUN_ID)
-    train_month = None
-    if source_run_id:
-        train_month = tracking._client(tracking_uri).get_run(source_run_id).data.tags.get("taxi.train_month")
+    try:
+        source_run_id = registry.version_run_id(tracking_uri, name, str(found.version))
+    except registry.RegistryError:  # registered from outside a run: no training month to show
+        source_run_id = None
+    train_month = client.get_run(source_run_id).data.tags.get("taxi.train_month") if source_run_id else None
     rmse_tag = tags.get(registry.VERSION_TAG_VALIDATION_RMSE)
     return ScoringModel(
         requested_uri=model_uri,

@@ -57,8 +57,7 @@ class TripFeaturizer(TransformerMixin, BaseEstimator):
 
     def seen_pairs(self) -> set[str]:
         """The PU_DO pairs the vectorizer was fitted on (its training month's)."""
-        prefix = f"{features.CATEGORICAL_FEATURES[0]}="
-        return {name.removeprefix(prefix) for name in self.vectorizer.vocabulary_ if name.startswith(prefix)}
+        return features.fitted_pairs(self.vectorizer)
 
 
 def raw_trips(trips: Any) -> pd.DataFrame:

@@ -54,7 +54,8 @@ def _champion_run(records: list[dict[str, Any]]) -> str | None:
     return None
 
 
-def _scale(values: list[float], low: float, high: float) -> tuple[float, float]:
+def _scale(values: list[float]) -> tuple[float, float]:
+    """The value axis: from 0 (or the lowest value, if negative) to 10% above the highest."""
     top = max(values) if values else 1.0
     bottom = min(0.0, min(values)) if values else 0.0
     span = (top - bottom) or 1.0
@@ -95,7 +96,7 @@ def rmse_chart(points: list[MonthPoint]) -> tuple[str, str] | None:
         return None
     months = sorted({point.month for point in points})
     values = [point.rmse for point in points] + [p.baseline_rmse for p in points if p.baseline_rmse is not None]
-    bottom, top = _scale(values, 0, 0)
+    bottom, top = _scale(values)
     body, x, y = _axes(months, bottom, top, "minutes")
     legend_x = WIDTH - RIGHT - 250
     for row, color in enumerate(sorted({point.color for point in points})):
@@ -132,7 +133,7 @@ def trips_chart(points: list[MonthPoint]) -> tuple[str, str] | None:
         return None
     months = sorted({point.month for point in counted})
     colors = sorted({point.color for point in counted})
-    bottom, top = _scale([float(point.train_rows) for point in counted], 0, 0)
+    _, top = _scale([float(point.train_rows) for point in counted])
     body, x, y = _axes(months, 0.0, top, "trips")
     width = (WIDTH - LEFT - RIGHT) / max(len(months), 1) * 0.7 / len(colors)
     for offset, color in enumerate(colors):

@@ -89,21 +89,16 @@ def test_logged_requirements_build_an_environment_that_loads_and_scores_the_mode
     assert not any(name.startswith("nvidia-") for name in names), "the CUDA libraries came along"
     assert "taxi-duration" not in names, "the model must load without the project installed"
 
-    scipy.sparse.save_npz(tmp_path / "X.npz", X)
-    scored = subprocess.run(
-        [str(python), "-c", SCORE_IN_FRESH_ENVIRONMENT, str(local_model), str(tmp_path / "X.npz")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert scored.returncode == 0, scored.stderr[-3000:]
-    predictions = json.loads(scored.stdout.strip().splitlines()[-1])
-    assert predictions == pytest.approx(expected.tolist(), rel=1e-6)
+    def scored_there(script: str, model_dir: Path, inputs: Path) -> list[float]:
+        scored = subprocess.run([str(python), "-c", script, str(model_dir), str(inputs)],
+                                capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert scored.returncode == 0, scored.stderr[-3000:]
+        return json.loads(scored.stdout.strip().splitlines()[-1])
 
+    scipy.sparse.save_npz(tmp_path / "X.npz", X)
+    assert scored_there(SCORE_IN_FRESH_ENVIRONMENT, local_model, tmp_path / "X.npz") == pytest.approx(
+        expected.tolist(), rel=1e-6)
     # The servable model scores raw trip fields there, with the feature code it carries.
     trips.to_parquet(tmp_path / "trips.parquet")
-    scored = subprocess.run(
-        [str(python), "-c", SCORE_TRIPS_IN_FRESH_ENVIRONMENT, str(local_servable), str(tmp_path / "trips.parquet")],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-    )
-    assert scored.returncode == 0, scored.stderr[-3000:]
-    predictions = json.loads(scored.stdout.strip().splitlines()[-1])
-    assert predictions == pytest.approx(expected.tolist(), rel=1e-6)
+    assert scored_there(SCORE_TRIPS_IN_FRESH_ENVIRONMENT, local_servable, tmp_path / "trips.parquet") == pytest.approx(
+        expected.tolist(), rel=1e-6)
