@@ -33,7 +33,7 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .DEFAULT_GOAL := help
 
-.PHONY: help env run score serve-model backfill serve lab test test-fast lock clean-outputs strip-notebooks browser-deps reports services services-stop ui bench
+.PHONY: help env run score serve-model backfill serve lab compare reopen test test-fast lock clean-outputs strip-notebooks browser-deps reports services services-stop ui bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
@@ -91,6 +91,14 @@ browser-deps: ## Install Debian's Chromium for the browser tests (root; apt)
 
 lab: env ## JupyterLab on notebooks/, kernel from the project environment (root too, as in containers)
 	cd notebooks && ../$(BIN)/jupyter lab --notebook-dir=. $(if $(filter 0,$(shell id -u)),--allow-root)
+
+compare: env ## Compare two runs A=<run> B=<run> (MLflow run id, prefix or folder): one offline report in the newer run's folder
+	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=<run id, prefix or folder> B=<run id, prefix or folder>"; exit 2; }
+	$(BIN)/python -m taxi_duration.compare $(A) $(B)
+
+reopen: env ## Reopen RUN=<run> [STAGE=03_train] in JupyterLab with the run's exact parameters (notebooks/reopened/)
+	@test -n "$(RUN)" || { echo "usage: make reopen RUN=<run id, prefix or folder> [STAGE=01_explore|02_features|03_train|04_score]"; exit 2; }
+	$(BIN)/python -m taxi_duration.reopen $(RUN) $(if $(STAGE),--stage $(STAGE))
 
 test: env ## Run the whole test suite (every layer; TEST_WORKERS=2 processes side by side)
 	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS)) $(PYTEST_ARGS)

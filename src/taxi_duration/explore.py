@@ -39,6 +39,20 @@ def busiest_zones(frame: pd.DataFrame, column: str, top: int = 10) -> pd.DataFra
     return pd.DataFrame({"zone": counts.index.astype(str), "trips": counts.to_numpy(), "share": counts.to_numpy() / len(frame)})
 
 
+DURATION_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
+
+
+def duration_quantiles(duration: pd.Series) -> dict[str, float]:
+    """Trip duration (minutes) at each of DURATION_QUANTILES, keyed 'p01' ... 'p99'."""
+    values = duration.dropna()
+    return {f"p{round(q * 100):02d}": float(values.quantile(q)) if len(values) else float("nan") for q in DURATION_QUANTILES}
+
+
+def zone_counts(zones: pd.DataFrame) -> list[dict[str, object]]:
+    """`busiest_zones` rows as JSON-ready records, for the stage's manifest."""
+    return [{"zone": str(row.zone), "trips": int(row.trips), "share": float(row.share)} for row in zones.itertuples()]
+
+
 def profile_month(frame: pd.DataFrame, color: str) -> dict[str, object]:
     """Headline figures of a month's raw trips (before any filtering)."""
     trips = normalize_trips(frame, color)

@@ -28,12 +28,17 @@ def write_run_record(run_dir: Path, record: dict[str, Any]) -> Path:
     return path
 
 
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """One run folder's record (raises OSError or ValueError when it is missing or damaged)."""
+    return json.loads((Path(run_dir) / RUN_RECORD).read_text())
+
+
 def read_run_records(outputs_dir: Path) -> list[dict[str, Any]]:
     """Every readable run record under `outputs_dir`, newest first, each with its folder."""
     records = []
     for path in Path(outputs_dir).glob(f"*/*/*/{RUN_RECORD}"):
         try:
-            record = json.loads(path.read_text())
+            record = read_run_record(path.parent)
         except (OSError, ValueError):
             continue  # a record being replaced right now, or damaged: leave it out, don't fail
         record["folder"] = path.parent.relative_to(outputs_dir).as_posix()
@@ -78,6 +83,10 @@ def _row(record: dict[str, Any]) -> str:
                 parts.append(f'<a href="{e(quote(f"{folder}/{stage[key]}"))}">{label}</a>')
         status_mark = "" if stage.get("status") == "COMPLETED" else f' <span class="stage-{e(str(stage.get("status", "")).lower())}">({e(str(stage.get("status", "")).lower())})</span>'
         links.append(f'<li>{e(stage["stage"])}{status_mark}: {" · ".join(parts) or "no report"}</li>')
+    comparison = record.get("comparison")
+    if comparison:
+        href = e(quote(f"{folder}/{comparison}"))
+        links.append(f'<li><a class="comparison" href="{href}">what changed since last month</a></li>')
     mlflow_link = record.get("mlflow_url")
     run_cell = e(str(record.get("mlflow_run_id", ""))[:8])
     if mlflow_link:

@@ -119,6 +119,12 @@ def error_by_distance(distance: np.ndarray, actual: np.ndarray, predicted: np.nd
     ).rename_axis("miles")
 
 
+def error_by_distance_records(by_distance: pd.DataFrame) -> list[dict[str, object]]:
+    """`error_by_distance` rows as JSON-ready records ('miles' the bucket's label), for the manifest."""
+    return [{"miles": str(bucket), "trips": int(row.trips), "rmse": float(row.rmse), "mean_error": float(row.mean_error)}
+            for bucket, row in zip(by_distance.index, by_distance.itertuples())]
+
+
 def feature_importances(booster: xgb.Booster, feature_names: list[str], top: int = 15) -> pd.DataFrame:
     """The `top` features by total gain, with their names from the preprocessor."""
     gains = booster.get_score(importance_type="total_gain")

@@ -31,6 +31,12 @@ class Month:
             return Month(self.year + 1, 1)
         return Month(self.year, self.month + 1)
 
+    def previous(self) -> Month:
+        """The month before; January rolls back to December of the year before."""
+        if self.month == 1:
+            return Month(self.year - 1, 12)
+        return Month(self.year, self.month - 1)
+
     def label(self) -> str:
         return f"{self.year:04d}-{self.month:02d}"
 

@@ -166,9 +166,14 @@ def rescore_version(
     NotServableModelError when the version is a bare booster from before the servable model.
     """
     servable, _ = load_servable(tracking_uri, registered_model, version)
-    # PU_DO pairs the champion never saw get no pair feature, as they would in serving.
-    predictions = servable.predict(serving.raw_trips(_frame(validation_records)))
-    return rmse(np.asarray(y_val, dtype="float64"), np.asarray(predictions, dtype="float64"))
+    return servable_rmse(servable, validation_records, y_val)
+
+
+def servable_rmse(servable: Any, trips: Sequence[dict[str, Any]] | pd.DataFrame, actual_minutes: np.ndarray) -> float:
+    """RMSE (minutes) of a servable Pipeline on raw trips whose actual durations are known."""
+    # PU_DO pairs the model never saw get no pair feature, as they would in serving.
+    predictions = servable.predict(serving.raw_trips(_frame(trips)))
+    return rmse(np.asarray(actual_minutes, dtype="float64"), np.asarray(predictions, dtype="float64"))
 
 
 def load_servable(tracking_uri: str, registered_model: str, version: str) -> tuple[Any, dict[str, Any]]:
@@ -176,19 +181,25 @@ def load_servable(tracking_uri: str, registered_model: str, version: str) -> tup
 
     NotServableModelError when the version holds some other model (a bare booster).
     """
+    download_uri = tracking._client(tracking_uri).get_model_version_download_uri(registered_model, version)
+    return load_servable_uri(tracking_uri, download_uri, f"{registered_model} version {version}")
+
+
+def load_servable_uri(tracking_uri: str, model_uri: str, what: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """The servable Pipeline at `model_uri` (a logged model's models:/m-... or an artifact URI) and its metadata."""
     tracking.import_mlflow()  # first import through the helper that silences its import warning
+    import mlflow
     import mlflow.artifacts
     import mlflow.sklearn
     from mlflow.models import Model
 
-    client = tracking._client(tracking_uri)
-    download_uri = client.get_model_version_download_uri(registered_model, version)
+    mlflow.set_tracking_uri(tracking_uri)  # a logged model's models:/m-... resolves through the fluent store
     with tempfile.TemporaryDirectory(prefix="taxi-model-") as scratch:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=download_uri, dst_path=scratch, tracking_uri=tracking_uri)
+        local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=scratch, tracking_uri=tracking_uri)
         description = Model.load(local)
         if "sklearn" not in description.flavors:
             raise NotServableModelError(
-                f"{registered_model} version {version} is a {'/'.join(sorted(description.flavors))} model, "
+                f"{what or model_uri} is a {'/'.join(sorted(description.flavors))} model, "
                 "not the servable Pipeline on raw trip fields (it predates it): it cannot score raw trips"
             )
         return mlflow.sklearn.load_model(local), dict(description.metadata or {})

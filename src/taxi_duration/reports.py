@@ -122,6 +122,14 @@ def _exporter(review: bool):
     return _exporters[review]
 
 
+def reopen_command(executed_notebook: Path) -> str | None:
+    """The command that reopens this notebook of its run in JupyterLab (None outside a run folder)."""
+    from taxi_duration.runfiles import run_id_prefix
+
+    run = run_id_prefix(Path(executed_notebook).parent)
+    return f"make reopen RUN={run} STAGE={Path(executed_notebook).stem}" if run else None
+
+
 def render_reports(executed_notebook: Path, failure: str | None = None) -> ReportPaths:
     """Write `<name>.html` (full) and `<name>.review.html` (no code) beside the notebook.
 
@@ -146,6 +154,7 @@ def render_reports(executed_notebook: Path, failure: str | None = None) -> Repor
             "taxi_title": title,
             "taxi_kind": "review report (outputs only)" if review else "full report (code and outputs)",
             "taxi_failure": failure,
+            "taxi_reopen": reopen_command(executed_notebook),
         }
         with _render_lock:
             body, _ = _exporter(review).from_notebook_node(notebook, resources=resources)

@@ -7,9 +7,11 @@ reader never sees half a file.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import pickle
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +47,21 @@ def atomic_path(destination: Path) -> Iterator[Path]:
         os.replace(temporary, destination)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+# outputs/<color>/<YYYY-MM>/<UTC start>-[score-]<first 8 of the MLflow run id>: sortable and unique.
+_RUN_FOLDER_NAME = re.compile(r"^\d{8}T\d{6}Z-(?:score-)?(?P<run>[0-9a-f]{8})$")
+
+
+def run_folder(outputs_dir: Path, color: str, month: str, started: dt.datetime, run_id: str, scoring: bool = False) -> Path:
+    """The folder of a pipeline run (month: its training month) or a scoring run (the scored month)."""
+    return Path(outputs_dir) / color / month / f"{started:%Y%m%dT%H%M%SZ}-{'score-' if scoring else ''}{run_id[:8]}"
+
+
+def run_id_prefix(folder: Path) -> str | None:
+    """The MLflow run id's first 8 characters, read from a run folder's name; None for another folder."""
+    match = _RUN_FOLDER_NAME.match(Path(folder).name)
+    return match["run"] if match else None
 
 
 def manifest_path(run_dir: Path, stage: str) -> Path:

@@ -27,6 +27,23 @@ def training_parameters(tracking_uri: str, experiment_name: str, registered_mode
     return {"tracking_uri": tracking_uri, "experiment_name": experiment_name, "registered_model": registered_model}
 
 
+def notebook_path(stage: str) -> Path:
+    """The parameterized notebook a stage executes (01_explore ... 04_score)."""
+    return settings.notebooks_dir() / f"{stage}.ipynb"
+
+
+def provenance(stages: tuple[str, ...]) -> dict[str, Any]:
+    """What code a run executes: the checkout's git commit and each stage notebook's sha256.
+
+    Recorded in run.json, so a comparison can show what changed and a reopened notebook can
+    say when the checkout is no longer the code the run ran.
+    """
+    from taxi_duration import tracking
+
+    return {"git_commit": tracking.git_commit(),
+            "notebooks": {stage: stagecache.file_sha256(notebook_path(stage)) for stage in stages}}
+
+
 def trip_digests(trip_files: dict[str, str]) -> dict[str, str]:
     """sha256 of each month's file (label -> digest): what the stage keys and the MLflow datasets name."""
     return {label: stagecache.file_sha256(Path(path)) for label, path in trip_files.items()}
@@ -37,7 +54,7 @@ def stage_keys(params: PipelineParams, digests: dict[str, str], training: dict[s
     train_digest = digests[params.train_month.label()]
     validation_digest = digests[params.validation_month.label()]
     period = {"year": params.year, "month": params.month, "color": params.color}
-    notebook = {stage: settings.notebooks_dir() / f"{stage}.ipynb" for stage in STAGES}
+    notebook = {stage: notebook_path(stage) for stage in STAGES}
     keys = {
         "01_explore": stagecache.stage_key("01_explore", notebook["01_explore"], period, {"train": train_digest}, {}),
         "02_features": stagecache.stage_key(
@@ -62,7 +79,7 @@ def start_runners(to_execute: tuple[str, ...] | list[str]) -> Runners:
     runners: Runners = {}
     try:
         for stage in to_execute:
-            runners[stage] = runner.PreparedRunner(settings.notebooks_dir() / f"{stage}.ipynb", preload=KERNEL_PRELOAD[stage])
+            runners[stage] = runner.PreparedRunner(notebook_path(stage), preload=KERNEL_PRELOAD[stage])
     except BaseException:
         close_runners(runners)
         raise

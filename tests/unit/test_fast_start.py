@@ -78,7 +78,8 @@ def test_the_switch_turns_every_speed_up_off(value, monkeypatch):
     with imports_without_gc():
         assert gc.isenabled()
         kept = [[index] for index in range(1000)]
-    assert gc.get_freeze_count() == frozen_before and kept
+    # Nothing was frozen (the count only drops when frozen objects elsewhere are freed meanwhile).
+    assert gc.get_freeze_count() <= frozen_before and kept
     assert fast_start.kernel_client_class(AsyncKernelClient) is AsyncKernelClient
     assert _garbage_cycle_finalized_at_exit(freeze_before_exit=True, switch=value)
 

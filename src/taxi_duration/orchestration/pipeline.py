@@ -20,7 +20,7 @@ from typing import Any
 from prefect import Flow, flow
 from prefect.runtime import flow_run
 
-from taxi_duration import settings, stages, tracking
+from taxi_duration import runfiles, settings, stages, tracking
 from taxi_duration.orchestration.report import SUMMARY_METRICS, RunEnding, report_run
 from taxi_duration.orchestration.request import STAGES, RunRequest, StagePlan, local_trip_files, plan, resolve_request
 from taxi_duration.orchestration.stage import RunContext, StageOutcome, fetch_trip_files, log_trip_datasets, run_stage
@@ -120,8 +120,7 @@ def _start_mlflow_run(request: RunRequest, started: dt.datetime) -> RunContext:
         params={"year": params.year, "month": params.month, "color": params.color, "data_source": request.source.location},
         tags=tags,
     )
-    # outputs/<color>/<YYYY-MM>/<UTC time>-<run id prefix>: sortable and unique.
-    run_dir = settings.outputs_dir() / params.color / params.train_month.label() / f"{started:%Y%m%dT%H%M%SZ}-{run_id[:8]}"
+    run_dir = runfiles.run_folder(settings.outputs_dir(), params.color, params.train_month.label(), started, run_id)
     tracking.set_tags(request.tracking_uri, run_id, {"taxi.run_dir": str(run_dir)})
     return RunContext(request.tracking_uri, run_id, run_dir)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taxi_duration import gallery, settings, tracking
+from taxi_duration import gallery, settings, stages, tracking
 from taxi_duration.orchestration.request import STAGES, RunRequest
 from taxi_duration.orchestration.stage import RunContext, StageOutcome
 
@@ -34,12 +34,29 @@ def report_run(request: RunRequest, context: RunContext, started: dt.datetime, f
     gallery_path = settings.outputs_dir() / gallery.GALLERY
     try:
         record = run_record(request, context, started, flow_run_id, ending)
+        if ending.status == "FINISHED":
+            record["comparison"] = _compare_with_previous_month(context, record)
         gallery.write_run_record(context.run_dir, record)
         gallery_path = gallery.build_gallery(settings.outputs_dir())
         publish_prefect_artifacts(record, context.run_dir, gallery_path)
     except Exception as problem:  # noqa: BLE001 - reporting must not mask the pipeline's result
         print(f"warning: could not record the run in the gallery or Prefect artifacts: {problem!r}")
     return gallery_path
+
+
+def _compare_with_previous_month(context: RunContext, record: dict[str, Any]) -> str | None:
+    """The run's comparison with last month's (its path in the run folder), or None; never fails the run."""
+    from taxi_duration import compare
+    from taxi_duration.past_runs import PastRun
+
+    try:
+        path = compare.compare_with_previous_month(PastRun(context.run_dir, record), settings.outputs_dir())
+    except Exception as problem:  # noqa: BLE001 - a comparison is for reviewers; the run stands without it
+        print(f"warning: could not compare the run with the previous month's: {problem!r}")
+        return None
+    if path:
+        print(f"Compared with the previous month's run: {context.run_dir / path}")
+    return path
 
 
 def run_record(request: RunRequest, context: RunContext, started: dt.datetime, flow_run_id: str,
@@ -80,6 +97,7 @@ def run_record(request: RunRequest, context: RunContext, started: dt.datetime, f
         "mlflow_url": gallery.mlflow_run_url(context.tracking_uri, experiment_id, context.run_id),
         "prefect_flow_run_id": flow_run_id,
         "stages": stage_rows,
+        **stages.provenance(STAGES),
     }
 
 

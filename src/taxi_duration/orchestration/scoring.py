@@ -18,7 +18,7 @@ from typing import Any
 from prefect import Flow, flow
 from prefect.runtime import flow_run
 
-from taxi_duration import data, gallery, scoring, settings, stagecache, tracking
+from taxi_duration import data, gallery, runfiles, scoring, settings, stagecache, stages, tracking
 from taxi_duration.orchestration.stage import RunContext, StageOutcome, fetch_trip_file, log_trip_datasets, run_stage
 from taxi_duration.periods import Month, scoring_month
 
@@ -109,7 +109,7 @@ def score_key(request: ScoreRequest, file_digest: str) -> str:
     parameters = {"year": request.month.year, "month": request.month.month, "color": request.color,
                   "model_name": model.name, "model_version": model.version, "model_id": model.model_id,
                   "tracking_uri": request.tracking_uri}
-    notebook = settings.notebooks_dir() / f"{SCORE_STAGE}.ipynb"
+    notebook = stages.notebook_path(SCORE_STAGE)
     return stagecache.stage_key(SCORE_STAGE, notebook, parameters, {"scored": file_digest}, {})
 
 
@@ -170,8 +170,8 @@ def _start_mlflow_run(request: ScoreRequest, started: dt.datetime) -> RunContext
                 "requested_model_uri": model.requested_uri},
         tags=tags,
     )
-    run_dir = (settings.outputs_dir() / request.color / request.month.label()
-               / f"{started:%Y%m%dT%H%M%SZ}-score-{run_id[:8]}")
+    run_dir = runfiles.run_folder(settings.outputs_dir(), request.color, request.month.label(), started, run_id,
+                                  scoring=True)
     tracking.set_tags(request.tracking_uri, run_id, {"taxi.run_dir": str(run_dir)})
     return RunContext(request.tracking_uri, run_id, run_dir)
 
@@ -218,7 +218,7 @@ def _report(request: ScoreRequest, context: RunContext, started: dt.datetime, st
             "mlflow_run_id": context.run_id, "experiment": request.experiment, "experiment_id": experiment_id,
             "tracking_uri": context.tracking_uri,
             "mlflow_url": gallery.mlflow_run_url(context.tracking_uri, experiment_id, context.run_id),
-            "prefect_flow_run_id": str(flow_run.id), "stages": [stage_row],
+            "prefect_flow_run_id": str(flow_run.id), "stages": [stage_row], **stages.provenance((SCORE_STAGE,)),
         }
         gallery.write_run_record(context.run_dir, record)
         gallery_path = gallery.build_gallery(settings.outputs_dir())

@@ -15,7 +15,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from taxi_duration import data, datasets, reports, runfiles, runner, settings, stagecache, tracking
+from taxi_duration import data, datasets, reports, runfiles, runner, settings, stagecache, stages, tracking
 from taxi_duration.periods import Month, PipelineParams
 
 
@@ -152,7 +152,7 @@ def _execute_notebook(
     executed = context.run_dir / f"{stage}.ipynb"
     try:
         result = runner.execute_notebook(
-            settings.notebooks_dir() / f"{stage}.ipynb", executed, parameters,
+            stages.notebook_path(stage), executed, parameters,
             timeout_seconds=timeout_seconds, stop=stop, prepared=prepared,
         )
     except runner.NotebookExecutionError as error:

@@ -1,0 +1,302 @@
+"""What changed between two pipeline runs: code, data, model and figures, read from their folders.
+
+Every figure comes from what the runs recorded (run.json, the stages' manifests, the executed
+notebooks), never from re-reading the trip files. The one computation is cross-scoring: each
+run's servable model on the other run's validation trips, which both folders keep. Rendering
+is taxi_duration.compare's job.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from taxi_duration import runfiles
+from taxi_duration.past_runs import PastRun
+
+NOTEBOOK_STAGES = ("01_explore", "02_features", "03_train")
+Value = float | int | str | None
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One figure (label and value) of both runs."""
+
+    label: str
+    older: Value
+    newer: Value
+
+    @property
+    def delta(self) -> float | None:
+        """newer − older, when both are numbers."""
+        if _is_number(self.older) and _is_number(self.newer):
+            return float(self.newer) - float(self.older)
+        return None
+
+
+@dataclass(frozen=True)
+class CellChange:
+    """A notebook cell whose source differs: 'changed' (with a unified diff), 'added' or 'removed'."""
+
+    kind: str
+    older_cell: int | None  # position among the notebook's cells (the injected parameters left out)
+    newer_cell: int | None
+    diff: tuple[str, ...]  # unified diff lines of the cell's source
+
+
+@dataclass(frozen=True)
+class NotebookChange:
+    stage: str
+    older_sha256: str | None  # of the notebook file each run executed, as run.json recorded it
+    newer_sha256: str | None
+    cells: tuple[CellChange, ...]  # empty: the sources are the same
+
+
+@dataclass(frozen=True)
+class FigurePair:
+    """The same plot of both runs (base64 PNGs; None when a run has no such plot)."""
+
+    stage: str
+    alt: str
+    older_png: str | None
+    newer_png: str | None
+
+
+@dataclass(frozen=True)
+class CrossScore:
+    """RMSE of one run's model on a run's validation month (None, with why, when it could not be scored)."""
+
+    model_run: str
+    validation_month: str
+    rmse: float | None
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    older: PastRun
+    newer: PastRun
+    parameters: tuple[Figure, ...]
+    data: tuple[Figure, ...]
+    busiest_zones: dict[str, tuple[Figure, ...]]  # pickup / dropoff: rank -> "zone (trips)" of both runs
+    model: tuple[Figure, ...]
+    error_by_distance: tuple[Figure, ...]
+    cross_scores: tuple[CrossScore, ...]
+    notebooks: tuple[NotebookChange, ...]
+    figures: tuple[FigurePair, ...]
+
+
+def _is_number(value: Value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def ordered(a: PastRun, b: PastRun) -> tuple[PastRun, PastRun]:
+    """(older, newer): by training month, then by when the run started."""
+    def key(run: PastRun) -> tuple[str, str]:
+        return run.month, str(run.record.get("started", ""))
+
+    return (a, b) if key(a) <= key(b) else (b, a)
+
+
+def compare_runs(a: PastRun, b: PastRun, cross_score: bool = True) -> Comparison:
+    """Everything the comparison report shows of runs `a` and `b` (in either order)."""
+    older, newer = ordered(a, b)
+    for run in (older, newer):
+        if run.kind != "train":
+            raise ValueError(f"{run.label} is a scoring run; a comparison is of two pipeline (training) runs")
+    before, after = ({stage: _manifest(run, stage) for stage in NOTEBOOK_STAGES} for run in (older, newer))
+    return Comparison(
+        older=older,
+        newer=newer,
+        parameters=_parameter_figures(older, newer),
+        data=_data_figures(before, after),
+        busiest_zones={side: _zone_figures(before["01_explore"], after["01_explore"], side) for side in ("pickup", "dropoff")},
+        model=_model_figures(older, newer, before["03_train"], after["03_train"]),
+        error_by_distance=_distance_figures(before["03_train"], after["03_train"]),
+        cross_scores=_cross_scores((older, before["03_train"]), (newer, after["03_train"])) if cross_score else (),
+        notebooks=tuple(notebook_change(stage, older, newer) for stage in NOTEBOOK_STAGES),
+        figures=tuple(pair for stage in NOTEBOOK_STAGES for pair in figure_pairs(stage, older, newer)),
+    )
+
+
+def _manifest(run: PastRun, stage: str) -> dict[str, Any]:
+    try:
+        return runfiles.read_manifest(run.folder, stage)
+    except runfiles.MissingRunFileError:
+        return {}  # the stage did not finish in that run: its figures show as absent
+
+
+def _parameter_figures(older: PastRun, newer: PastRun) -> tuple[Figure, ...]:
+    rows = [Figure(label, older.record.get(key), newer.record.get(key)) for label, key in (
+        ("colour", "color"), ("training month", "train_month"), ("validation month", "validation_month"),
+        ("MLflow run", "mlflow_run_id"), ("git commit", "git_commit"), ("status", "status"))]
+    for stage in NOTEBOOK_STAGES:
+        rows.append(Figure(f"{stage}.ipynb sha256", *(_short((run.record.get("notebooks") or {}).get(stage))
+                                                       for run in (older, newer))))
+    return tuple(rows)
+
+
+def _short(digest: str | None) -> str | None:
+    return digest[:12] if digest else None
+
+
+def _data_figures(older: dict[str, dict[str, Any]], newer: dict[str, dict[str, Any]]) -> tuple[Figure, ...]:
+    def explore(manifest: dict[str, Any]) -> dict[str, Value]:
+        explored = manifest["01_explore"]
+        values: dict[str, Value] = {"trips in the month": explored.get("rows")}
+        for key, label in (("kept", "trips kept by the 1–60 min filter"), ("too_short_share", "share dropped: under 1 min"),
+                           ("too_long_share", "share dropped: over 60 min"), ("dropped_share", "share dropped in all")):
+            values[label] = (explored.get("filter") or {}).get(key)
+        for quantile, minutes in (explored.get("duration_quantiles") or {}).items():
+            values[f"duration {quantile} (min)"] = minutes
+        for column, count in (explored.get("nulls") or {}).items():
+            values[f"nulls: {column}"] = count
+        features = manifest["02_features"]
+        for key, label in (("train_rows", "training trips (after cleaning)"), ("val_rows", "validation trips"),
+                           ("pu_do_vocabulary", "PU_DO vocabulary"), ("n_features", "features"),
+                           ("unseen_pu_do_share", "validation trips with an unseen PU_DO")):
+            values[label] = features.get(key)
+        return values
+
+    before, after = explore(older), explore(newer)
+    labels = list(before) + [label for label in after if label not in before]
+    return tuple(Figure(label, before.get(label, 0 if label.startswith("nulls") else None),
+                        after.get(label, 0 if label.startswith("nulls") else None)) for label in labels)
+
+
+def _zone_figures(older: dict[str, Any], newer: dict[str, Any], side: str) -> tuple[Figure, ...]:
+    def ranked(manifest: dict[str, Any]) -> list[str]:
+        return [f"zone {zone['zone']} ({zone['trips']:,} trips)" for zone in (manifest.get("busiest_zones") or {}).get(side, [])]
+
+    before, after = ranked(older), ranked(newer)
+    return tuple(Figure(f"#{rank + 1}", before[rank] if rank < len(before) else None,
+                        after[rank] if rank < len(after) else None) for rank in range(max(len(before), len(after))))
+
+
+def _model_figures(older_run: PastRun, newer_run: PastRun, older: dict[str, Any], newer: dict[str, Any]) -> tuple[Figure, ...]:
+    rows = [Figure(label, (older.get("metrics") or {}).get(key), (newer.get("metrics") or {}).get(key)) for label, key in (
+        ("validation RMSE (min)", "rmse"), ("baseline RMSE: training mean (min)", "baseline_rmse"),
+        ("best iteration", "best_iteration"))]
+    for label, key in (("registry decision", "decision"), ("registered version", "registered_version"),
+                       ("compared with champion version", "champion_version"), ("reason", "reason")):
+        rows.append(Figure(label, _promotion(older_run, older, key), _promotion(newer_run, newer, key)))
+    return tuple(rows)
+
+
+def _promotion(run: PastRun, training: dict[str, Any], key: str) -> Value:
+    """A registry figure of the run; a reused training registered nothing itself, as run.json says."""
+    if key == "decision" and run.record.get("promotion"):
+        return run.record["promotion"]
+    return (training.get("promotion") or {}).get(f"taxi.promotion.{key}")
+
+
+def _distance_figures(older: dict[str, Any], newer: dict[str, Any]) -> tuple[Figure, ...]:
+    def by_bucket(manifest: dict[str, Any]) -> dict[str, float]:
+        return {row["miles"]: row["rmse"] for row in manifest.get("error_by_distance") or []}
+
+    before, after = by_bucket(older), by_bucket(newer)
+    buckets = list(before) + [bucket for bucket in after if bucket not in before]
+    return tuple(Figure(f"RMSE, {bucket} miles", before.get(bucket), after.get(bucket)) for bucket in buckets)
+
+
+def _cross_scores(*runs: tuple[PastRun, dict[str, Any]]) -> tuple[CrossScore, ...]:
+    """Each run's model (with its 03_train manifest) on both validation months: its own, as
+    recorded, and the other run's, scored now."""
+    scores = []
+    for model_run, training in runs:
+        for month_run, _ in runs:
+            month = str(month_run.record.get("validation_month", ""))
+            if month_run is model_run:
+                scores.append(CrossScore(model_run.label, month, (training.get("metrics") or {}).get("rmse"),
+                                         "recorded by the run"))
+                continue
+            own_training = month == model_run.record.get("train_month")
+            try:
+                rmse = _score(model_run, training.get("model_uri"), month_run)
+                scores.append(CrossScore(model_run.label, month, rmse, "scored for this comparison"
+                                         + ("; the model's own training month, so not a fair test" if own_training else "")))
+            except Exception as problem:  # noqa: BLE001 - a model gone or unreadable: say so, keep the rest
+                scores.append(CrossScore(model_run.label, month, None, f"not scored: {problem}"))
+    return tuple(scores)
+
+
+def _score(model_run: PastRun, model_uri: str | None, month_run: PastRun) -> float:
+    import numpy as np
+
+    from taxi_duration import registry
+
+    if not model_uri:
+        raise ValueError("the run recorded no model")
+    servable, _ = registry.load_servable_uri(str(model_run.record.get("tracking_uri")), model_uri)
+    trips = runfiles.load_validation_records(month_run.folder)
+    actual = np.load(Path(month_run.folder) / "features" / "y_val.npy")
+    return registry.servable_rmse(servable, trips, actual)
+
+
+def _source_cells(path: Path) -> list[tuple[str, str]]:
+    """(cell type, source) of an executed notebook's cells, without papermill's injected parameters."""
+    import nbformat
+
+    if not path.is_file():
+        return []
+    notebook = nbformat.read(path, as_version=4)
+    return [(cell.cell_type, cell.source) for cell in notebook.cells
+            if "injected-parameters" not in cell.get("metadata", {}).get("tags", [])]
+
+
+def notebook_change(stage: str, older: PastRun, newer: PastRun) -> NotebookChange:
+    """The cell-by-cell source diff of a stage's notebook between two runs (outputs ignored)."""
+    before, after = (_source_cells(run.folder / f"{stage}.ipynb") for run in (older, newer))
+    changes: list[CellChange] = []
+    matcher = difflib.SequenceMatcher(a=before, b=after, autojunk=False)
+    for tag, a_start, a_end, b_start, b_end in matcher.get_opcodes():
+        if tag == "equal":
+            continue
+        pairs = min(a_end - a_start, b_end - b_start) if tag == "replace" else 0
+        for offset in range(pairs):
+            a_cell, b_cell = a_start + offset, b_start + offset
+            changes.append(CellChange("changed", a_cell, b_cell, _diff(before[a_cell][1], after[b_cell][1], a_cell, b_cell)))
+        for a_cell in range(a_start + pairs, a_end):
+            changes.append(CellChange("removed", a_cell, None, _diff(before[a_cell][1], "", a_cell, None)))
+        for b_cell in range(b_start + pairs, b_end):
+            changes.append(CellChange("added", None, b_cell, _diff("", after[b_cell][1], None, b_cell)))
+    digests = [(run.record.get("notebooks") or {}).get(stage) for run in (older, newer)]
+    return NotebookChange(stage, digests[0], digests[1], tuple(changes))
+
+
+def _diff(before: str, after: str, a_cell: int | None, b_cell: int | None) -> tuple[str, ...]:
+    lines = difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="",
+                                 fromfile=f"older cell {a_cell}" if a_cell is not None else "(no cell)",
+                                 tofile=f"newer cell {b_cell}" if b_cell is not None else "(no cell)")
+    return tuple(lines)
+
+
+def _png_outputs(path: Path) -> list[tuple[str, str]]:
+    """(alt text, base64 PNG) of every image an executed notebook shows, in order."""
+    import nbformat
+
+    if not path.is_file():
+        return []
+    found = []
+    for cell in nbformat.read(path, as_version=4).cells:
+        for output in cell.get("outputs", []):
+            png = (output.get("data") or {}).get("image/png")
+            if png:
+                alt = ((output.get("metadata") or {}).get("image/png") or {}).get("alt", "")
+                found.append((str(alt), "".join(png) if isinstance(png, list) else str(png)))
+    return found
+
+
+def figure_pairs(stage: str, older: PastRun, newer: PastRun) -> list[FigurePair]:
+    """A stage's plots of both runs, paired in the order the notebook shows them."""
+    before, after = (_png_outputs(run.folder / f"{stage}.ipynb") for run in (older, newer))
+    pairs = []
+    for index in range(max(len(before), len(after))):
+        old = before[index] if index < len(before) else None
+        new = after[index] if index < len(after) else None
+        alt = (new or old)[0] or f"{stage} figure {index + 1}"
+        pairs.append(FigurePair(stage, alt, old[1] if old else None, new[1] if new else None))
+    return pairs
