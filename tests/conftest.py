@@ -311,3 +311,57 @@ def real_run(tmp_path_factory, pipeline_cli, real_tlc_dir, empty_tracking_store)
     root = once_per_test_run(tmp_path_factory, "real-run", produce)
     return RealRun(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", outputs=root / "outputs", data=real_tlc_dir,
                    training_stdout=(root / "training.out").read_text(), scoring_stdout=(root / "scoring.out").read_text())
+
+
+REVIEWER_EDIT = "A reviewer's note, added to 03_train.ipynb before the 2023-02 run."
+
+
+def add_line_to_markdown_cell(notebook: Path, heading: str, line: str) -> None:
+    """Append `line` to the markdown cell that starts with `heading`: one small, visible edit."""
+    content = json.loads(notebook.read_text())
+    (cell,) = [cell for cell in content["cells"] if cell["cell_type"] == "markdown" and "".join(cell["source"]).startswith(heading)]
+    cell["source"] = "".join(cell["source"]).rstrip("\n") + "\n" + line
+    notebook.write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n")
+
+
+@dataclass(frozen=True)
+class RealMonths:
+    """Two real pipeline runs, green 2023-01 then 2023-02; the second ran an edited 03_train.ipynb."""
+
+    tracking_uri: str
+    outputs: Path
+    project: Path  # the checkout copy (notebooks/ only) the 2023-02 run executed
+    older: Path  # the run folders
+    newer: Path
+    edit: str = REVIEWER_EDIT  # the line added to 03_train.ipynb
+
+
+@pytest.fixture(scope="session")
+def real_months(tmp_path_factory, pipeline_cli, real_tlc_dir, empty_tracking_store) -> RealMonths:
+    """`make run MONTH=1`, an edit to 03_train.ipynb, then `make run MONTH=2`, on the real files.
+
+    The second run compares itself with the first (the automatic previous-month comparison);
+    made once per `make test`, for the comparison, reopen and browser tests.
+    """
+    needed = [real_tlc_dir / f"green_tripdata_2023-0{month}.parquet" for month in (1, 2, 3)]
+    missing = [str(path) for path in needed if not path.is_file()]
+    if missing:
+        pytest.skip(f"real TLC files not present: {', '.join(missing)}")
+
+    def produce(root: Path) -> None:
+        shutil.copyfile(empty_tracking_store, root / "mlflow.db")
+        env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
+               "TAXI_DATA_DIR": str(root / "data")}
+        first = pipeline_cli("--year", "2023", "--month", "1", "--data-source", str(real_tlc_dir), env=env)
+        assert first.returncode == 0, first.stderr[-3000:]
+        shutil.copytree(PROJECT_DIR / "notebooks", root / "project" / "notebooks")
+        add_line_to_markdown_cell(root / "project" / "notebooks" / "03_train.ipynb", "## Errors", REVIEWER_EDIT)
+        second = pipeline_cli("--year", "2023", "--month", "2", "--data-source", str(real_tlc_dir),
+                              env={**env, "TAXI_PROJECT_DIR": str(root / "project")})
+        assert second.returncode == 0, second.stderr[-3000:]
+
+    root = once_per_test_run(tmp_path_factory, "real-months", produce)
+    (older,) = (root / "outputs" / "green" / "2023-01").iterdir()
+    (newer,) = (root / "outputs" / "green" / "2023-02").iterdir()
+    return RealMonths(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", outputs=root / "outputs", project=root / "project",
+                      older=older, newer=newer)

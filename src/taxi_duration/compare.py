@@ -32,10 +32,10 @@ table { border-collapse: collapse; margin-bottom: 1.2em; }
 th, td { border-bottom: 1px solid #ddd; padding: 0.35em 0.7em; text-align: left; vertical-align: top; }
 th { background: #f3f3f6; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
-.up { color: #b71c1c; } .down { color: #1b5e20; } .same { color: #888; }
+.worse { color: #b71c1c; } .better { color: #1b5e20; } .same { color: #888; } .changed { color: #7a5b00; }
 pre.diff { background: #f7f7f9; padding: 0.6em; overflow-x: auto; font-size: 0.85em; }
 pre.diff .add { background: #e6ffed; display: block; } pre.diff .del { background: #ffeef0; display: block; }
-pre.diff .hunk { color: #6a737d; display: block; }
+pre.diff .hunk { color: #6a737d; display: block; } pre.diff .context { display: block; }
 .figures td { width: 50%; } .figures img { max-width: 100%; }
 .meta { color: #666; font-size: 0.9em; }
 """
@@ -80,24 +80,27 @@ def _value(value) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}" if abs(value) < 1 else f"{value:,.3f}"
 
 
-def _delta(figure: Figure) -> str:
+def _delta(figure: Figure, lower_is_better: bool) -> str:
+    """newer − older (and relative), coloured only where lower is better (errors): there a rise is worse."""
     delta = figure.delta
     if delta is None:
-        return "" if figure.older == figure.newer else '<span class="up">changed</span>'
+        return "" if figure.older == figure.newer else '<span class="changed">changed</span>'
     if delta == 0:
         return '<span class="same">0</span>'
     relative = f" ({delta / float(figure.older):+.1%})" if float(figure.older or 0) else ""
     shown = f"{int(delta):+,}" if isinstance(figure.older, int) and isinstance(figure.newer, int) else f"{delta:+.4g}"
-    return f'<span class="{"up" if delta > 0 else "down"}">{html.escape(shown + relative)}</span>'
+    tone = ("worse" if delta > 0 else "better") if lower_is_better else "delta"
+    return f'<span class="{tone}">{html.escape(shown + relative)}</span>'
 
 
-def _table(figures: tuple[Figure, ...], older: PastRun, newer: PastRun, deltas: bool = True) -> str:
+def _table(figures: tuple[Figure, ...], older: PastRun, newer: PastRun, deltas: bool = True,
+           lower_is_better: bool = False) -> str:
     if not figures:
         return '<p class="meta">Neither run recorded these figures.</p>'
     head = f"<tr><th></th><th>{html.escape(older.label)}</th><th>{html.escape(newer.label)}</th>{'<th>change</th>' if deltas else ''}</tr>"
     rows = "".join(
         f'<tr><th scope="row">{html.escape(figure.label)}</th><td class="num">{_value(figure.older)}</td>'
-        f'<td class="num">{_value(figure.newer)}</td>{f"<td>{_delta(figure)}</td>" if deltas else ""}</tr>'
+        f'<td class="num">{_value(figure.newer)}</td>{f"<td>{_delta(figure, lower_is_better)}</td>" if deltas else ""}</tr>'
         for figure in figures
     )
     return f"<table>{head}{rows}</table>"
@@ -114,6 +117,10 @@ def _cross_table(scores: tuple[CrossScore, ...]) -> str:
     return f"<table><tr><th>model of</th><th>validation month</th><th>RMSE (min)</th><th></th></tr>{rows}</table>"
 
 
+def _diff_class(line: str) -> str:
+    return {"@": "hunk", "+": "add", "-": "del"}.get(line[:1], "context")
+
+
 def _notebook_section(change: NotebookChange) -> str:
     name = html.escape(f"{change.stage}.ipynb")
     if not change.cells:
@@ -122,13 +129,10 @@ def _notebook_section(change: NotebookChange) -> str:
     for cell in change.cells:
         where = {"changed": f"cell {cell.older_cell} → cell {cell.newer_cell}", "added": f"cell {cell.newer_cell} added",
                  "removed": f"cell {cell.older_cell} removed"}[cell.kind]
-        lines = "".join(
-            f'<span class="{"hunk" if line.startswith("@@") else "add" if line.startswith("+") else "del" if line.startswith("-") else ""}">'
-            f"{html.escape(line)}</span>\n" if line.startswith(("@@", "+", "-")) else f"{html.escape(line)}\n"
-            for line in cell.diff if not line.startswith(("---", "+++"))
-        )
+        lines = "".join(f'<span class="{_diff_class(line)}">{html.escape(line) or " "}</span>'
+                        for line in cell.diff if not line.startswith(("---", "+++")))
         blocks.append(f'<p class="cell-change {cell.kind}">{html.escape(where)}</p><pre class="diff">{lines}</pre>')
-    return (f'<h3>{name} <span class="up">changed</span></h3><p class="meta">{len(change.cells)} cell(s) differ.</p>'
+    return (f'<h3>{name} <span class="changed">changed</span></h3><p class="meta">{len(change.cells)} cell(s) differ.</p>'
             + "".join(blocks))
 
 
@@ -182,9 +186,9 @@ Notebooks changed: {html.escape(", ".join(changed) or "none")}. Reopen either ru
 <h3>Busiest dropoff zones</h3>
 {_table(comparison.busiest_zones["dropoff"], older, newer, deltas=False)}
 <h2 id="model">Model</h2>
-{_table(comparison.model, older, newer)}
+{_table(comparison.model, older, newer, lower_is_better=True)}
 <h3>Error by trip distance</h3>
-{_table(comparison.error_by_distance, older, newer)}
+{_table(comparison.error_by_distance, older, newer, lower_is_better=True)}
 <h3>Each model on both validation months</h3>
 {_cross_table(comparison.cross_scores)}
 <h2 id="notebooks">Notebook sources</h2>
@@ -206,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cross-score", action="store_true", help="do not score each model on the other's validation month")
     parser.add_argument("--no-archive", action="store_true", help="do not archive the report in the newer run's MLflow run")
     args = parser.parse_args(argv)
+    settings.apply_environment_defaults()
     outputs = settings.outputs_dir()
     try:
         a, b = find_run(args.a, outputs), find_run(args.b, outputs)

@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run", help="the run: MLflow run id, a prefix of it (4+ characters), or the run's folder")
     parser.add_argument("--stage", help="01_explore, 02_features, 03_train (default for a pipeline run) or 04_score")
     args = parser.parse_args(argv)
+    settings.apply_environment_defaults()
     try:
         run = find_run(args.run, settings.outputs_dir())
         reopened = reopen(run, args.stage or default_stage(run))

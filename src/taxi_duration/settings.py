@@ -142,6 +142,8 @@ ENVIRONMENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    # A model download (the gate, scoring, a comparison) would draw a progress bar per file.
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # The package's own warnings (download retries) show in the Prefect UI's run logs.
     "PREFECT_LOGGING_EXTRA_LOGGERS": "taxi_duration",
     # ...and outside a flow run (notebooks, tests) they just go to stderr, without a warning.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,17 @@ CHROMIUM_ARGS = [
 def finished_run(green_run) -> Path:
     """Outputs of the session's real pipeline run (CLI, embedded MLflow), as `make run` leaves them."""
     return green_run.outputs
+
+
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    """Where the tests' page screenshots go: `TAXI_SCREENSHOTS_DIR` (kept, to look at), else the test's temporary folder."""
+    configured = os.environ.get("TAXI_SCREENSHOTS_DIR")
+    if not configured:
+        return tmp_path
+    folder = Path(configured).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +64,8 @@ def _image_states(page) -> list[tuple[bool, int]]:
     return page.eval_on_selector_all("img", "images => images.map(image => [image.complete, image.naturalWidth])")
 
 
-def test_gallery_and_review_reports_render_offline(browser, finished_run, tmp_path):
-    gallery_page, errors, remote = _open(browser, (finished_run / "index.html").as_uri(), tmp_path / "gallery.png")
+def test_gallery_and_review_reports_render_offline(browser, finished_run, screenshots):
+    gallery_page, errors, remote = _open(browser, (finished_run / "index.html").as_uri(), screenshots / "gallery.png")
     assert errors == [] and remote == []
     assert gallery_page.locator("tbody tr").count() == 1
     assert gallery_page.locator("tbody tr .status").inner_text() == "FINISHED"
@@ -72,7 +84,7 @@ def test_gallery_and_review_reports_render_offline(browser, finished_run, tmp_pa
     images_seen = 0
     for index in range(3):
         href = review_links.nth(index).get_attribute("href")
-        report, errors, remote = _open(browser, (finished_run / href).as_uri(), tmp_path / f"review-{index}.png")
+        report, errors, remote = _open(browser, (finished_run / href).as_uri(), screenshots / f"review-{index}.png")
         images = _image_states(report)
         assert images, f"{href} should show its plots"
         images_seen += len(images)
@@ -84,15 +96,39 @@ def test_gallery_and_review_reports_render_offline(browser, finished_run, tmp_pa
         assert report.locator(".jp-CodeCell .jp-InputArea-editor").count() == 0, "review reports hide code"
         report.close()
     assert images_seen >= 10, "5 plots in 01_explore, 1 in 02_features, 4 in 03_train"
-    assert (tmp_path / "review-2.png").stat().st_size > 10_000
+    assert (screenshots / "review-2.png").stat().st_size > 10_000
 
 
-def test_full_report_shows_code_and_the_failure_banner_is_visible(browser, finished_run, tmp_path):
+def test_full_report_shows_code_and_the_failure_banner_is_visible(browser, finished_run, screenshots):
     full = next(finished_run.glob("green/2023-03/*/03_train.html"))
-    page, errors, remote = _open(browser, full.as_uri(), tmp_path / "full.png")
+    page, errors, remote = _open(browser, full.as_uri(), screenshots / "full.png")
     assert errors == [] and remote == []
     assert page.locator(".jp-CodeCell .jp-InputArea-editor").count() > 5
     assert page.locator("#taxi-failure").count() == 0
+
+
+def test_comparison_page_opens_from_the_gallery_offline(browser, real_months, screenshots):
+    gallery, errors, remote = _open(browser, (real_months.outputs / "index.html").as_uri(), screenshots / "months-gallery.png")
+    assert errors == [] and remote == []
+    rmse_chart = gallery.locator("img.trend").nth(0)
+    assert rmse_chart.get_attribute("alt").startswith("Validation RMSE by training month: green 2023-01 ")
+    assert "2023-02" in rmse_chart.get_attribute("alt")
+    link = gallery.locator("a.comparison")
+    assert link.count() == 1  # on the 2023-02 row; January has no earlier month
+    link.click()
+    gallery.wait_for_load_state("load")
+    assert gallery.url.endswith(".html") and "/compare/" in gallery.url
+    page, errors, remote = _open(browser, gallery.url, screenshots / "comparison.png")
+    assert errors == [] and remote == []
+    assert page.locator("h1").inner_text().startswith("green 2023-02 (run ")
+    images = _image_states(page)
+    assert len(images) >= 20, "the plots of both runs, side by side"
+    assert all(complete and width > 0 for complete, width in images), "a figure in the comparison did not load"
+    alts = page.eval_on_selector_all("img", "images => images.map(image => image.alt)")
+    assert all("2023-01" in alt or "2023-02" in alt for alt in alts), alts
+    assert page.locator("pre.diff .add").all_inner_texts() == [f"+{real_months.edit}"]
+    assert page.locator("script").count() == 0
+    assert (screenshots / "comparison.png").stat().st_size > 50_000
 
 
 def test_hostile_output_does_not_run_in_the_report(browser, tmp_path):
