@@ -275,6 +275,13 @@ def green_run(tmp_path_factory, pipeline_cli, synthetic_source, empty_tracking_s
     )
 
 
+def stores_in(root: Path, empty_tracking_store: Path) -> dict[str, str]:
+    """A run's MLflow store (a copy of the empty one), outputs and download cache in `root`, as environment."""
+    shutil.copyfile(empty_tracking_store, root / "mlflow.db")
+    return {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
+            "TAXI_DATA_DIR": str(root / "data")}
+
+
 @dataclass(frozen=True)
 class RealRun:
     """The real reference run (green 2023-03, validated on 2023-04), then 2023-05 scored with its champion."""
@@ -297,9 +304,7 @@ def real_run(tmp_path_factory, pipeline_cli, real_tlc_dir, empty_tracking_store)
         pytest.skip(f"real TLC file not present: {real_tlc_dir / 'green_tripdata_2023-05.parquet'}")
 
     def produce(root: Path) -> None:
-        shutil.copyfile(empty_tracking_store, root / "mlflow.db")
-        env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
-               "TAXI_DATA_DIR": str(root / "data")}
+        env = stores_in(root, empty_tracking_store)
         trained = pipeline_cli("--year", "2023", "--month", "3", "--data-source", str(real_tlc_dir), env=env)
         assert trained.returncode == 0, trained.stderr[-3000:]
         (root / "training.out").write_text(trained.stdout)
@@ -349,9 +354,7 @@ def real_months(tmp_path_factory, pipeline_cli, real_tlc_dir, empty_tracking_sto
         pytest.skip(f"real TLC files not present: {', '.join(missing)}")
 
     def produce(root: Path) -> None:
-        shutil.copyfile(empty_tracking_store, root / "mlflow.db")
-        env = {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
-               "TAXI_DATA_DIR": str(root / "data")}
+        env = stores_in(root, empty_tracking_store)
         first = pipeline_cli("--year", "2023", "--month", "1", "--data-source", str(real_tlc_dir), env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         shutil.copytree(PROJECT_DIR / "notebooks", root / "project" / "notebooks")
