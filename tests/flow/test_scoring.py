@@ -101,6 +101,26 @@ def test_real_2023_05_scored_with_the_2023_03_champion(real_run):
     assert f'href="{run_dir.relative_to(real_run.outputs).as_posix()}/04_score.review.html"' in index
 
 
+@pytest.mark.realdata
+def test_a_reopened_scoring_notebook_reproduces_the_scoring_run(real_run, tmp_path):
+    import papermill
+
+    from taxi_duration import reopen, runfiles
+    from taxi_duration.past_runs import find_run
+
+    (run,) = _scoring_runs(real_run.tracking_uri)
+    past = find_run(run.info.run_id[:8], real_run.outputs)
+    assert (past.kind, reopen.default_stage(past)) == ("score", "04_score")
+    reopened = reopen.reopen(past, "04_score", notebooks_dir=tmp_path)
+    assert reopened.parameters["model_uri"] == "models:/nyc-taxi-duration/1"  # pinned: the version it scored with
+    papermill.execute_notebook(str(reopened.notebook), str(tmp_path / "executed.ipynb"), cwd=str(reopened.notebook.parent),
+                               progress_bar=False)
+    scratch = reopened.notebook.parent / reopen.SCRATCH_RUN_FOLDER
+    assert runfiles.read_manifest(scratch, "04_score")["metrics"]["rmse"] == pytest.approx(run.data.metrics["rmse"], rel=1e-9)
+    assert (scratch / "predictions" / "green_2023-05.parquet").is_file()
+    assert "make reopen RUN=" + past.short_id + " STAGE=04_score" in (past.folder / "04_score.review.html").read_text()
+
+
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     try:
