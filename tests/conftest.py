@@ -213,17 +213,49 @@ def once_per_test_run(tmp_path_factory, name: str, produce) -> Path:
     return folder
 
 
-def notebook_task_windows(prefect_api: str, flow_run_id: str) -> dict[str, tuple[dt.datetime, dt.datetime]]:
-    """(start, end) of each notebook task run of a flow run, read from the Prefect server it used."""
+def flow_run_task_runs(prefect_api: str, flow_run_id: str) -> list:
+    """The task runs of a flow run, read from the Prefect server it reported to."""
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with SyncPrefectClient(prefect_api) as client:
-        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
-    return {run.name: (run.start_time, run.end_time) for run in task_runs if run.name in NOTEBOOK_STAGES}
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def flow_run_artifacts(prefect_api: str, flow_run_id: str) -> list:
+    """The artifacts of a flow run (its own and its task runs'), read from the Prefect server."""
+    import uuid
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with SyncPrefectClient(prefect_api) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(str(flow_run_id))])))
+
+
+def local_prefect_api() -> str:
+    """The API of the tests' local Prefect server, which the pipeline runs report to."""
+    server = services.read_state("prefect")
+    assert server is not None, "a pipeline run should have started the tests' local Prefect server"
+    return server["env_value"]
+
+
+def notebook_task_windows(prefect_api: str, flow_run_id: str) -> dict[str, tuple[dt.datetime, dt.datetime]]:
+    """(start, end) of each notebook task run of a flow run, read from the Prefect server it used."""
+    return {run.name: (run.start_time, run.end_time) for run in flow_run_task_runs(prefect_api, flow_run_id)
+            if run.name in NOTEBOOK_STAGES}
 
 
 NOTEBOOK_STAGES = ("01_explore", "02_features", "03_train")
+
+
+@pytest.fixture(name="prefect_reads", scope="session")
+def prefect_reads_fixture():
+    """Read-backs from the tests' local Prefect server: `.api()`, `.task_runs(api, id)`, `.artifacts(api, id)`."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(api=local_prefect_api, task_runs=flow_run_task_runs, artifacts=flow_run_artifacts)
 
 
 @pytest.fixture(name="notebook_task_windows", scope="session")
@@ -260,9 +292,7 @@ def green_run(tmp_path_factory, pipeline_cli, synthetic_source, empty_tracking_s
         )
         assert completed.returncode == 0, completed.stderr[-3000:]
         (record,) = (json.loads(path.read_text()) for path in (root / "outputs").glob("green/2023-03/*/run.json"))
-        server = services.read_state("prefect")
-        assert server is not None, "the run should have started the tests' local Prefect server"
-        windows = notebook_task_windows(server["env_value"], record["prefect_flow_run_id"])
+        windows = notebook_task_windows(local_prefect_api(), record["prefect_flow_run_id"])
         (root / "task-windows.json").write_text(json.dumps(
             {stage: [start.isoformat(), end.isoformat()] for stage, (start, end) in windows.items()}))
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 COLORS = ("green", "yellow")
+# The flows' parameter types, so Prefect's deployment form offers a dropdown and bounded
+# numbers, and its server rejects a bad value before a run is created (periods still checks
+# everything, with its own messages, for the command lines and direct calls).
+Color = Literal["green", "yellow"]
+Year = Annotated[int, Field(ge=2009, le=2100)]  # yellow records start in 2009 (FIRST_PUBLISHED)
+MonthNumber = Annotated[int, Field(ge=1, le=12)]
 
 # First month TLC published for each colour (yellow records start in 2009; green, the
 # street-hail livery, in August 2013).

@@ -99,7 +99,7 @@ def test_sigterm_mid_notebook_marks_the_run_killed_and_leaves_no_process(
     assert executed.is_file(), "the partial notebook is kept"
     # 02_features runs beside 01_explore: it was stopped too (or had finished), and kept.
     archived = [a.path for a in client.list_artifacts(runs[0].info.run_id, "notebooks")]
-    assert "notebooks/01_explore.ipynb" in archived
+    assert "notebooks/01_explore.ipynb" in archived, stderr[-4000:]
     assert set(archived) <= {"notebooks/01_explore.ipynb", "notebooks/02_features.ipynb"}
     record = json.loads((executed.parent / "run.json").read_text())
     assert record["status"] == "KILLED"
@@ -196,14 +196,17 @@ def test_a_month_missing_from_the_folder_names_the_path(isolated_stores, pipelin
 @pytest.mark.parametrize(
     ("cell", "extra_env", "message"),
     [
-        ("import sys\nsys.exit(0)", {}, "stopped early at cell"),
+        ("import sys\nsys.exit(0)", {}, "stopped early at cell 4: the cell called sys.exit(0) (SystemExit: 0)"),
+        ('raise ValueError("fare_amount has 3 negative values")', {}, "cell 4 raised ValueError: fare_amount has 3 negative values"),
+        ("%nosuchmagic", {}, "cell 4 raised UsageError: Line magic function `%nosuchmagic` not found"),
         ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", {}, "kernel died"),
         # Long enough for 02_features, running beside it, to finish on a busy machine.
         ("import time\ntime.sleep(600)", {"TAXI_NOTEBOOK_TIMEOUT": "25"}, "did not finish within 25 s"),
     ],
-    # A failing shell command stops a notebook early exactly as sys.exit does; its own wording is
-    # pinned in tests/faults/test_notebook_faults.py, so the flow is run for sys.exit(0) alone.
-    ids=["sys-exit-0", "kernel-killed", "hung-cell"],
+    # A failing shell command stops a notebook early exactly as sys.exit does, and a syntax error
+    # or a keyboard interrupt raises as any exception does; their wording is pinned in
+    # tests/faults/test_notebook_faults.py, so the flow is run for one of each kind of ending.
+    ids=["sys-exit-0", "raises", "ipython-error", "kernel-killed", "hung-cell"],
 )
 def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthetic_source, tmp_path, cell, extra_env, message):
     project = tmp_path / "project"
@@ -221,6 +224,12 @@ def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthet
 
     assert completed.returncode == 1
     assert "01_explore.ipynb failed" in completed.stderr and message in completed.stderr
+    # One paragraph, not tracebacks: from the first line reporting the failure to the exit.
+    lines = completed.stderr.strip().splitlines()
+    first = next(index for index, line in enumerate(lines) if "01_explore" in line and ("ERROR" in line or "WARNING" in line))
+    assert len(lines) - first <= 15, "\n".join(lines[first:])
+    assert "Traceback" not in completed.stderr
+    assert lines[-1].startswith("Pipeline failed: notebook 01_explore.ipynb failed: ") and message in lines[-1]
     client, runs = _runs(isolated_stores["tracking_uri"])
     assert [run.info.status for run in runs] == ["FAILED"]
     run_id = runs[0].info.run_id

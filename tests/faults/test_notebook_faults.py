@@ -346,3 +346,30 @@ def test_fixture_notebooks_are_committed_without_outputs():
         code = [cell for cell in notebook["cells"] if cell["cell_type"] == "code"]
         assert code[0]["metadata"].get("tags") == ["parameters"], path.name
         assert all(not cell["outputs"] and cell["execution_count"] is None for cell in code), path.name
+
+
+@pytest.mark.parametrize(("source", "named"), [
+    ('raise ValueError("fare_amount has 3 negative values")', "cell 3 raised ValueError: fare_amount has 3 negative values."),
+    ("%nosuchmagic", "cell 3 raised UsageError: Line magic function `%nosuchmagic` not found."),
+    ("def broken(:\n    pass", "cell 3 raised SyntaxError: invalid syntax"),
+    ("!exit 3", "(CalledProcessError: Command 'exit 3' returned non-zero exit status 3.)"),
+    ('raise KeyboardInterrupt("stopped by hand")', "cell 3 raised KeyboardInterrupt: stopped by hand."),
+    ("raise KeyboardInterrupt", "cell 3 raised KeyboardInterrupt (with no message)."),
+    ("import sys\nsys.exit(3)", "the cell called sys.exit(3) (SystemExit: 3)"),
+], ids=["code", "ipython-magic", "syntax-error", "shell-escape", "keyboard-interrupt", "bare-interrupt", "system-exit"])
+def test_every_failure_kind_names_its_exception_and_the_cells_first_line(tmp_path, source, named):
+    notebook = nbformat.v4.new_notebook()
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    parameters = nbformat.v4.new_code_cell("answer = 0")
+    parameters.metadata["tags"] = ["parameters"]
+    notebook.cells = [parameters, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell(source),
+                      nbformat.v4.new_code_cell("y = 2")]
+    path = tmp_path / "kind.ipynb"
+    nbformat.write(notebook, path)
+    with pytest.raises(NotebookExecutionError) as raised:
+        execute_notebook(path, tmp_path / "executed.ipynb", {}, TIMEOUT)
+    message = str(raised.value)
+    assert named in message, message
+    assert f"(Cell 3 begins: {source.splitlines()[0]})" in message
+    assert "CellExecutionError" not in message and ":." not in message
+    assert f"executed copy: {tmp_path / 'executed.ipynb'}; report: {tmp_path / 'executed.html'}" in message

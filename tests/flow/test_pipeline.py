@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -111,31 +108,8 @@ def test_real_green_2023_03_reproduces_the_reference_model(real_run):
         assert f'href="{folder}/{name}"' in index
 
 
-def read_prefect_artifacts() -> list[dict]:
-    """Artifacts as the Prefect UI would show them, read through Prefect's own client.
-
-    The pipeline reported to the tests' local Prefect server (started on first use, as by
-    `make run`); it is read back there.
-    """
-    server = services.read_state("prefect")
-    assert server is not None, "the pipeline should have started the local Prefect server"
-    code = (
-        "import asyncio, json\n"
-        "from prefect.client.orchestration import get_client\n"
-        "async def main():\n"
-        "    async with get_client() as client:\n"
-        "        found = await client.read_artifacts()\n"
-        "    print(json.dumps([{'key': a.key, 'type': a.type, 'data': a.data, 'flow_run_id': str(a.flow_run_id)} for a in found]))\n"
-        "asyncio.run(main())\n"
-    )
-    env = {**os.environ, "PREFECT_API_URL": server["env_value"]}
-    completed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert completed.returncode == 0, completed.stderr[-2000:]
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def test_yellow_taxis_run_end_to_end_with_another_experiment_and_a_big_month_is_explored_first(
-    run_pipeline, synthetic_source, isolated_stores, notebook_task_windows
+    run_pipeline, synthetic_source, isolated_stores, notebook_task_windows, prefect_reads
 ):
     # Every month counts as big here (TAXI_OVERLAP_MAX_TRIPS=0): 01_explore runs before 02_features.
     completed = run_pipeline(
@@ -151,11 +125,12 @@ def test_yellow_taxis_run_end_to_end_with_another_experiment_and_a_big_month_is_
     assert run.data.metrics["rmse"] < run.data.metrics["baseline_rmse"]
     assert _artifact_names(client, run.info.run_id, "reports") == REPORTS
 
-    artifacts = {artifact["key"]: artifact for artifact in read_prefect_artifacts()
-                 if artifact["flow_run_id"] == run.data.tags["prefect.flow_run_id"]}
+    # Read back as the Prefect UI shows them, from the tests' local server the run reported to.
+    artifacts = {artifact.key: artifact
+                 for artifact in prefect_reads.artifacts(prefect_reads.api(), run.data.tags["prefect.flow_run_id"])}
     summary = artifacts["taxi-duration-yellow-2023-04"]
-    assert summary["type"] == "markdown" and f"{run.data.metrics['rmse']:.3f}" in summary["data"]
-    timings = json.loads(artifacts["taxi-duration-yellow-2023-04-timings"]["data"])
+    assert summary.type == "markdown" and f"{run.data.metrics['rmse']:.3f}" in summary.data
+    timings = json.loads(artifacts["taxi-duration-yellow-2023-04-timings"].data)
     assert [row["stage"] for row in timings] == ["fetch-trip-files", *NOTEBOOKS]
     assert all(row["status"] == "COMPLETED" and row["seconds"] > 0 for row in timings)
 
@@ -227,3 +202,33 @@ def test_explore_runs_beside_features(green_run):
     explore, features = windows["01_explore"], windows["02_features"]
     assert features[0] < explore[1], "02_features started while 01_explore ran"
     _assert_training_waits_for_both(windows)
+
+
+def test_the_prefect_ui_shows_progress_links_and_the_summary(green_run, prefect_reads):
+    (record_path,) = green_run.outputs.glob("green/2023-03/*/run.json")
+    record = json.loads(record_path.read_text())
+    artifacts = prefect_reads.artifacts(prefect_reads.api(), record["prefect_flow_run_id"])
+
+    # Each executed stage's task run has a progress artifact that reached all of its cells.
+    task_names = {run.id: run.name for run in prefect_reads.task_runs(prefect_reads.api(), record["prefect_flow_run_id"])}
+    progress = {task_names[artifact.task_run_id]: artifact for artifact in artifacts if artifact.type == "progress"}
+    assert sorted(progress) == list(NOTEBOOKS)
+    assert all(artifact.data == 100 for artifact in progress.values())
+    assert all(f"{stage}: cells done out of" in progress[stage].description for stage in NOTEBOOKS)
+    running = [artifact for artifact in artifacts if artifact.key == "running-cell-03-train"]
+    assert running and any(re.search(r"running cell \d+ of \d+ for \d+ s", artifact.data) for artifact in running)
+
+    # Links, not ids: every review report and the gallery, as file:// URLs that exist (MLflow is SQLite here).
+    links = {artifact.description: artifact.data for artifact in artifacts
+             if artifact.task_run_id is None and artifact.key is None and artifact.type == "markdown"}
+    assert set(links) == {f"{stage} review report" for stage in NOTEBOOKS} | {"all runs (gallery)"}
+    for text, markdown in links.items():
+        url = re.fullmatch(r"\[(.+)\]\((file://\S+)\)", markdown)
+        assert url and url[1] == text, markdown
+        assert Path(url[2].removeprefix("file://")).is_file(), url[2]
+
+    # The summary uses the same links, and the MLflow run carries it as its description.
+    (summary,) = [artifact for artifact in artifacts if artifact.key == "taxi-duration-green-2023-03"]
+    assert "## Links" in summary.data and links["03_train review report"] in summary.data
+    note = MlflowClient(green_run.tracking_uri).get_run(record["mlflow_run_id"]).data.tags["mlflow.note.content"]
+    assert note == summary.data

@@ -62,7 +62,7 @@ def _edit(notebook: Path, cell, position: int | None = None) -> None:
 
 
 def test_reruns_reuse_what_is_unchanged_and_rerun_what_edits_new_data_or_force_touch(
-    run_pipeline, source, project, isolated_stores
+    run_pipeline, source, project, isolated_stores, prefect_reads
 ):
     # One history of runs, as a user makes it: identical rerun, --force, an edit, new data.
     first = _runs(run_pipeline, source, project)
@@ -87,6 +87,12 @@ def test_reruns_reuse_what_is_unchanged_and_rerun_what_edits_new_data_or_force_t
     # The rerun's folder is complete on its own.
     run_dir = Path(rerun.data.tags["taxi.run_dir"])
     assert (run_dir / "features" / "X_train.npz").is_file() and (run_dir / "03_train.review.html").is_file()
+    # In Prefect, the reused stages' task runs ended Cached, naming the run they came from.
+    states = {run.name: run.state for run in prefect_reads.task_runs(prefect_reads.api(), after["prefect_flow_run_id"])
+              if run.name in STAGES}
+    assert {stage: (state.type.value, state.name) for stage, state in states.items()} == {
+        stage: ("COMPLETED", "Cached") for stage in STAGES}
+    assert all(f"reused from MLflow run {before['mlflow_run_id']}" in state.message for state in states.values())
 
     forced = _runs(run_pipeline, source, project, "--force")
     assert forced.returncode == 0

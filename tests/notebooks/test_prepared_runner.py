@@ -171,3 +171,24 @@ def test_waiting_for_a_runner_notices_its_exit_and_its_deadline():
     finally:
         slow.kill()
         slow.wait()
+
+
+def test_progress_is_reported_cell_by_cell_at_most_once_a_second(tmp_path):
+    notebook = _notebook(tmp_path, "import time", "# a comment first\ntime.sleep(2.5)", "", "done = True")
+    seen: list[notebook_runner.Progress] = []
+    moments: list[float] = []
+
+    def on_progress(progress):
+        seen.append(progress)
+        moments.append(time.monotonic())
+
+    execute_notebook(notebook, tmp_path / "run.ipynb", {"answer": 42}, TIMEOUT, on_progress=on_progress)
+    final = seen[-1]
+    # The parameters cell, papermill's injected one and the three non-empty cells; the empty one is skipped.
+    assert final.total == 5 and final.running is None
+    assert [cell["position"] for cell in final.finished] == [1, 2, 3, 4, 5]
+    assert [cell["first_line"] for cell in final.finished][2:] == ["import time", "# a comment first", "done = True"]
+    assert final.finished[3]["seconds"] >= 2.5
+    # While the sleeping cell ran, the caller was told it was running.
+    assert any(progress.running and progress.running["position"] == 4 for progress in seen)
+    assert all(later - earlier >= 0.95 for earlier, later in zip(moments, moments[1:-1])), moments

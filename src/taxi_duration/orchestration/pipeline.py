@@ -21,16 +21,19 @@ from prefect import Flow, flow
 from prefect.runtime import flow_run
 
 from taxi_duration import runfiles, settings, stages, tracking
+from taxi_duration.periods import Color, MonthNumber, Year
 from taxi_duration.orchestration.report import SUMMARY_METRICS, RunEnding, report_run
 from taxi_duration.orchestration.request import STAGES, RunRequest, StagePlan, local_trip_files, plan, resolve_request
-from taxi_duration.orchestration.stage import RunContext, StageOutcome, fetch_trip_files, log_trip_datasets, run_stage
+from taxi_duration.orchestration.stage import (
+    RunContext, StageOutcome, ending_quietly, fetch_trip_files, log_trip_datasets, run_stage,
+)
 
 
 @flow(name="nyc-taxi-duration", log_prints=True)
 def taxi_duration_pipeline(
-    year: int | None = 2023,
-    month: int | None = 3,
-    color: str = "green",
+    year: Year | None = 2023,
+    month: MonthNumber | None = 3,
+    color: Color = "green",
     data_source: str | None = None,
     experiment: str | None = None,
     force: bool = False,
@@ -43,10 +46,19 @@ def taxi_duration_pipeline(
     since an earlier successful run are reused unless `force`. The trained model is registered
     as a version of `registered_model` and becomes its `champion` only if it beats the current
     one on this validation month (None: no registration).
+
+    Args:
+        year: Training year (2009-2100). None, with month None: the newest month the source can train on.
+        month: Training month, 1-12; validation is the month after (December rolls to January).
+        color: Taxi colour: green (lpep_* columns, from 2013-08) or yellow (tpep_*, from 2009).
+        data_source: URL prefix or folder of {color}_tripdata_YYYY-MM.parquet; None: $TAXI_DATA_SOURCE, else TLC.
+        experiment: MLflow experiment; None: $MLFLOW_EXPERIMENT_NAME, else nyc-taxi-duration.
+        force: Rerun every stage, even those whose inputs are unchanged since an earlier run.
+        registered_model: Registered model the trained model becomes a version of; None: register nothing.
     """
     request = resolve_request(year, month, color, data_source, experiment, force, registered_model)
     tracking.check_reachable(request.tracking_uri)
-    return run_pipeline(request)
+    return ending_quietly(lambda: run_pipeline(request))
 
 
 def run_resolved(request: RunRequest) -> dict[str, Any]:
@@ -59,7 +71,7 @@ def run_resolved(request: RunRequest) -> dict[str, Any]:
 
     @functools.wraps(taxi_duration_pipeline.fn)  # the same signature, so the same parameters in the UI
     def resolved_pipeline(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return run_pipeline(request)
+        return ending_quietly(lambda: run_pipeline(request))
 
     as_flow = Flow(resolved_pipeline, name=taxi_duration_pipeline.name, log_prints=True,
                    description=taxi_duration_pipeline.description)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from taxi_duration import gallery, settings, stages, tracking
+from taxi_duration.orchestration import links
 from taxi_duration.orchestration.request import STAGES, RunRequest
 from taxi_duration.orchestration.stage import RunContext, StageOutcome
 
@@ -102,22 +103,26 @@ def run_record(request: RunRequest, context: RunContext, started: dt.datetime, f
 
 
 def publish_prefect_artifacts(record: dict[str, Any], run_dir: Path, gallery_path: Path) -> None:
-    """A metrics summary (markdown) and the stage timings (table), shown in the Prefect UI."""
+    """A metrics summary (markdown), the stage timings (table) and links, shown in the Prefect UI;
+    the same summary becomes the MLflow run's description."""
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     key = f"taxi-duration-{record['color']}-{record['train_month']}"
     rmse = "n/a" if record["rmse"] is None else f"{record['rmse']:.3f}"
     baseline = "n/a" if record["baseline_rmse"] is None else f"{record['baseline_rmse']:.3f}"
-    reports = "\n".join(
-        f"- {stage['stage']}: `{run_dir / stage['review_report']}` (full: `{stage['full_report']}`)"
-        for stage in record["stages"] if "review_report" in stage
-    )
+    run_links = links.run_links(record, run_dir, gallery_path)
+    mlflow_run = f"`{record['mlflow_run_id']}`"
+    if record.get("mlflow_url"):
+        mlflow_run = f"[{record['mlflow_run_id'][:8]}]({record['mlflow_url']})"
+    cached = [stage["stage"] for stage in record["stages"] if stage.get("status") == "CACHED"]
     markdown = (
         f"# {record['color']} taxis, {record['train_month']} → {record['validation_month']}: {record['status']}\n\n"
         f"| metric | value |\n|---|---|\n| validation RMSE (min) | {rmse} |\n| baseline RMSE (min) | {baseline} |\n"
-        f"| MLflow run | `{record['mlflow_run_id']}` ({record['experiment']}) |\n| duration | {record['seconds']} s |\n\n"
+        f"| registry | {record.get('promotion') or 'n/a'} |\n"
+        f"| MLflow run | {mlflow_run} ({record['experiment']}) |\n| duration | {record['seconds']} s |\n\n"
         + (f"**Error:** {record['error']}\n\n" if record["error"] else "")
-        + f"## Reports\n{reports}\n\nAll runs: `{gallery_path}`\n"
+        + (f"Reused, inputs unchanged: {', '.join(cached)}\n\n" if cached else "")
+        + f"## Links\n{links.markdown_list(run_links)}\n"
     )
     create_markdown_artifact(markdown=markdown, key=key, description="Pipeline run summary")
     create_table_artifact(
@@ -125,6 +130,7 @@ def publish_prefect_artifacts(record: dict[str, Any], run_dir: Path, gallery_pat
         key=f"{key}-timings",
         description="Wall time of each stage",
     )
+    links.publish(record, run_links, markdown)
 
 
 def format_summary(result: dict[str, Any]) -> str:

@@ -19,8 +19,11 @@ from prefect import Flow, flow
 from prefect.runtime import flow_run
 
 from taxi_duration import data, gallery, runfiles, scoring, settings, stagecache, stages, tracking
-from taxi_duration.orchestration.stage import RunContext, StageOutcome, fetch_trip_file, log_trip_datasets, run_stage
-from taxi_duration.periods import Month, scoring_month
+from taxi_duration.orchestration import links
+from taxi_duration.orchestration.stage import (
+    RunContext, StageOutcome, ending_quietly, fetch_trip_file, log_trip_datasets, run_stage,
+)
+from taxi_duration.periods import Color, Month, MonthNumber, Year, scoring_month
 
 SCORE_STAGE = "04_score"
 SCORE_FLOW_NAME = "nyc-taxi-score"
@@ -74,9 +77,9 @@ def resolve_score_request(
 
 @flow(name=SCORE_FLOW_NAME, log_prints=True)
 def taxi_duration_scoring(
-    year: int = 2023,
-    month: int = 5,
-    color: str = "green",
+    year: Year = 2023,
+    month: MonthNumber = 5,
+    color: Color = "green",
     model_uri: str = scoring.DEFAULT_MODEL_URI,
     data_source: str | None = None,
     experiment: str | None = None,
@@ -87,8 +90,18 @@ def taxi_duration_scoring(
     The predictions go into the run's folder; a month without published dropoff times is
     scored without the accuracy part. An unchanged month scored by the same model version is
     reused unless `force`.
+
+    Args:
+        year: Year of the month to score (2009-2100).
+        month: Month to score, 1-12.
+        color: Taxi colour: green or yellow.
+        model_uri: Registered model to score with: models:/NAME@ALIAS or models:/NAME/VERSION.
+        data_source: URL prefix or folder of {color}_tripdata_YYYY-MM.parquet; None: $TAXI_DATA_SOURCE, else TLC.
+        experiment: MLflow experiment of the scoring run; None: $TAXI_SCORING_EXPERIMENT, else <experiment>-scoring.
+        force: Score again even if this month was scored by the same model version before.
     """
-    return run_scoring(resolve_score_request(year, month, color, model_uri, data_source, experiment, force))
+    request = resolve_score_request(year, month, color, model_uri, data_source, experiment, force)
+    return ending_quietly(lambda: run_scoring(request))
 
 
 def run_resolved_scoring(request: ScoreRequest) -> dict[str, Any]:
@@ -96,7 +109,7 @@ def run_resolved_scoring(request: ScoreRequest) -> dict[str, Any]:
 
     @functools.wraps(taxi_duration_scoring.fn)
     def resolved_scoring(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return run_scoring(request)
+        return ending_quietly(lambda: run_scoring(request))
 
     as_flow = Flow(resolved_scoring, name=taxi_duration_scoring.name, log_prints=True,
                    description=taxi_duration_scoring.description)
@@ -222,31 +235,31 @@ def _report(request: ScoreRequest, context: RunContext, started: dt.datetime, st
         }
         gallery.write_run_record(context.run_dir, record)
         gallery_path = gallery.build_gallery(settings.outputs_dir())
-        _publish_summary(record, metrics, context.run_dir)
+        _publish_summary(record, metrics, context.run_dir, gallery_path)
     except Exception as problem:  # noqa: BLE001 - reporting must not mask the run's result
         print(f"warning: could not record the scoring run in the gallery or Prefect artifacts: {problem!r}")
     return gallery_path
 
 
-def _publish_summary(record: dict[str, Any], metrics: dict[str, Any], run_dir: Path) -> None:
+def _publish_summary(record: dict[str, Any], metrics: dict[str, Any], run_dir: Path, gallery_path: Path) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     def figure(key: str, digits: int = 3) -> str:
         value = metrics.get(key)
         return "n/a" if value is None else f"{value:.{digits}f}"
 
-    create_markdown_artifact(
-        key=f"taxi-score-{record['color']}-{record['scored_month']}",
-        description="Scoring run summary",
-        markdown=(
-            f"# {record['color']} taxis, {record['scored_month']} scored with {record['model']}: {record['status']}\n\n"
-            f"| figure | value |\n|---|---|\n| RMSE on the scored month (min) | {figure('rmse')} |\n"
-            f"| trips scored | {int(metrics.get('scored_trips', 0)):,} |\n"
-            f"| trip-distance PSI | {figure('distance_psi', 4)} |\n| duration PSI | {figure('duration_psi', 4)} |\n"
-            f"| PU_DO pairs unseen in training | {figure('unseen_pu_do_share', 4)} |\n\n"
-            f"Report: `{run_dir / (SCORE_STAGE + '.review.html')}`\n"
-        ),
+    run_links = links.run_links(record, run_dir, gallery_path)
+    markdown = (
+        f"# {record['color']} taxis, {record['scored_month']} scored with {record['model']}: {record['status']}\n\n"
+        f"| figure | value |\n|---|---|\n| RMSE on the scored month (min) | {figure('rmse')} |\n"
+        f"| trips scored | {int(metrics.get('scored_trips', 0)):,} |\n"
+        f"| trip-distance PSI | {figure('distance_psi', 4)} |\n| duration PSI | {figure('duration_psi', 4)} |\n"
+        f"| PU_DO pairs unseen in training | {figure('unseen_pu_do_share', 4)} |\n\n"
+        f"## Links\n{links.markdown_list(run_links)}\n"
     )
+    create_markdown_artifact(key=f"taxi-score-{record['color']}-{record['scored_month']}",
+                             description="Scoring run summary", markdown=markdown)
+    links.publish(record, run_links, markdown)
 
 
 def _result(request: ScoreRequest, context: RunContext, outcome: StageOutcome, gallery_path: Path) -> dict[str, Any]:

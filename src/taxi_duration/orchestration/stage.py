@@ -10,13 +10,18 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed, State
 
 from taxi_duration import data, datasets, reports, runfiles, runner, settings, stagecache, stages, tracking
+from taxi_duration.orchestration.progress import StageProgress
 from taxi_duration.periods import Month, PipelineParams
+
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -82,7 +87,22 @@ def log_trip_datasets(
     ])
 
 
-@task(name="run-notebook", task_run_name="{stage}", cache_policy=NO_CACHE)
+def quiet_failure(failed: runner.NotebookExecutionError) -> State:
+    """A notebook's failure as a Failed state, for a task or flow to return rather than raise:
+    Prefect then logs its one paragraph, not a traceback of the runner and of Prefect itself.
+    Unexpected errors still raise, with their tracebacks."""
+    return Failed(message=str(failed), data=failed)
+
+
+def ending_quietly(body: Callable[[], T]) -> T | State:
+    """A flow's body, whose notebook failure ends the flow run as `quiet_failure` (the caller of
+    the flow still gets the NotebookExecutionError raised)."""
+    try:
+        return body()
+    except runner.NotebookExecutionError as failed:
+        return quiet_failure(failed)
+
+
 def run_stage(
     stage: str,
     parameters: dict[str, Any],
@@ -95,9 +115,26 @@ def run_stage(
 ) -> StageOutcome:
     """Reuse the cache entry `reuse_from` if given, else execute the stage; archive either way.
 
-    An executed stage's outputs become the cache entry for `key` (replacing an older one).
-    `prepared` (a runner started ahead for this stage) executes it; it is closed either way.
+    One Prefect task run, named after the stage. An executed stage's outputs become the cache
+    entry for `key` (replacing an older one). `prepared` (a runner started ahead for this stage)
+    executes it; it is closed either way.
     """
+    outcome = _stage_task(stage, parameters, context, timeout_seconds, key, reuse_from, stop, prepared)
+    # A reused stage's task returns its final state (Cached), which Prefect hands back as is.
+    return outcome.result() if isinstance(outcome, State) else outcome
+
+
+@task(name="run-notebook", task_run_name="{stage}", cache_policy=NO_CACHE)
+def _stage_task(
+    stage: str,
+    parameters: dict[str, Any],
+    context: RunContext,
+    timeout_seconds: int,
+    key: str,
+    reuse_from: stagecache.CacheEntry | None,
+    stop: threading.Event | None,
+    prepared: runner.PreparedRunner | None,
+) -> StageOutcome | State:
     if reuse_from is not None:
         if prepared is not None:
             prepared.close()
@@ -106,9 +143,13 @@ def run_stage(
         manifest = runfiles.read_manifest(context.run_dir, stage)
         if stage == "03_train":
             _replay_training(context, manifest)
-        print(f"{stage}: inputs unchanged, reused from {reuse_from.run_dir} (MLflow run {reuse_from.mlflow_run_id})")
-        return StageOutcome(stage, manifest, reuse_from)
-    manifest = _execute_notebook(stage, parameters, context, timeout_seconds, stop, prepared)
+        reused = f"inputs unchanged: reused from MLflow run {reuse_from.mlflow_run_id} ({reuse_from.run_dir})"
+        # Completed, named Cached as Prefect's own cache hits are: the UI shows the reuse.
+        return Completed(name="Cached", message=reused, data=StageOutcome(stage, manifest, reuse_from))
+    try:
+        manifest = _execute_notebook(stage, parameters, context, timeout_seconds, stop, prepared)
+    except runner.NotebookExecutionError as failed:
+        return quiet_failure(failed)
     stagecache.StageCache(settings.stage_cache_dir()).store(
         stage, key, context.run_dir, context.run_id, _stage_files(stage, manifest))
     return StageOutcome(stage, manifest)
@@ -153,7 +194,7 @@ def _execute_notebook(
     try:
         result = runner.execute_notebook(
             stages.notebook_path(stage), executed, parameters,
-            timeout_seconds=timeout_seconds, stop=stop, prepared=prepared,
+            timeout_seconds=timeout_seconds, stop=stop, prepared=prepared, on_progress=StageProgress(stage),
         )
     except runner.NotebookExecutionError as error:
         _archive(context, error.result)

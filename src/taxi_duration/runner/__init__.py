@@ -45,13 +45,13 @@ failure), `parameters`, `preload`.
 
 from taxi_duration.runner.parameters import PLAIN_TYPES, NotebookParameterError, check_parameters, declared_parameters
 from taxi_duration.runner.parent import (
-    NotebookExecutionError, NotebookResult, NotebookStopped, PreparedRunner, execute_notebook,
+    NotebookExecutionError, NotebookResult, NotebookStopped, PreparedRunner, Progress, execute_notebook,
 )
 from taxi_duration.runner.preload import notebook_imports
 from taxi_duration.runner.processes import STOP_GRACE_SECONDS
 
 __all__ = [
     "PLAIN_TYPES", "STOP_GRACE_SECONDS", "NotebookExecutionError", "NotebookParameterError", "NotebookResult",
-    "NotebookStopped", "PreparedRunner", "check_parameters", "declared_parameters", "execute_notebook",
+    "NotebookStopped", "PreparedRunner", "Progress", "check_parameters", "declared_parameters", "execute_notebook",
     "notebook_imports",
 ]

@@ -64,6 +64,20 @@ def cell_label(notebook: Any, attempt: Attempt | None = None) -> str:
     return f"cell {(previous[-1] if previous else 0) + 1}"
 
 
+def cell_first_line(notebook: Any, attempt: Attempt) -> str | None:
+    """The first non-empty line of the cell the attempt ended in, when the notebook says which."""
+    if notebook is None:
+        return None
+    cell = None
+    if attempt.cell is not None:
+        cell = next((c for c in code_cells(notebook) if c.get("execution_count") == attempt.cell), None)
+    elif attempt.cell_index is not None and attempt.cell_index < len(notebook.cells):
+        cell = notebook.cells[attempt.cell_index]
+    if cell is None:
+        return None
+    return next((line.strip() for line in cell.source.splitlines() if line.strip()), None)
+
+
 def check_every_cell_ran(executed_notebook: Path) -> Attempt | None:
     """After papermill reported success: an early stop it forgave, as a failure; else None."""
     notebook = read_notebook(executed_notebook)

@@ -21,7 +21,7 @@ from typing import Any
 from taxi_duration import fast_start
 from taxi_duration.runner.preload import preload_code
 from taxi_duration.runner.processes import STOP_GRACE_SECONDS, create_time, reap_kernel
-from taxi_duration.runner.records import CURRENT_CELL, GO, KERNEL_RECORD, OUTCOME, read_json, write_json
+from taxi_duration.runner.records import CURRENT_CELL, GO, KERNEL_RECORD, OUTCOME, PROGRESS, read_json, write_json
 
 log = logging.getLogger("taxi_duration.runner")
 
@@ -73,9 +73,23 @@ def main(argv: list[str] | None = None) -> int:
             if pid is not None:
                 write_json(records / KERNEL_RECORD, {"pid": pid, "create_time": create_time(pid)})
 
+    progress: dict[str, Any] = {"total": None, "running": None, "finished": []}
+
     def note_running_cell(cell: Any, cell_index: int) -> None:
-        """Record which cell runs, for the parent to name if the kernel dies or time runs out."""
+        """Record which cell runs, for the parent to name if the kernel dies or time runs out,
+        and to show while it runs."""
         write_json(records / CURRENT_CELL, {"index": cell_index})
+        first_line = next((line.strip() for line in cell.source.splitlines() if line.strip()), "")
+        progress["running"] = {"index": cell_index, "position": len(progress["finished"]) + 1,
+                               "first_line": first_line[:120], "started": time.time()}
+        write_json(records / PROGRESS, progress)
+
+    def note_finished_cell(cell: Any, cell_index: int, **_: Any) -> None:
+        running = progress["running"] or {"index": cell_index, "position": len(progress["finished"]) + 1,
+                                          "first_line": "", "started": time.time()}
+        progress["finished"].append({**running, "seconds": round(time.time() - running["started"], 3)})
+        progress["running"] = None
+        write_json(records / PROGRESS, progress)
 
     def prepare_failed(kernel: Any, error: BaseException) -> None:
         # Not fatal: papermill starts a kernel of its own, and reports if that fails too.
@@ -104,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # noqa: BLE001
                 kernel = prepare_failed(kernel, error)
         go = _wait_for_go(records)
+        progress["total"] = executable_cells(Path(args.notebook), bool(go["parameters"]))
+        write_json(records / PROGRESS, progress)
         if kernel is not None and not run_sync(_answers)(kernel):
             kernel = _discard_kernel(kernel)  # died while waiting: papermill starts a fresh one
         papermill.execute_notebook(
@@ -118,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             km=kernel,
             kernel_manager_class=RecordingKernelManager,
             on_cell_start=note_running_cell,
+            on_cell_executed=note_finished_cell,
             extra_arguments=list(KERNEL_ARGUMENTS),
             # Every result is on disk once the last cell has run; a graceful shutdown would
             # only wait for the kernel's exit handlers (docs/performance.md).
@@ -144,6 +161,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"notebook {Path(args.notebook).name}: {outcome}", file=sys.stderr)
         return 1
     return 0
+
+
+def executable_cells(notebook: Path, parameterized: bool) -> int:
+    """How many cells the kernel will run: the notebook's code cells, plus papermill's injected
+    parameters cell when parameters are given."""
+    import nbformat
+
+    from taxi_duration.runner.cells import code_cells
+
+    return len(code_cells(nbformat.read(notebook, as_version=4))) + (1 if parameterized else 0)
 
 
 def _discard_kernel(kernel: Any) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from taxi_duration.runner.cells import cell_label, first_unrun, read_notebook
+from taxi_duration.runner.cells import cell_first_line, cell_label, first_unrun, read_notebook
 from taxi_duration.runner.records import Attempt
 
 
@@ -14,6 +14,8 @@ def describe_failure(
 ) -> str | None:
     """The one-paragraph account of a failure (None for success): cell, cause, what to do."""
     notebook = read_notebook(executed_notebook)
+    if attempt.kind == "cell_error" and attempt.ename == "CellExecutionError" and not attempt.evalue:
+        attempt = _error_from_stderr(notebook, attempt)
     if attempt.kind == "completed":
         error = None
     elif attempt.kind == "cell_error" and attempt.ename == "SystemExit":
@@ -21,10 +23,11 @@ def describe_failure(
     elif attempt.kind == "cell_error" and attempt.ename == "CalledProcessError":
         error = _sentence(
             f"stopped early at {cell_label(notebook, attempt)}: a shell command (! or %%bash) exited non-zero "
-            f"({attempt.evalue}), so the later cells did not run"
+            f"(CalledProcessError: {attempt.evalue}), so the later cells did not run"
         ) + " Fix the command, or append '|| true' to one whose failure is expected."
     elif attempt.kind == "cell_error":
-        error = _sentence(f"{cell_label(notebook, attempt)} raised {attempt.ename}: {attempt.evalue}") + (
+        raised = f"{attempt.ename}: {attempt.evalue}" if attempt.evalue else f"{attempt.ename} (with no message)"
+        error = _sentence(f"{cell_label(notebook, attempt)} raised {raised}") + (
             " The traceback is in the executed copy and its report; fix the cell or its inputs and run the "
             "notebook again."
         )
@@ -42,6 +45,10 @@ def describe_failure(
         error = _sentence(str(attempt.detail)) + (
             " Run the notebook by hand (papermill or Jupyter) to see the whole error."
         )
+    first_line = cell_first_line(notebook, attempt) if error is not None else None
+    if first_line:
+        shown = first_line if len(first_line) <= 100 else first_line[:99] + "…"
+        error += f" ({cell_label(notebook, attempt).capitalize()} begins: {shown})"
     if error is not None and deaths and attempt.kind != "kernel_died":
         error += (f" (This was attempt {len(deaths) + 1}: the kernel died on the attempt(s) before and the "
                   "notebook was run again from the start.)")
@@ -49,6 +56,26 @@ def describe_failure(
         error += (f" {len(attempt.reaped)} process(es) the notebook left running were killed "
                   f"(pids {', '.join(map(str, attempt.reaped))}).")
     return error
+
+
+def _error_from_stderr(notebook: Any, attempt: Attempt) -> Attempt:
+    """The error IPython itself raised while running the cell (a magic it does not know, say):
+    it prints `Name: message` to stderr and leaves no error output, so nbclient names no exception."""
+    import dataclasses
+    import re
+
+    if notebook is None or attempt.cell is None:
+        return attempt
+    for cell in notebook.cells:
+        if cell.get("cell_type") != "code" or cell.get("execution_count") != attempt.cell:
+            continue
+        for output in reversed(cell.get("outputs", [])):
+            if output.get("output_type") == "stream" and output.get("name") == "stderr":
+                lines = [line for line in "".join(output.get("text", "")).splitlines() if line.strip()]
+                found = re.match(r"^(\w*(?:Error|Exception)):\s*(.*)$", lines[-1].strip()) if lines else None
+                if found:
+                    return dataclasses.replace(attempt, ename=found[1], evalue=found[2])
+    return attempt
 
 
 def _sentence(text: str) -> str:
@@ -66,7 +93,8 @@ def _describe_early_stop(notebook: Any, attempt: Attempt) -> str:
         forgiven = (" papermill counts sys.exit(0) as success; the pipeline does not, because a stage's results "
                     "come from its last cells.") if code in ("0", "None") else ""
         return (
-            f"stopped early at {cell_label(notebook, attempt)}: the cell called sys.exit({code}), so the rest "
+            f"stopped early at {cell_label(notebook, attempt)}: the cell called sys.exit({code}) "
+            f"(SystemExit: {code}), so the rest "
             f"of it and {left} later code cell(s) did not run.{forgiven} Remove the sys.exit call, or raise an "
             "exception to fail on purpose."
         )

@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from taxi_duration.reports import ReportPaths, render_reports
 from taxi_duration.runner.cells import cell_label, check_every_cell_ran, read_notebook
@@ -19,7 +19,7 @@ from taxi_duration.runner.messages import describe_failure
 from taxi_duration.runner.parameters import check_parameters
 from taxi_duration.runner.processes import reap_kernel, stop_child
 from taxi_duration.runner.records import (
-    CURRENT_CELL, GO, KERNEL_RECORD, RUNNER_LOG, Attempt, read_json, read_outcome, write_json,
+    CURRENT_CELL, GO, KERNEL_RECORD, PROGRESS, RUNNER_LOG, Attempt, read_json, read_outcome, write_json,
 )
 
 log = logging.getLogger("taxi_duration.runner")
@@ -35,6 +35,26 @@ class NotebookExecutionError(RuntimeError):
     def __init__(self, message: str, result: "NotebookResult"):
         super().__init__(message)
         self.result = result
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a running notebook is: the cells the kernel will run, those done, the one running."""
+
+    total: int | None
+    finished: tuple[dict[str, Any], ...]  # each: index, position (1-based), first_line, started, seconds
+    running: dict[str, Any] | None  # index, position, first_line, started (epoch seconds)
+
+    @classmethod
+    def read(cls, records: Path) -> Progress | None:
+        record = read_json(records / PROGRESS)
+        if not record:
+            return None
+        return cls(record.get("total"), tuple(record.get("finished") or ()), record.get("running"))
+
+
+ProgressCallback = Callable[[Progress], None]
+PROGRESS_POLL_SECONDS = 1.0  # how often a caller watching progress is told of a change, at most
 
 
 @dataclass(frozen=True)
@@ -57,6 +77,7 @@ def execute_notebook(
     retries_on_kernel_death: int = 1,
     stop: threading.Event | None = None,
     prepared: PreparedRunner | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> NotebookResult:
     """Run `notebook` with `parameters` in a child process; always keep and render the output.
 
@@ -71,6 +92,9 @@ def execute_notebook(
     `prepared`, a PreparedRunner started earlier for this notebook (and working directory),
     runs the first attempt; its kernel is already up with the notebook's imports done. The
     call takes it over: it is closed whatever happens. A retry starts a runner of its own.
+
+    `on_progress` is called (in this thread) with the cells done and the one running, when
+    that changes, at most once every PROGRESS_POLL_SECONDS, and once when the notebook ends.
     """
     notebook = Path(notebook).resolve()
     try:
@@ -91,7 +115,7 @@ def execute_notebook(
     while True:
         runner = prepared or PreparedRunner(notebook, cwd)
         prepared = None
-        attempt = _run_attempt(runner, executed_notebook, parameters, deadline, stop)
+        attempt = _run_attempt(runner, executed_notebook, parameters, deadline, stop, on_progress)
         if attempt.kind != "kernel_died" or len(deaths) == retries_on_kernel_death or time.monotonic() >= deadline:
             break
         deaths.append(attempt)
@@ -184,33 +208,60 @@ class PreparedRunner:
 
 def _run_attempt(
     runner: PreparedRunner, executed_notebook: Path, parameters: dict[str, Any], deadline: float,
-    stop: threading.Event | None = None,
+    stop: threading.Event | None = None, on_progress: ProgressCallback | None = None,
 ) -> Attempt:
     """Run the notebook on `runner` once, stop it at `deadline` (or on `stop`), reap, say how it ended."""
+    watch = _progress_watcher(runner.records, on_progress) if on_progress is not None else None
     try:
         runner.go(executed_notebook, parameters)
-        if _wait_unless_stopped(runner.child, deadline, stop):
+        if _wait_unless_stopped(runner.child, deadline, stop, watch):
             attempt = read_outcome(runner.records, runner.child.returncode)
         else:
             stop_child(runner.child)
             attempt = Attempt("timeout")
         attempt.cell_index = read_json(runner.records / CURRENT_CELL).get("index")
+        if watch is not None:
+            watch()  # the last cells' progress, before the records go
     finally:
         runner.close()  # also when interrupted (KeyboardInterrupt, `stop`): leave nothing behind
     attempt.reaped = runner.reaped
     return attempt
 
 
-def _wait_unless_stopped(child: subprocess.Popen, deadline: float, stop: threading.Event | None) -> bool:
+def _progress_watcher(records: Path, on_progress: ProgressCallback) -> Callable[[], None]:
+    """A function that tells `on_progress` of the child's progress when it has changed."""
+    seen: list[Progress | None] = [None]
+
+    def watch() -> None:
+        progress = Progress.read(records)
+        if progress is not None and progress != seen[0]:
+            seen[0] = progress
+            try:
+                on_progress(progress)
+            except Exception as problem:  # noqa: BLE001 - showing progress must not fail the notebook
+                log.warning("could not report the notebook's progress: %r", problem)
+
+    return watch
+
+
+def _wait_unless_stopped(
+    child: subprocess.Popen, deadline: float, stop: threading.Event | None, watch: Callable[[], None] | None = None,
+) -> bool:
     """Wait for the child: True when it exited, False at the deadline; NotebookStopped on `stop`."""
+    # With a `stop` to watch, wake up four times a second to look at it; with progress to
+    # report, once a second.
+    interval = 0.25 if stop is not None else PROGRESS_POLL_SECONDS if watch is not None else None
+    watched = time.monotonic()
     while True:
         remaining = deadline - time.monotonic()
         try:
-            # With a `stop` to watch, wake up four times a second to look at it.
-            child.wait(timeout=max(min(remaining, 0.25), 0) if stop is not None else max(remaining, 0))
+            child.wait(timeout=max(min(remaining, interval), 0) if interval is not None else max(remaining, 0))
             return True
         except subprocess.TimeoutExpired:
             if time.monotonic() >= deadline:
                 return False
             if stop is not None and stop.is_set():
                 raise NotebookStopped("stopped by the caller while running") from None
+            if watch is not None and time.monotonic() - watched >= PROGRESS_POLL_SECONDS:
+                watched = time.monotonic()
+                watch()

@@ -1,7 +1,7 @@
 """The files a notebook runner's parent and child share, in the per-runner records folder.
 
 The parent writes the go (executed notebook's path and parameters); the child writes its
-kernel's pid, the running cell and how it ended. Every file is written whole or not at all.
+kernel's pid, the running cell, the progress through the cells and how it ended. Every file is written whole or not at all.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 KERNEL_RECORD = "kernel.json"
 OUTCOME = "outcome.json"
 CURRENT_CELL = "cell.json"
+PROGRESS = "progress.json"  # cells done out of total, the running one: what the caller shows while it runs
 GO = "go.json"
 RUNNER_LOG = "runner.log"
 
