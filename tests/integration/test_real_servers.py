@@ -144,3 +144,22 @@ def test_pipeline_on_real_mlflow_and_prefect_servers(real_servers, tmp_path, syn
     states = {re.sub(r"-[0-9a-f]{3}$", "", task_run.name): task_run.state.type.value for task_run in task_runs}
     assert {"fetch-trip-files", *STAGES} <= set(states), states
     assert all(states[name] == "COMPLETED" for name in ("fetch-trip-files", *STAGES)), states
+
+    # The run's link artifacts answer: the MLflow run page and the reports through the MLflow
+    # server, the gallery from disk.
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with SyncPrefectClient(prefect_api) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
+    links = {artifact.description: re.fullmatch(r"\[.+\]\((\S+)\)", artifact.data)[1] for artifact in artifacts
+             if artifact.task_run_id is None and artifact.key is None}
+    assert set(links) == {f"MLflow run {run_id[:8]}", "all runs (gallery)", *(f"{stage} review report" for stage in STAGES)}
+    assert links[f"MLflow run {run_id[:8]}"].startswith(f"{mlflow_url}/#/experiments/")
+    for text, url in links.items():
+        if url.startswith("file://"):
+            assert Path(url.removeprefix("file://")).is_file(), url
+            continue
+        response = requests.get(url, timeout=30)
+        assert response.status_code == 200, (text, url)
+        if "review report" in text:
+            assert url.startswith(f"{mlflow_url}/get-artifact?path=reports/") and "taxi-report-header" in response.text, url
