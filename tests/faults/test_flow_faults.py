@@ -199,14 +199,15 @@ def test_a_month_missing_from_the_folder_names_the_path(isolated_stores, pipelin
         ("import sys\nsys.exit(0)", {}, "stopped early at cell 4: the cell called sys.exit(0) (SystemExit: 0)"),
         ('raise ValueError("fare_amount has 3 negative values")', {}, "cell 4 raised ValueError: fare_amount has 3 negative values"),
         ("%nosuchmagic", {}, "cell 4 raised UsageError: Line magic function `%nosuchmagic` not found"),
+        ("def broken(:\n    pass", {}, "cell 4 raised SyntaxError: invalid syntax"),
+        ("!exit 3", {}, "(CalledProcessError: Command 'exit 3' returned non-zero exit status 3.)"),
+        ('raise KeyboardInterrupt("stopped by hand")', {}, "cell 4 raised KeyboardInterrupt: stopped by hand"),
         ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", {}, "kernel died"),
         # Long enough for 02_features, running beside it, to finish on a busy machine.
         ("import time\ntime.sleep(600)", {"TAXI_NOTEBOOK_TIMEOUT": "25"}, "did not finish within 25 s"),
     ],
-    # A failing shell command stops a notebook early exactly as sys.exit does, and a syntax error
-    # or a keyboard interrupt raises as any exception does; their wording is pinned in
-    # tests/faults/test_notebook_faults.py, so the flow is run for one of each kind of ending.
-    ids=["sys-exit-0", "raises", "ipython-error", "kernel-killed", "hung-cell"],
+    ids=["sys-exit-0", "raises", "ipython-error", "syntax-error", "shell-escape", "keyboard-interrupt",
+         "kernel-killed", "hung-cell"],
 )
 def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthetic_source, tmp_path, cell, extra_env, message):
     project = tmp_path / "project"
