@@ -36,6 +36,23 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def free_port_outside_the_ephemeral_range() -> int:
+    """A free loopback port below Linux's ephemeral range (32768-60999), for a server started
+    long after its port is chosen: the OS never hands such a port to another process's socket
+    bound to port 0 meanwhile (Dask's workers and clients open dozens)."""
+    import random
+
+    candidates = random.sample(range(20000, 32000), 200)
+    for port in candidates:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    return free_port()
+
+
 @contextmanager
 def script_as_module(path: Path, name: str) -> Iterator[ModuleType]:
     """A script (flows/ and .devcontainer/ are no packages) imported as module `name`, then forgotten."""
@@ -75,8 +92,8 @@ def pytest_configure(config):
         return  # an xdist worker: the controller has set them
     _saved_service_knobs.update({key: os.environ.get(key) for key in SERVICE_KNOBS})
     os.environ["TAXI_SERVICES_DIR"] = tempfile.mkdtemp(prefix="taxi-test-services-")
-    os.environ["TAXI_PREFECT_PORT"] = str(free_port())
-    os.environ["TAXI_MLFLOW_PORT"] = str(free_port())
+    os.environ["TAXI_PREFECT_PORT"] = str(free_port_outside_the_ephemeral_range())
+    os.environ["TAXI_MLFLOW_PORT"] = str(free_port_outside_the_ephemeral_range())
 
 
 def pytest_unconfigure(config):

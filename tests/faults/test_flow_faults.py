@@ -227,7 +227,7 @@ def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthet
     assert "01_explore.ipynb failed" in completed.stderr and message in completed.stderr
     # One paragraph, not tracebacks: from the first line reporting the failure to the exit.
     lines = completed.stderr.strip().splitlines()
-    first = next(index for index, line in enumerate(lines) if "01_explore" in line and ("ERROR" in line or "WARNING" in line))
+    first = next(index for index, line in enumerate(lines) if "01_explore" in line and "ERROR" in line)
     assert len(lines) - first <= 15, "\n".join(lines[first:])
     assert "Traceback" not in completed.stderr
     assert lines[-1].startswith("Pipeline failed: notebook 01_explore.ipynb failed: ") and message in lines[-1]

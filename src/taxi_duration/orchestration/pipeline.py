@@ -7,8 +7,9 @@ succeeded. Stages whose inputs have not changed since an earlier successful run 
 (taxi_duration.stagecache) unless `force`.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: the flows' parameter types must be real objects,
+# because Prefect builds its parameter model from them in whatever process runs the flow (a
+# Dask worker unpickles the flow without this module's names, so strings would not resolve).
 import concurrent.futures
 import contextvars
 import datetime as dt

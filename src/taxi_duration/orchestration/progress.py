@@ -38,6 +38,8 @@ class StageProgress:
         if not progress.total:
             return
         logger = get_run_logger()
+        if len(progress.finished) < self._logged:
+            self._logged = 0  # the notebook is being run again from the start (its kernel died)
         for cell in progress.finished[self._logged:]:
             logger.info("%s: cell %d/%d done in %.1f s", self.stage, cell["position"], progress.total, cell["seconds"])
         self._logged = len(progress.finished)

@@ -7,8 +7,9 @@ itself: a moved alias scores again), a row in the gallery. The run names its inp
 MLflow's Datasets tab (context `scoring`) and links the model it used.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: the flows' parameter types must be real objects,
+# because Prefect builds its parameter model from them in whatever process runs the flow (a
+# Dask worker unpickles the flow without this module's names, so strings would not resolve).
 import datetime as dt
 import functools
 from dataclasses import dataclass
