@@ -110,7 +110,11 @@ def test_a_real_kernel_is_ready_through_the_quick_client_and_runs_code():
         manager = AsyncKernelManager(kernel_name="python3")
         manager.client_class = "jupyter_client.asynchronous.AsyncKernelClient"
         await manager.start_kernel()
-        client = fast_start.kernel_client_class(AsyncKernelClient)(connection_file=manager.connection_file)
+        # With the manager as parent, as nbclient makes its clients: "alive" then means the kernel
+        # process runs. A parentless client goes by heartbeats, and a busy machine can miss the
+        # first one, which reads as a dead kernel.
+        client = fast_start.kernel_client_class(AsyncKernelClient)(connection_file=manager.connection_file,
+                                                                   parent=manager)
         client.load_connection_file()
         client.start_channels()
         try:
