@@ -163,8 +163,11 @@ def _data_figures(older: dict[str, dict[str, Any]], newer: dict[str, dict[str, A
 
     before, after = explore(older), explore(newer)
     labels = list(before) + [label for label in after if label not in before]
-    return tuple(Figure(label, before.get(label, 0 if label.startswith("nulls") else None),
-                        after.get(label, 0 if label.startswith("nulls") else None)) for label in labels)
+
+    def value(values: dict[str, Value], label: str) -> Value:
+        return values.get(label, 0 if label.startswith("nulls") else None)  # manifests list only non-zero nulls
+
+    return tuple(Figure(label, value(before, label), value(after, label)) for label in labels)
 
 
 def _zone_figures(older: dict[str, Any], newer: dict[str, Any], side: str) -> tuple[Figure, ...]:
