@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -54,6 +55,12 @@ def required_columns(color: str, actuals: bool = True) -> tuple[str, ...]:
 def trip_filename(color: str, month: Month) -> str:
     """TLC's name for the month's file of one colour: `{color}_tripdata_{YYYY-MM}.parquet`."""
     return f"{color}_tripdata_{month.label()}.parquet"
+
+
+def trip_file_month(color: str, filename: str) -> Month | None:
+    """The month of a file named as trip_filename names `color`'s files; None for any other name."""
+    matched = re.fullmatch(rf"{re.escape(color)}_tripdata_(\d{{4}})-(0[1-9]|1[0-2])\.parquet", filename)
+    return Month(int(matched[1]), int(matched[2])) if matched else None
 
 
 def is_url(source: str) -> bool:

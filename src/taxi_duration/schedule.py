@@ -15,7 +15,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from taxi_duration import data
+from taxi_duration import data, settings
 from taxi_duration.periods import COLORS, FIRST_PUBLISHED, InvalidParameterError, Month, PipelineParams
 
 DEPLOYMENT_NAME = "monthly"
@@ -81,76 +81,106 @@ def is_published(location: str, color: str, month: Month, timeout_seconds: float
     )
 
 
-def _previous(month: Month) -> Month:
-    """The month before; January rolls back to December of the previous year."""
-    if month.month == 1:
-        return Month(month.year - 1, 12)
-    return Month(month.year, month.month - 1)
-
-
 def newest_trainable_month(
     location: str,
     color: str,
     today: dt.date | None = None,
-    lookback_months: int = 12,
+    lookback_months: int | None = None,
     timeout_seconds: float = 10,
 ) -> Month:
     """The newest training month M whose own file and validation file (M + 1) are published.
 
-    The search starts at the newest month that can be trained on `today` (two months
-    before today's month: the validation month must have ended, see
-    PipelineParams.parse) and walks back at most `lookback_months` months, never before
+    M must also be trainable on `today`: its validation month must have ended (two months
+    before today's month at the latest, see PipelineParams.parse), and M is never before
     TLC's first month for `color`. `today` defaults to the local date, the one
     PipelineParams.parse checks against, so the month returned always passes the flow's own
-    check. Each month's file is checked at most once.
+    check.
 
-    Raises NoPublishedMonthError naming the source and the months searched when no month
-    qualifies, InvalidParameterError for an unknown colour or a `lookback_months` below 1,
-    and PublicationCheckError when the source cannot answer (see is_published).
+    A folder source is listed: the newest month with both files wins, whatever its age. A URL
+    source cannot be listed, so it is asked file by file (each file at most once), walking
+    back at most `lookback_months` months (default: settings.latest_lookback_months, the
+    `TAXI_LATEST_LOOKBACK_MONTHS` knob).
+
+    Raises NoPublishedMonthError naming the source (and for a URL the months searched and the
+    knob) when no month qualifies, InvalidParameterError for an unknown colour or a
+    `lookback_months` below 1, and PublicationCheckError when a URL source cannot answer
+    (see is_published).
     """
     color_text = str(color).strip().lower()
     if color_text not in COLORS:
         raise InvalidParameterError(f"color must be one of {', '.join(COLORS)}, got {color!r}")
+    if lookback_months is None:
+        lookback_months = settings.latest_lookback_months()
     if lookback_months < 1:
         raise InvalidParameterError(f"lookback_months must be at least 1, got {lookback_months}")
     data.check_source_location(location)
     today = today or dt.date.today()
 
-    newest = _previous(_previous(Month(today.year, today.month)))
+    newest = Month(today.year, today.month).previous().previous()
     first = Month(*FIRST_PUBLISHED[color_text])
-    published: dict[Month, bool] = {}
-
-    def check(month: Month) -> bool:
-        if month not in published:
-            published[month] = is_published(location, color_text, month, timeout_seconds)
-        return published[month]
-
-    candidate = newest
-    oldest_searched: Month | None = None
-    for _ in range(lookback_months):
-        if candidate < first:
-            break
-        # The one definition of a valid training month; it cannot fail here (colour checked
-        # above, candidate within TLC's range and its validation month over), so an error
-        # would be a bug worth seeing rather than a month to skip.
-        params = PipelineParams.parse(candidate.year, candidate.month, color_text, today=today)
-        oldest_searched = candidate
-        # The validation month first: walking back, it is the month checked just before.
-        if check(params.validation_month) and check(params.train_month):
-            return params.train_month
-        candidate = _previous(candidate)
-
-    found = sorted(month for month, present in published.items() if present)
-    found_text = ", ".join(str(month) for month in found) if found else "none"
     where = f"{color_text} trip files at {location}"
-    if oldest_searched is None:
+    if newest < first:
         raise NoPublishedMonthError(
             f"no trainable month for {where}: on {today.isoformat()} the newest possible training month is "
             f"{newest}, before TLC's first {color_text} month ({first})"
         )
+    if data.is_url(location):
+        return _newest_published_by_asking(location, color_text, today, newest, first, lookback_months, timeout_seconds)
+    return _newest_in_folder(Path(location).expanduser().resolve(), color_text, today, newest, first)
+
+
+def _trainable(month: Month, color: str, today: dt.date) -> Month:
+    """`month` as PipelineParams.parse accepts it: the one definition of a valid training month.
+
+    The callers only pass months within TLC's range whose validation month is over, so an
+    error here would be a bug worth seeing rather than a month to skip.
+    """
+    return PipelineParams.parse(month.year, month.month, color, today=today).train_month
+
+
+def _newest_in_folder(folder: Path, color: str, today: dt.date, newest: Month, first: Month) -> Month:
+    """The newest month of `folder` (listed) whose next month's file is there too."""
+    present = {month for path in folder.iterdir() if path.is_file() and (month := data.trip_file_month(color, path.name))}
+    trainable = [month for month in present if first <= month <= newest and month.next() in present]
+    if trainable:
+        return _trainable(max(trainable), color, today)
+    found_text = ", ".join(str(month) for month in sorted(present)) if present else "none"
     raise NoPublishedMonthError(
-        f"no trainable month for {where}: searched training months {oldest_searched} to {newest} "
-        f"(each needs its own file and the next month's); files found for: {found_text}"
+        f"no trainable month for {color} trip files in the folder {folder}: no month from {first} to {newest} "
+        f"(the newest that can be trained on {today.isoformat()}) has both its own file and the next month's; "
+        f"files found for: {found_text}"
+    )
+
+
+def _newest_published_by_asking(
+    prefix: str, color: str, today: dt.date, newest: Month, first: Month, lookback_months: int, timeout_seconds: float
+) -> Month:
+    """Walk back from `newest` over at most `lookback_months` months, asking the URL source."""
+    published: dict[Month, bool] = {}
+
+    def check(month: Month) -> bool:
+        if month not in published:
+            published[month] = is_published(prefix, color, month, timeout_seconds)
+        return published[month]
+
+    candidate = newest
+    oldest_searched = newest
+    for _ in range(lookback_months):
+        if candidate < first:
+            break
+        oldest_searched = candidate
+        # The validation month first: walking back, it is the month checked just before.
+        if check(candidate.next()) and check(candidate):
+            return _trainable(candidate, color, today)
+        candidate = candidate.previous()
+
+    found = sorted(month for month, present in published.items() if present)
+    found_text = ", ".join(str(month) for month in found) if found else "none"
+    raise NoPublishedMonthError(
+        f"no trainable month for {color} trip files at {prefix}: searched training months {oldest_searched} to "
+        f"{newest}, the last {lookback_months} (each needs its own file and the next month's; "
+        f"{settings.LATEST_LOOKBACK_KNOB} sets how many months back a URL source is searched); "
+        f"files found for: {found_text}"
     )
 
 

@@ -110,6 +110,18 @@ def overlap_max_trips() -> int:
     return _whole_number_knob("TAXI_OVERLAP_MAX_TRIPS", DEFAULT_OVERLAP_MAX_TRIPS, "trips", minimum=0)
 
 
+LATEST_LOOKBACK_KNOB = "TAXI_LATEST_LOOKBACK_MONTHS"
+
+
+def latest_lookback_months() -> int:
+    """How many training months back a run without YEAR/MONTH asks a URL source: `TAXI_LATEST_LOOKBACK_MONTHS`, default 12.
+
+    A URL source (TLC's site) cannot be listed, so each month's file is asked for in turn;
+    a folder source is listed whole and needs no bound.
+    """
+    return _whole_number_knob(LATEST_LOOKBACK_KNOB, 12, "months", minimum=1)
+
+
 def mlflow_workers() -> int:
     """Worker processes of the local MLflow server: `TAXI_MLFLOW_WORKERS`, default 1 (see services)."""
     return _whole_number_knob("TAXI_MLFLOW_WORKERS", 1, "worker processes", minimum=1)

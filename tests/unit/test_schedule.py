@@ -179,14 +179,42 @@ def test_validation_month_must_have_ended_even_if_its_file_exists(tmp_path):
     assert newest_trainable_month(str(folder), "green", today=dt.date(2023, 6, 1)) == Month(2023, 4)
 
 
-def test_too_early_for_any_published_pair_names_folder_and_range(tmp_path):
+def test_too_early_for_any_published_pair_names_folder_and_newest_trainable_month(tmp_path):
     folder = folder_with(tmp_path, *months("2023-01", "2023-05"))
     # On 2023-02-10 the newest trainable month is 2022-12, and nothing that old is in the folder.
     with pytest.raises(NoPublishedMonthError) as raised:
         newest_trainable_month(str(folder), "green", today=dt.date(2023, 2, 10))
     message = str(raised.value)
     assert str(folder) in message
-    assert "2022-01 to 2022-12" in message
+    assert "2013-08 to 2022-12" in message
+    assert "2023-01, 2023-02, 2023-03, 2023-04, 2023-05" in message
+
+
+def test_a_folder_is_listed_whatever_the_age_of_its_files(tmp_path):
+    # The scheduled case on a folder of old files: 2021 only, years before today's window.
+    folder = folder_with(tmp_path, Month(2021, 1), Month(2021, 2))
+    assert newest_trainable_month(str(folder), "green", today=dt.date(2026, 12, 2)) == Month(2021, 1)
+    # The newest pair wins, even with an older pair and lone newer files around it.
+    folder = folder_with(tmp_path, Month(2022, 1), Month(2022, 2), *months("2023-01", "2023-05"), Month(2024, 7))
+    assert newest_trainable_month(str(folder), "green", today=dt.date(2026, 12, 2)) == Month(2023, 4)
+
+
+def test_a_folder_ignores_other_colours_other_names_and_folders(tmp_path):
+    folder = folder_with(tmp_path, Month(2021, 1), Month(2021, 2))
+    folder_with(tmp_path, Month(2023, 1), Month(2023, 2), color="yellow")
+    (folder / "green_tripdata_2023-03.parquet.partial").touch()
+    (folder / "green_tripdata_2023-04.parquet").mkdir()
+    (folder / "green_tripdata_2023-13.parquet").touch()
+    (folder / "green_tripdata_2023-05.csv").touch()
+    assert newest_trainable_month(str(folder), "green", today=dt.date(2026, 12, 2)) == Month(2021, 1)
+    assert newest_trainable_month(str(folder), "yellow", today=dt.date(2026, 12, 2)) == Month(2023, 1)
+
+
+def test_the_real_folder_trains_on_its_newest_pair():
+    real = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "tlc"
+    if not (real / "green_tripdata_2023-05.parquet").is_file():
+        pytest.skip(f"the real TLC files are not at {real}")
+    assert newest_trainable_month(str(real), "green") == Month(2023, 4)
 
 
 def test_year_boundary(tmp_path):
@@ -200,22 +228,41 @@ def test_nothing_published_names_the_folder_the_range_and_what_was_found(tmp_pat
         newest_trainable_month(str(folder), "green", today=AUGUST_15)
     message = str(raised.value)
     assert str(folder) in message
-    assert "2022-07 to 2023-06" in message
+    assert "2013-08 to 2023-06" in message
     assert "2023-02, 2023-04" in message
     assert isinstance(raised.value, ValueError)
 
 
-def test_empty_folder_says_no_files_were_found(tmp_path):
+def test_empty_folder_is_an_error_naming_the_folder(tmp_path):
     folder = folder_with(tmp_path)
-    with pytest.raises(NoPublishedMonthError, match="files found for: none"):
+    with pytest.raises(NoPublishedMonthError, match="files found for: none") as raised:
         newest_trainable_month(str(folder), "green", today=AUGUST_15)
+    assert f"in the folder {folder}:" in str(raised.value)
 
 
-def test_lookback_limits_the_search(tmp_path):
-    folder = folder_with(tmp_path, Month(2023, 1), Month(2023, 2))
-    with pytest.raises(NoPublishedMonthError, match="2023-04 to 2023-06"):
-        newest_trainable_month(str(folder), "green", today=AUGUST_15, lookback_months=3)
-    assert newest_trainable_month(str(folder), "green", today=AUGUST_15, lookback_months=6) == Month(2023, 1)
+def test_lookback_limits_the_search_of_a_url_source(http_source):
+    http_source.answer("green", Month(2023, 1), 200)
+    http_source.answer("green", Month(2023, 2), 200)
+    with pytest.raises(NoPublishedMonthError) as raised:
+        newest_trainable_month(http_source.prefix, "green", today=AUGUST_15, lookback_months=3)
+    message = str(raised.value)
+    assert "searched training months 2023-04 to 2023-06, the last 3" in message
+    assert "TAXI_LATEST_LOOKBACK_MONTHS sets how many months back" in message
+    assert http_source.prefix in message
+    assert newest_trainable_month(http_source.prefix, "green", today=AUGUST_15, lookback_months=6) == Month(2023, 1)
+
+
+def test_lookback_of_a_url_source_is_a_knob(http_source, monkeypatch):
+    http_source.answer("green", Month(2023, 1), 200)
+    http_source.answer("green", Month(2023, 2), 200)
+    monkeypatch.setenv("TAXI_LATEST_LOOKBACK_MONTHS", "3")
+    with pytest.raises(NoPublishedMonthError, match="the last 3"):
+        newest_trainable_month(http_source.prefix, "green", today=AUGUST_15)
+    monkeypatch.setenv("TAXI_LATEST_LOOKBACK_MONTHS", "6")
+    assert newest_trainable_month(http_source.prefix, "green", today=AUGUST_15) == Month(2023, 1)
+    monkeypatch.setenv("TAXI_LATEST_LOOKBACK_MONTHS", "a year")
+    with pytest.raises(ValueError, match="TAXI_LATEST_LOOKBACK_MONTHS must be a whole number of months, got 'a year'"):
+        newest_trainable_month(http_source.prefix, "green", today=AUGUST_15)
 
 
 def test_search_stops_at_the_first_month_tlc_published_for_the_colour(tmp_path):
