@@ -1,8 +1,9 @@
 """Model registry with a promotion gate: a run's model becomes "champion" only if it is better.
 
-Every gated run registers its model as a new version of one registered model. The alias
-`champion` moves to that version only when the challenger's validation RMSE is strictly lower
-than the current champion's RMSE *re-scored on the same validation trips*: the champion's
+Every gated run registers its model as a new version of one registered model, one gate at a
+time (taxi_duration.gate_lock). The alias `champion` moves to that version only when the
+challenger's validation RMSE is strictly lower than the current champion's RMSE *re-scored on
+the same validation trips*: the champion's
 logged RMSE was measured on whatever month it was validated on, so comparing it with a
 different month's RMSE would reward an easy month rather than a better model.
 
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from taxi_duration import serving, settings, tracking
+from taxi_duration import gate_lock, serving, settings, tracking
 from taxi_duration.model import rmse
 
 if TYPE_CHECKING:
@@ -103,8 +104,10 @@ def register_and_gate(
     before the servable model (NotServableModelError) cannot be re-scored: the challenger
     replaces it, and the reason says so.
 
-    The champion is scored before anything is written, so a champion that cannot be scored
-    otherwise (RegistryError, an MLflow error) leaves the registry and the run untouched.
+    The champion is read, scored and replaced under the gate's lock (taxi_duration.gate_lock),
+    so concurrent gates of the same registered model take turns and each decides on the champion
+    of that moment. The champion is scored before anything is written, so a champion that cannot
+    be scored otherwise (RegistryError, an MLflow error) leaves the registry and the run untouched.
     The decision is tagged on the run (`PromotionDecision.tags`), which stays RUNNING: the
     caller owns its status.
     """
@@ -127,25 +130,27 @@ def register_and_gate(
             "a run can only register its own model"
         )
 
-    # Read the alias once and work with that version throughout, so a champion alias moved by
-    # someone else meanwhile cannot make us score one version and name another.
-    champion_version = _champion_version(client, registered_model)
-    champion_rmse = None
-    not_servable = None
-    if champion_version is not None:
-        try:
-            champion_rmse = rescore_version(tracking_uri, registered_model, champion_version, records, targets)
-        except NotServableModelError as error:
-            # A champion from before the servable model cannot be re-scored on raw trips: the
-            # first servable version takes over, and its tags say why.
-            not_servable = str(error)
+    # The read, the decision and the alias move happen under the gate's lock (gate_lock), so
+    # no other gate moves the champion in between. The alias is read once, inside it, and that
+    # version is the one scored and named throughout.
+    with gate_lock.champion_gate(tracking_uri, registered_model):
+        champion_version = _champion_version(client, registered_model)
+        champion_rmse = None
+        not_servable = None
+        if champion_version is not None:
+            try:
+                champion_rmse = rescore_version(tracking_uri, registered_model, champion_version, records, targets)
+            except NotServableModelError as error:
+                # A champion from before the servable model cannot be re-scored on raw trips: the
+                # first servable version takes over, and its tags say why.
+                not_servable = str(error)
 
-    version = _create_version(client, registered_model, logged_model, run_id, validation_month, challenger_rmse)
-    decision = _decide(
-        registered_model, version, challenger_rmse, champion_rmse, champion_version, validation_month, not_servable
-    )
-    if decision.promoted:
-        client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
+        version = _create_version(client, registered_model, logged_model, run_id, validation_month, challenger_rmse)
+        decision = _decide(
+            registered_model, version, challenger_rmse, champion_rmse, champion_version, validation_month, not_servable
+        )
+        if decision.promoted:
+            client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
     tags = decision.tags()
     # On the version too, so someone browsing the registry sees why it is (not) champion.
     for key in (f"{TAG_PREFIX}decision", f"{TAG_PREFIX}reason"):

@@ -9,14 +9,15 @@ from taxi_duration import runner, settings, stagecache
 from taxi_duration.periods import PipelineParams
 
 STAGES = ("01_explore", "02_features", "03_train")
-# What the notebooks import lazily, through the package (plots, scikit-learn, XGBoost, MLflow):
+# What the notebooks import lazily, through the package (plots, scikit-learn, XGBoost, MLflow,
+# Prefect's client for the gate's lock):
 # a prepared kernel imports these while it waits, besides the notebook's own imports.
 KERNEL_PRELOAD = {
     "01_explore": ("matplotlib_inline.backend_inline", "matplotlib.pyplot"),
     "02_features": ("matplotlib_inline.backend_inline", "matplotlib.pyplot", "sklearn.feature_extraction"),
     "03_train": ("matplotlib_inline.backend_inline", "matplotlib.pyplot", "sklearn.feature_extraction",
                  "sklearn.metrics", "sklearn.pipeline", "xgboost", "mlflow", "mlflow.models", "mlflow.xgboost",
-                 "mlflow.sklearn"),
+                 "mlflow.sklearn", "prefect.concurrency.sync", "prefect.client.orchestration"),
 }
 
 Runners = dict[str, runner.PreparedRunner]
