@@ -276,3 +276,9 @@ def read_back(flow_runs, mlflow_url, bucket, bucket_name, postgres, prefect_api,
                          password=postgres["PREFECT_DB_PASSWORD"]) as connection:
         rows = dict(connection.execute("SELECT id::text, state_type::text FROM flow_run").fetchall())
     assert {str(run.id): "COMPLETED" for run in flow_runs.values()}.items() <= rows.items(), rows
+
+
+def test_the_mlflow_server_here_has_the_boto3_of_its_image():
+    arg = re.search(r"^ARG BOTO3_VERSION=(\S+)$", (PROJECT_DIR / "deploy/mlflow.Dockerfile").read_text(), re.M)
+    pin = re.search(r"^boto3==(\S+)", (PROJECT_DIR / "requirements/dev.txt").read_text(), re.M)
+    assert arg and pin and arg[1] == pin[1], "deploy/mlflow.Dockerfile's BOTO3_VERSION and the dev lock's boto3 differ"
