@@ -113,11 +113,15 @@ def test_prefect_server_killed_after_the_gate_the_run_stands_with_one_warning(
     api_url = doomed_prefect_server["env_value"]
     env = {**os.environ, **settings.ENVIRONMENT_DEFAULTS, "PREFECT_HOME": str(prefect_home), "PREFECT_API_URL": api_url}
     pipeline = _Pipeline(["--data-source", str(synthetic_source)], env)
-    pipeline.wait_for_line(f"03_train: cell {_gate_position()}/", timeout=600)
-    os.killpg(int(doomed_prefect_server["pid"]), signal.SIGKILL)
-    killed = time.monotonic()
-    code = pipeline.wait(timeout=120)
-    took = time.monotonic() - killed
+    try:
+        pipeline.wait_for_line(f"03_train: cell {_gate_position()}/", timeout=600)
+        os.killpg(int(doomed_prefect_server["pid"]), signal.SIGKILL)
+        killed = time.monotonic()
+        code = pipeline.wait(timeout=120)
+        took = time.monotonic() - killed
+    finally:
+        if pipeline.process.poll() is None:  # the test failed first: its runner then stops the kernels
+            pipeline.process.kill()
 
     _assert_outcome_agrees(code, isolated_stores["tracking_uri"], pipeline.stderr, api_url)
     assert code == 0, "\n".join(pipeline.stderr[-40:])
