@@ -9,14 +9,11 @@ The flow and its command line are defined in taxi_duration.orchestration.backfil
 
 from __future__ import annotations
 
-import sys
-
-from taxi_duration import fast_start
+from taxi_duration.orchestration import cli
 from taxi_duration.orchestration.backfill import backfill, main
 
 __all__ = ["backfill"]
 
 if __name__ == "__main__":
     exit_code = main()
-    fast_start.exit_without_final_collection()
-    sys.exit(exit_code)
+    cli.exit_process(exit_code)

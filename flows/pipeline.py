@@ -10,9 +10,6 @@ taxi_duration.orchestration.cli.
 
 from __future__ import annotations
 
-import sys
-
-from taxi_duration import fast_start
 from taxi_duration.orchestration import cli
 from taxi_duration.orchestration.pipeline import taxi_duration_pipeline
 
@@ -20,5 +17,4 @@ __all__ = ["taxi_duration_pipeline"]
 
 if __name__ == "__main__":
     exit_code = cli.main()
-    fast_start.exit_without_final_collection()
-    sys.exit(exit_code)
+    cli.exit_process(exit_code)

@@ -9,9 +9,6 @@ is defined in taxi_duration.orchestration.scoring, the command line in taxi_dura
 
 from __future__ import annotations
 
-import sys
-
-from taxi_duration import fast_start
 from taxi_duration.orchestration import cli
 from taxi_duration.orchestration.scoring import taxi_duration_scoring
 
@@ -19,5 +16,4 @@ __all__ = ["taxi_duration_scoring"]
 
 if __name__ == "__main__":
     exit_code = cli.score_main()
-    fast_start.exit_without_final_collection()
-    sys.exit(exit_code)
+    cli.exit_process(exit_code)

@@ -154,6 +154,10 @@ ENVIRONMENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+    # Prefect's client retries a request 5 times, 2, 4, 8, 16 then 32 s apart (each attempt
+    # itself connects up to 4 times over 1.5 s): a server lost mid-run cost a minute per
+    # request. One retry: a request to a lost server fails in about 5 s.
+    "PREFECT_CLIENT_MAX_RETRIES": "1",
     # A model download (the gate, scoring, a comparison) would draw a progress bar per file.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # The package's own warnings (download retries) show in the Prefect UI's run logs.

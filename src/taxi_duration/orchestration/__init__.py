@@ -4,6 +4,7 @@
     stage.py     the Prefect tasks: fetch the trip files, run or reuse one notebook stage
     pipeline.py  the pipeline flow: the MLflow run, the stages in order, the records
     report.py    what a finished run leaves: run.json, the Prefect artifacts, the closing lines
+    lost_server.py  a Prefect server lost mid-run: whether the run stands, said once
     cli.py       `python flows/pipeline.py ...` (flows/ holds the thin entry points)
     backfill.py  the backfill flow and its command line
     serve.py     the monthly scheduled deployment, served from one process (`make serve`)

@@ -3,16 +3,19 @@
 The arguments are resolved and checked once (orchestration.request.resolve_request), and that
 RunRequest is what the flow runs. Bad input is refused (exit 2) before Prefect starts anything
 or MLflow records a run; an unreachable tracking server or Prefect server exits 1 with one line
-that says so; a failed run exits 1 after the flow has recorded what happened.
+that says so; a failed run exits 1 after the flow has recorded what happened. A Prefect server
+lost during the run leaves the outcome to the MLflow run the flow owns (orchestration.lost_server).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
-from taxi_duration import data, run_servers, services, settings, tracking
+from taxi_duration import data, fast_start, run_servers, services, settings, tracking
+from taxi_duration.orchestration import lost_server
 from taxi_duration.orchestration.pipeline import run_resolved
 from taxi_duration.orchestration.report import format_summary
 from taxi_duration.orchestration.request import resolve_request
@@ -63,13 +66,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_flow(run, summary, what: str) -> int:
-    """Run a resolved flow with a Prefect API, print its summary; 1 with one line when it fails."""
+    """Run a resolved flow with a Prefect API, print its summary; 1 with one line when it fails.
+
+    A Prefect server lost during the run: 0, the summary and one warning when the MLflow run the
+    flow owns FINISHED (its work stands, Prefect's record of it does not); otherwise 1.
+    """
     try:
-        with run_servers.prefect_api_for_run() as prefect_api, run_servers.without_flow_heartbeats():
+        with (run_servers.prefect_api_for_run() as prefect_api, run_servers.without_flow_heartbeats(),
+              lost_server.said_once()):
             result = run()
     except services.ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except lost_server.PrefectServerLost as lost:
+        if lost.run.result is not None:
+            print(summary(lost.run.result))
+        exit_code, lines = lost_server.outcome_lines(lost, what)
+        print("\n".join(lines), file=sys.stderr)
+        return exit_code
     except Exception as error:
         print(f"\n{what} failed: {error}", file=sys.stderr)
         return 1
@@ -77,6 +91,18 @@ def _run_flow(run, summary, what: str) -> int:
     if prefect_api:
         print(f"  Prefect flow run  {prefect_api.removesuffix('/api')}/runs/flow-run/{result['prefect_flow_run_id']}")
     return 0
+
+
+def exit_process(exit_code: int) -> None:
+    """End a flows/ script's process with `exit_code` (its last call)."""
+    if lost_server.lost():
+        # Prefect's log and event workers would retry the lost server at exit for what they
+        # still hold, which can no longer arrive; the run's outcome is decided and said.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
+    fast_start.exit_without_final_collection()
+    sys.exit(exit_code)
 
 
 SCORE_USAGE = ("python flows/score.py --year 2023 --month 5 [--color green] [--model models:/nyc-taxi-duration@champion] "

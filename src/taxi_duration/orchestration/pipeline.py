@@ -23,6 +23,7 @@ from prefect.runtime import flow_run
 
 from taxi_duration import runfiles, settings, stages, tracking
 from taxi_duration.periods import Color, MonthNumber, Year
+from taxi_duration.orchestration import lost_server
 from taxi_duration.orchestration.report import SUMMARY_METRICS, RunEnding, report_run
 from taxi_duration.orchestration.request import STAGES, RunRequest, StagePlan, local_trip_files, plan, resolve_request
 from taxi_duration.orchestration.stage import (
@@ -68,19 +69,26 @@ def run_resolved(request: RunRequest) -> dict[str, Any]:
     The command line's way in: for Prefect it is a run of the same flow, under the same name
     and with the same parameters as `taxi_duration_pipeline(**request.flow_parameters)`, but
     its body starts from `request` instead of resolving those parameters a second time.
+    Raises lost_server.PrefectServerLost, saying how far the MLflow run got, when the Prefect
+    server stops answering.
     """
+    owned = lost_server.OwnedRun()
 
     @functools.wraps(taxi_duration_pipeline.fn)  # the same signature, so the same parameters in the UI
     def resolved_pipeline(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return ending_quietly(lambda: run_pipeline(request))
+        return ending_quietly(lambda: run_pipeline(request, owned))
 
     as_flow = Flow(resolved_pipeline, name=taxi_duration_pipeline.name, log_prints=True,
                    description=taxi_duration_pipeline.description)
-    return as_flow(**request.flow_parameters)
+    return lost_server.run_flow(as_flow, request.flow_parameters, owned)
 
 
-def run_pipeline(request: RunRequest) -> dict[str, Any]:
-    """The flow's body once its inputs are checked: the MLflow run, the stages, the records."""
+def run_pipeline(request: RunRequest, owned: lost_server.OwnedRun | None = None) -> dict[str, Any]:
+    """The flow's body once its inputs are checked: the MLflow run, the stages, the records.
+
+    `owned` learns where the MLflow run got to (its id, folder, status, result) as it goes.
+    """
+    owned = owned or lost_server.OwnedRun()
     # When the month's files are already here, the plan is made now and the kernels of the
     # stages that will execute start at once: their start-up and imports overlap the MLflow
     # run's creation and the file checks. Otherwise (or if a file is unreadable, which the
@@ -91,8 +99,10 @@ def run_pipeline(request: RunRequest) -> dict[str, Any]:
             print(f"MLflow run {orphan} was left RUNNING by a pipeline process that no longer exists: marked KILLED")
         started = dt.datetime.now(dt.timezone.utc)
         context = _start_mlflow_run(request, started)
+        owned.run_id, owned.run_dir = context.run_id, context.run_dir
         print(f"MLflow run {context.run_id} in experiment {request.experiment!r}; outputs in {context.run_dir}")
-        return _run_stages(request, context, started, early_plan, runners)
+        owned.result = _run_stages(request, context, started, early_plan, runners, owned)
+        return owned.result
     finally:
         stages.close_runners(runners)  # those no stage took over (a stage failed, or the flow was stopped)
 
@@ -156,7 +166,7 @@ def _stage_parameters(request: RunRequest, context: RunContext) -> dict[str, dic
 
 def _run_stages(
     request: RunRequest, context: RunContext, started: dt.datetime, stage_plan: StagePlan | None,
-    runners: stages.Runners,
+    runners: stages.Runners, owned: lost_server.OwnedRun,
 ) -> dict[str, Any]:
     """Fetch, then the three stages; on the way out (success or not) close the MLflow run and record it."""
     parameters = _stage_parameters(request, context)
@@ -208,7 +218,8 @@ def _run_stages(
                 concurrent.futures.wait([explore])  # its notebook is archived before the run closes
             timings.sort(key=lambda entry: ("fetch-trip-files", *STAGES).index(entry["stage"]))
             ending = RunEnding(status, error, {s: outcomes[s] for s in STAGES if s in outcomes}, timings)
-            _close_run(context, ending)
+            owned.error = error
+            owned.status = ending.status if _close_run(context, ending) else None
             gallery_path = report_run(request, context, started, str(flow_run.id), ending)
     return _result(request, context, ending, gallery_path)
 
@@ -236,16 +247,19 @@ def _result(request: RunRequest, context: RunContext, ending: RunEnding, gallery
     }
 
 
-def _close_run(context: RunContext, ending: RunEnding) -> None:
-    """Record reuse and the final status; on the way out of a failure, never mask the real error."""
+def _close_run(context: RunContext, ending: RunEnding) -> bool:
+    """Record reuse and the final status (False: it could not be set); on the way out of a failure,
+    never mask the real error."""
     try:
         _tag_reused_stages(context, ending.outcomes)
         tracking.finish_run(context.tracking_uri, context.run_id, ending.status)
+        return True
     except Exception as problem:  # noqa: BLE001 - e.g. the tracking server went away mid-run
         print(f"warning: could not set MLflow run {context.run_id} to {ending.status}: {problem!r}; "
               "the next pipeline start on this host marks it KILLED if it stays RUNNING")
         if ending.status == "FINISHED":
             raise
+        return False
 
 
 def _tag_reused_stages(context: RunContext, outcomes: dict[str, StageOutcome]) -> None:

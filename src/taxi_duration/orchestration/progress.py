@@ -5,6 +5,9 @@
   version when another cell starts, and every RUNNING_CELL_REFRESH_SECONDS while one runs long;
 - one INFO log line per finished cell: `02_features: cell 4/6 done in 0.8 s`.
 
+Once the Prefect server is found lost, the log lines go on and the artifacts stop
+(taxi_duration.orchestration.lost_server).
+
 The runner reads the child's progress record at most once a second (taxi_duration.runner).
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 import time
 
 from taxi_duration import runner
+from taxi_duration.orchestration import lost_server
 
 RUNNING_CELL_REFRESH_SECONDS = 30.0
 
@@ -33,7 +37,6 @@ class StageProgress:
 
     def __call__(self, progress: runner.Progress) -> None:
         from prefect import get_run_logger
-        from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
         if not progress.total:
             return
@@ -43,6 +46,12 @@ class StageProgress:
         for cell in progress.finished[self._logged:]:
             logger.info("%s: cell %d/%d done in %.1f s", self.stage, cell["position"], progress.total, cell["seconds"])
         self._logged = len(progress.finished)
+        lost_server.unless_lost(lambda: self._publish(progress))
+
+    def _publish(self, progress: runner.Progress) -> None:
+        """The progress artifact and, when it changed, the running cell's."""
+        from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+
         percent = min(100.0, 100.0 * len(progress.finished) / progress.total)
         if self._artifact_id is None:
             self._artifact_id = create_progress_artifact(

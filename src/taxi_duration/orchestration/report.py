@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from taxi_duration import gallery, settings, stages, tracking
-from taxi_duration.orchestration import links
+from taxi_duration.orchestration import links, lost_server
 from taxi_duration.orchestration.request import STAGES, RunRequest
 from taxi_duration.orchestration.stage import RunContext, StageOutcome
 
@@ -39,7 +39,7 @@ def report_run(request: RunRequest, context: RunContext, started: dt.datetime, f
             record["comparison"] = _compare_with_previous_month(context, record)
         gallery.write_run_record(context.run_dir, record)
         gallery_path = gallery.build_gallery(settings.outputs_dir())
-        publish_prefect_artifacts(record, context.run_dir, gallery_path)
+        lost_server.unless_lost(lambda: publish_prefect_artifacts(record, context.run_dir, gallery_path))
     except Exception as problem:  # noqa: BLE001 - reporting must not mask the pipeline's result
         print(f"warning: could not record the run in the gallery or Prefect artifacts: {problem!r}")
     return gallery_path

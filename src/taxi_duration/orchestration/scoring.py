@@ -20,7 +20,7 @@ from prefect import Flow, flow
 from prefect.runtime import flow_run
 
 from taxi_duration import data, gallery, runfiles, scoring, settings, stagecache, stages, tracking
-from taxi_duration.orchestration import links
+from taxi_duration.orchestration import links, lost_server
 from taxi_duration.orchestration.stage import (
     RunContext, StageOutcome, ending_quietly, fetch_trip_file, log_trip_datasets, run_stage,
 )
@@ -107,14 +107,15 @@ def taxi_duration_scoring(
 
 def run_resolved_scoring(request: ScoreRequest) -> dict[str, Any]:
     """A run of the scoring flow for a request the command line resolved already (see pipeline.run_resolved)."""
+    owned = lost_server.OwnedRun()
 
     @functools.wraps(taxi_duration_scoring.fn)
     def resolved_scoring(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return ending_quietly(lambda: run_scoring(request))
+        return ending_quietly(lambda: run_scoring(request, owned))
 
     as_flow = Flow(resolved_scoring, name=taxi_duration_scoring.name, log_prints=True,
                    description=taxi_duration_scoring.description)
-    return as_flow(**request.flow_parameters)
+    return lost_server.run_flow(as_flow, request.flow_parameters, owned)
 
 
 def score_key(request: ScoreRequest, file_digest: str) -> str:
@@ -127,8 +128,12 @@ def score_key(request: ScoreRequest, file_digest: str) -> str:
     return stagecache.stage_key(SCORE_STAGE, notebook, parameters, {"scored": file_digest}, {})
 
 
-def run_scoring(request: ScoreRequest) -> dict[str, Any]:
-    """The flow's body: fetch the month, open the MLflow run, run or reuse 04_score, record it all."""
+def run_scoring(request: ScoreRequest, owned: lost_server.OwnedRun | None = None) -> dict[str, Any]:
+    """The flow's body: fetch the month, open the MLflow run, run or reuse 04_score, record it all.
+
+    `owned` learns where the MLflow run got to (see pipeline.run_pipeline).
+    """
+    owned = owned or lost_server.OwnedRun()
     started = dt.datetime.now(dt.timezone.utc)
     trip_file = fetch_trip_file(request.color, request.month, request.source)
     digest = stagecache.file_sha256(Path(trip_file))
@@ -136,6 +141,7 @@ def run_scoring(request: ScoreRequest) -> dict[str, Any]:
     cache = stagecache.StageCache(settings.stage_cache_dir())
     reuse_from = None if request.force else cache.lookup(SCORE_STAGE, key)
     context = _start_mlflow_run(request, started)
+    owned.run_id, owned.run_dir = context.run_id, context.run_dir
     print(f"MLflow run {context.run_id} in experiment {request.experiment!r}; outputs in {context.run_dir}")
     log_trip_datasets(context, request.source, request.color, {request.month: (trip_file, digest, "scoring")})
     _link_model(context, request.model)
@@ -156,9 +162,12 @@ def run_scoring(request: ScoreRequest) -> dict[str, Any]:
         status, error = "KILLED", stopped
         raise
     finally:
+        owned.error = error
         tracking.finish_run(context.tracking_uri, context.run_id, status)
+        owned.status = status
         gallery_path = _report(request, context, started, status, error, outcome)
-    return _result(request, context, outcome, gallery_path)
+    owned.result = _result(request, context, outcome, gallery_path)
+    return owned.result
 
 
 def _start_mlflow_run(request: ScoreRequest, started: dt.datetime) -> RunContext:
@@ -236,7 +245,7 @@ def _report(request: ScoreRequest, context: RunContext, started: dt.datetime, st
         }
         gallery.write_run_record(context.run_dir, record)
         gallery_path = gallery.build_gallery(settings.outputs_dir())
-        _publish_summary(record, metrics, context.run_dir, gallery_path)
+        lost_server.unless_lost(lambda: _publish_summary(record, metrics, context.run_dir, gallery_path))
     except Exception as problem:  # noqa: BLE001 - reporting must not mask the run's result
         print(f"warning: could not record the scoring run in the gallery or Prefect artifacts: {problem!r}")
     return gallery_path
