@@ -18,12 +18,15 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import re
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger(__name__)
 
 LIMIT_PREFIX = "taxi-champion-gate-"
 # Longer than any gate takes (loading and re-scoring one model: seconds), short enough that a
@@ -67,17 +70,24 @@ def _global_concurrency_slot(prefect_api: str, name: str) -> Iterator[str]:
 
     _ensure_one_slot_limit(prefect_api, name)
     held = f"Prefect global concurrency limit {name!r} at {prefect_api}"
-    with contextlib.ExitStack() as stack:
-        try:
-            # strict: a limit deleted meanwhile is an error, not a pass without a lock. A lease
-            # renewal that fails mid-gate does not interrupt it (a gate takes seconds; the
-            # lease, 300 s).
-            stack.enter_context(concurrency(name, occupy=1, timeout_seconds=WAIT_SECONDS, strict=True,
-                                            raise_on_lease_renewal_failure=False))
-        except TimeoutError as error:
-            raise GateLockError(f"waited {WAIT_SECONDS} s for the {held}: another gate holds it "
-                                f"(`prefect gcl inspect {name}` shows its active slots)") from error
+    # strict: a limit deleted meanwhile is an error, not a pass without a lock. A lease renewal
+    # that fails mid-gate does not interrupt it (a gate takes seconds; the lease, 300 s).
+    slot = concurrency(name, occupy=1, timeout_seconds=WAIT_SECONDS, strict=True, raise_on_lease_renewal_failure=False)
+    try:
+        slot.__enter__()
+    except TimeoutError as error:
+        raise GateLockError(f"waited {WAIT_SECONDS} s for the {held}: another gate holds it "
+                            f"(`prefect gcl inspect {name}` shows its active slots)") from error
+    try:
         yield held
+    finally:
+        try:
+            slot.__exit__(None, None, None)
+        except Exception as error:  # noqa: BLE001 - the server went away after the gate decided
+            # The decision is made and written: failing now would fail a run whose champion has
+            # already moved. The slot's lease runs out on the server by itself.
+            logger.warning("could not release the %s (%s); its lease expires on the server within 300 s",
+                           held, str(error) or type(error).__name__)
 
 
 def _ensure_one_slot_limit(prefect_api: str, name: str) -> None:
