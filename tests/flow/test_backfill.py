@@ -35,7 +35,8 @@ def test_backfill_three_months_then_repeat_is_all_cached(tmp_path, isolated_stor
         month = month.next()
 
     first = _backfill(prefect_home, "--from", "2023-01", "--to", "2023-03", "--data-source", str(source), "--max-parallel", "2")
-    assert first.returncode == 0, first.stderr[-3000:]
+    # stdout holds the per-month summary that says which month failed and why.
+    assert first.returncode == 0, first.stdout[-4000:] + "\n--- stderr ---\n" + first.stderr[-3000:]
     assert "3 of 3 months finished" in first.stdout
     for label in ("2023-01", "2023-02", "2023-03"):
         assert any(line.startswith(f"{label}  FINISHED") for line in first.stdout.splitlines())
