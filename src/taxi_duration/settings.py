@@ -156,8 +156,10 @@ ENVIRONMENT_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
     # Prefect's client retries a request 5 times, 2, 4, 8, 16 then 32 s apart (each attempt
     # itself connects up to 4 times over 1.5 s): a server lost mid-run cost a minute per
-    # request. One retry: a request to a lost server fails in about 5 s.
-    "PREFECT_CLIENT_MAX_RETRIES": "1",
+    # request. Two retries, 2 and 4 s apart: a request to a lost server fails in about 8 s,
+    # and a busy one has time to answer (a Prefect server on SQLite answers 503 while another
+    # write holds the database: with one retry, months of a backfill starting together failed).
+    "PREFECT_CLIENT_MAX_RETRIES": "2",
     # A model download (the gate, scoring, a comparison) would draw a progress bar per file.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # The package's own warnings (download retries) show in the Prefect UI's run logs.

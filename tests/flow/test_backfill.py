@@ -48,7 +48,7 @@ def test_backfill_three_months_then_repeat_is_all_cached(tmp_path, isolated_stor
     assert {run.info.status for run in runs} == {"FINISHED"}
 
     repeat = _backfill(prefect_home, "--from", "2023-01", "--to", "2023-03", "--data-source", str(source))
-    assert repeat.returncode == 0, repeat.stderr[-3000:]
+    assert repeat.returncode == 0, repeat.stdout[-4000:] + "\n--- stderr ---\n" + repeat.stderr[-3000:]
     table = [line for line in repeat.stdout.splitlines() if line.startswith("2023-0")]
     assert len(table) == 3
     assert all("01_explore, 02_features, 03_train" in line for line in table)

@@ -76,7 +76,7 @@ def test_local_dask_cluster_runs_each_month_in_a_worker_process(tmp_path, isolat
         env={"TAXI_PREFECT_SERVER": "ephemeral", "TAXI_SERVICES_DIR": str(tmp_path / "no-services")},
     )
     stdout, stderr = _finish(process)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 0, stdout[-4000:] + "\n--- stderr ---\n" + stderr[-3000:]
     assert "3 of 3 months finished" in stdout
     rows = _dask_rows(stdout)
     assert sorted(rows) == ["2023-02", "2023-03", "2023-04"], stdout
@@ -116,7 +116,7 @@ def test_dask_address_sends_months_to_that_schedulers_workers(
             "--dask-address", cluster.scheduler_address, env={"PREFECT_API_URL": prefect_server},
         )
         stdout, stderr = _finish(process)
-    assert process.returncode == 0, stderr[-3000:]
+    assert process.returncode == 0, stdout[-4000:] + "\n--- stderr ---\n" + stderr[-3000:]
     assert f"Dask scheduler {cluster.scheduler_address}: 2 worker thread(s)" in stdout
     rows = _dask_rows(stdout)
     assert sorted(rows) == ["2023-02", "2023-03"], stdout
