@@ -24,6 +24,10 @@ from taxi_duration import services, settings
 from taxi_duration.periods import Month
 from taxi_duration.synthetic import write_trip_file
 
+# As the entry points do, before anything here imports Prefect or XGBoost: the tests that run
+# the package in this process get the same library defaults as the runs they start.
+settings.apply_environment_defaults()
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 REAL_DATA_DIR = Path(os.environ.get("TAXI_REAL_DATA_DIR", PROJECT_DIR.parent / "shared" / "data" / "tlc"))
 SYNTHETIC_ROWS = 3000

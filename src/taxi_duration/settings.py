@@ -160,6 +160,12 @@ ENVIRONMENT_DEFAULTS = {
     # and a busy one has time to answer (a Prefect server on SQLite answers 503 while another
     # write holds the database: with one retry, months of a backfill starting together failed).
     "PREFECT_CLIENT_MAX_RETRIES": "2",
+    # XGBoost's OpenMP threads spin while they wait for work. When the cores are shared (two
+    # months of a backfill training at once, other work on the machine) the spinning threads
+    # starve the ones with work: two trainings side by side on 2 cores took 94 s each, 6 s
+    # with sleeping threads (docs/configuration.md). It changes when threads wait, not what
+    # they compute.
+    "OMP_WAIT_POLICY": "PASSIVE",
     # A model download (the gate, scoring, a comparison) would draw a progress bar per file.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     # The package's own warnings (download retries) show in the Prefect UI's run logs.
