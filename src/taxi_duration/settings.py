@@ -162,9 +162,8 @@ ENVIRONMENT_DEFAULTS = {
     "PREFECT_CLIENT_MAX_RETRIES": "2",
     # XGBoost's OpenMP threads spin while they wait for work. When the cores are shared (two
     # months of a backfill training at once, other work on the machine) the spinning threads
-    # starve the ones with work: two trainings side by side on 2 cores took 94 s each, 6 s
-    # with sleeping threads (docs/configuration.md). It changes when threads wait, not what
-    # they compute.
+    # starve the ones with work (bench/wait_policy.py measures it). Sleeping instead changes
+    # when threads wait, not what they compute.
     "OMP_WAIT_POLICY": "PASSIVE",
     # A model download (the gate, scoring, a comparison) would draw a progress bar per file.
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
