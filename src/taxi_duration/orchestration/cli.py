@@ -16,7 +16,7 @@ import sys
 
 from taxi_duration import data, fast_start, run_servers, services, settings, tracking
 from taxi_duration.orchestration import lost_server
-from taxi_duration.orchestration.pipeline import run_resolved
+from taxi_duration.orchestration.pipeline import run_resolved, stop_background_stages
 from taxi_duration.orchestration.report import format_summary
 from taxi_duration.orchestration.request import resolve_request
 from taxi_duration.periods import InvalidParameterError
@@ -42,6 +42,9 @@ def _exit_on_sigterm(signum: int, frame) -> None:
     # Prefect turns SIGTERM during a flow run into TerminationSignal, then re-sends it to the
     # previous handler. Python's default would end the process on the spot, skipping atexit,
     # and leave Prefect's temporary API server running; a SystemExit unwinds normally.
+    # A stage in a background thread is stopped here too: the flow thread's exception may be
+    # absorbed by the task it is in, and the flow would then wait for that stage to finish.
+    stop_background_stages()
     raise SystemExit(128 + signum)
 
 

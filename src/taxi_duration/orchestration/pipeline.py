@@ -16,6 +16,7 @@ import datetime as dt
 import functools
 import threading
 import time
+import weakref
 from typing import Any
 
 from prefect import Flow, flow
@@ -29,6 +30,17 @@ from taxi_duration.orchestration.request import STAGES, RunRequest, StagePlan, l
 from taxi_duration.orchestration.stage import (
     RunContext, StageOutcome, ending_quietly, fetch_trip_files, log_trip_datasets, run_stage,
 )
+
+# The stop events of the stages running in background threads (01_explore beside 02_features).
+# SIGTERM reaches the flow's thread as Prefect's TerminationSignal, which a task running there
+# can absorb; the command line's handler then sets these too, so no stage runs on unobserved.
+_BACKGROUND_STOPS: "weakref.WeakSet[threading.Event]" = weakref.WeakSet()
+
+
+def stop_background_stages() -> None:
+    """Ask every stage running in a background thread of this process to stop (on SIGTERM)."""
+    for stop in list(_BACKGROUND_STOPS):
+        stop.set()
 
 
 @flow(name="nyc-taxi-duration", log_prints=True)
@@ -174,6 +186,7 @@ def _run_stages(
     outcomes: dict[str, StageOutcome] = {}
     timings: list[dict[str, Any]] = []
     stop_explore = threading.Event()
+    _BACKGROUND_STOPS.add(stop_explore)
     explore: concurrent.futures.Future | None = None
 
     def stage_step(stage: str, stop: threading.Event | None = None) -> StageOutcome:
