@@ -31,7 +31,6 @@ TRAINING = """
 import json, sys, time
 from pathlib import Path
 from taxi_duration import data, features, model
-from taxi_duration.periods import Month
 train, validation = (features.prepare_trips(data.read_trips(Path(sys.argv[1]) / f"green_tripdata_2023-0{m}.parquet", "green"), "green")
                      for m in (2, 3))
 matrices = features.build_matrices(train, validation)
