@@ -114,6 +114,19 @@ def pytest_unconfigure(config):
             os.environ[key] = value
 
 
+END_TO_END_MARKERS = ("flow", "integration", "browser", "realdata", "notebooks")
+
+
+def pytest_collection_modifyitems(items):
+    """End-to-end tests first, the quick unit tests last (a stable sort: files keep their order).
+
+    pytest-xdist hands tests out in this order; with the long ones first, the last minute of
+    `make test` is unit tests spread over both workers, not one worker finishing a long run
+    while the other idles.
+    """
+    items.sort(key=lambda item: 0 if any(item.get_closest_marker(name) for name in END_TO_END_MARKERS) else 1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_tracking_files_in_the_checkout():
     """Each test keeps MLflow's files in its own folder. A `./mlruns` that appears in the checkout

@@ -370,6 +370,10 @@ def test_every_failure_kind_names_its_exception_and_the_cells_first_line(tmp_pat
         execute_notebook(path, tmp_path / "executed.ipynb", {}, TIMEOUT)
     message = str(raised.value)
     assert named in message, message
+    # One line: through the flow it is the failure paragraph's last line, "Pipeline failed: <message>"
+    # (tests/faults/test_flow_faults.py runs one cell error, an early stop, a dead kernel and a timeout
+    # through the flow; every other kind reaches it the same way as the cell error).
+    assert "\n" not in message, message
     assert f"(Cell 3 begins: {source.splitlines()[0]})" in message
     assert "CellExecutionError" not in message and ":." not in message
     assert f"executed copy: {tmp_path / 'executed.ipynb'}; report: {tmp_path / 'executed.html'}" in message

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,9 +32,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` on a free loopback port (SQLite store, proxied artifacts)."""
+def mlflow_server(tmp_path, empty_tracking_store):
+    """A real `mlflow server` on a free loopback port (SQLite store, proxied artifacts).
+
+    Its store starts as a copy of the session's empty, migrated one: the server would otherwise
+    run every schema migration before it answers.
+    """
     port = _free_port()
+    shutil.copyfile(empty_tracking_store, tmp_path / "server.db")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts")],

@@ -1,4 +1,7 @@
-"""Reruns: unchanged stages are reused, edits and new data invalidate downstream, failures resume."""
+"""Reruns: failures resume, unchanged stages are reused, edits and new data invalidate downstream.
+
+One history of runs in one store (a failed run first), so each case costs one run, not a fresh history.
+"""
 
 from __future__ import annotations
 
@@ -61,16 +64,30 @@ def _edit(notebook: Path, cell, position: int | None = None) -> None:
     nbformat.write(content, notebook)
 
 
-def test_reruns_reuse_what_is_unchanged_and_rerun_what_edits_new_data_or_force_touch(
+def test_reruns_resume_a_failure_reuse_what_is_unchanged_and_rerun_what_edits_new_data_or_force_touch(
     run_pipeline, source, project, isolated_stores, prefect_reads
 ):
-    # One history of runs, as a user makes it: identical rerun, --force, an edit, new data.
-    first = _runs(run_pipeline, source, project)
-    second = _runs(run_pipeline, source, project)
-    assert first.returncode == 0 and second.returncode == 0, second.stderr[-3000:]
+    # One history of runs, as a user makes it: a run that fails in training, the rerun that
+    # resumes it, an identical rerun, --force, an edit, new data.
+    training = project / "notebooks" / "03_train.ipynb"
+    original = training.read_bytes()
+    _edit(training, new_code_cell('raise RuntimeError("kernel trouble, injected by the test")'), position=2)
+    failed = _runs(run_pipeline, source, project)
+    assert failed.returncode == 1 and "injected by the test" in failed.stderr
+    failed_record = _records(isolated_stores["outputs"])[-1]
+    assert _stage_status(failed_record) == {"01_explore": "COMPLETED", "02_features": "COMPLETED", "03_train": "FAILED"}
 
-    before, after = _records(isolated_stores["outputs"])
-    assert set(_stage_status(before).values()) == {"COMPLETED"}
+    # After the failure the rerun resumes at the failed stage.
+    training.write_bytes(original)
+    first = _runs(run_pipeline, source, project)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = _records(isolated_stores["outputs"])[-1]
+    assert _stage_status(before) == {"01_explore": "CACHED", "02_features": "CACHED", "03_train": "COMPLETED"}
+    assert before["status"] == "FINISHED"
+
+    second = _runs(run_pipeline, source, project)
+    assert second.returncode == 0, second.stderr[-3000:]
+    after = _records(isolated_stores["outputs"])[-1]
     assert _stage_status(after) == {stage: "CACHED" for stage in STAGES}
     assert after["rmse"] == before["rmse"]
     assert "reused, unchanged 01_explore" in second.stdout
@@ -79,7 +96,10 @@ def test_reruns_reuse_what_is_unchanged_and_rerun_what_edits_new_data_or_force_t
     rerun = client.get_run(after["mlflow_run_id"])
     assert rerun.info.status == "FINISHED"
     assert rerun.data.tags["taxi.reused_stages"] == "01_explore,02_features,03_train"
-    assert rerun.data.tags["taxi.stage.03_train.reused_from_run"] == before["mlflow_run_id"]
+    # Each reused stage names the run that executed it: exploration and features ran in the failed run.
+    made_by = {"01_explore": failed_record["mlflow_run_id"], "02_features": failed_record["mlflow_run_id"],
+               "03_train": before["mlflow_run_id"]}
+    assert {stage: rerun.data.tags[f"taxi.stage.{stage}.reused_from_run"] for stage in STAGES} == made_by
     assert rerun.data.metrics["rmse"] == before["rmse"]
     assert sorted(a.path for a in client.list_artifacts(rerun.info.run_id, "notebooks")) == [
         f"notebooks/{stage}.ipynb" for stage in STAGES
@@ -92,7 +112,7 @@ def test_reruns_reuse_what_is_unchanged_and_rerun_what_edits_new_data_or_force_t
               if run.name in STAGES}
     assert {stage: (state.type.value, state.name) for stage, state in states.items()} == {
         stage: ("COMPLETED", "Cached") for stage in STAGES}
-    assert all(f"reused from MLflow run {before['mlflow_run_id']}" in state.message for state in states.values())
+    assert all(f"reused from MLflow run {made_by[stage]}" in state.message for stage, state in states.items())
 
     forced = _runs(run_pipeline, source, project, "--force")
     assert forced.returncode == 0
@@ -112,21 +132,3 @@ def test_reruns_reuse_what_is_unchanged_and_rerun_what_edits_new_data_or_force_t
     assert _runs(run_pipeline, source, project).returncode == 0
     assert _stage_status(_records(isolated_stores["outputs"])[-1]) == {
         "01_explore": "CACHED", "02_features": "COMPLETED", "03_train": "COMPLETED"}
-
-
-def test_after_a_failure_the_rerun_resumes_at_the_failed_stage(run_pipeline, source, project, isolated_stores):
-    training = project / "notebooks" / "03_train.ipynb"
-    original = training.read_bytes()
-    _edit(training, new_code_cell('raise RuntimeError("kernel trouble, injected by the test")'), position=2)
-
-    failed = _runs(run_pipeline, source, project)
-    assert failed.returncode == 1 and "injected by the test" in failed.stderr
-    assert _stage_status(_records(isolated_stores["outputs"])[-1]) == {
-        "01_explore": "COMPLETED", "02_features": "COMPLETED", "03_train": "FAILED"}
-
-    training.write_bytes(original)
-    resumed = _runs(run_pipeline, source, project)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    last = _records(isolated_stores["outputs"])[-1]
-    assert _stage_status(last) == {"01_explore": "CACHED", "02_features": "CACHED", "03_train": "COMPLETED"}
-    assert last["status"] == "FINISHED"
