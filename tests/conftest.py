@@ -77,8 +77,13 @@ def script_as_module_fixture():
 
 @pytest.fixture(name="free_port", scope="session")
 def free_port_fixture():
-    """`free_port()`: a loopback port nobody listens on right now."""
-    return free_port
+    """`free_port()`: a loopback port nobody listens on right now, for a server a test starts.
+
+    Below the ephemeral range: while a server starts, the kernels, Dask workers and clients of
+    the tests beside it bind ports of their own, and one of them could take an ephemeral port
+    chosen for the server (a test once found a kernel's socket on its Prefect server's port).
+    """
+    return free_port_outside_the_ephemeral_range
 
 
 SERVICE_KNOBS = ("TAXI_SERVICES_DIR", "TAXI_PREFECT_PORT", "TAXI_MLFLOW_PORT")

@@ -243,12 +243,15 @@ def _port_in_use(port: int) -> bool:
 
 
 def _healthy(url: str) -> bool:
+    import http.client
     import urllib.request
 
     try:
         with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL we built
             return response.status == 200
-    except OSError:
+    except (OSError, http.client.HTTPException):
+        # Not an HTTP answer: another program took the port (the server then exits, and start()
+        # says so with its log), or the server is half up.
         return False
 
 

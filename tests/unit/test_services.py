@@ -237,3 +237,21 @@ def test_command_line_runs_send_no_flow_heartbeats_unless_configured(configured,
     )
     shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert shown == [inside, configured or "180"]  # and Prefect's own default is back afterwards
+
+
+def test_a_port_that_answers_without_http_is_not_a_healthy_server():
+    # Another program on the port (a kernel's socket once was): not healthy, and no exception.
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind((services.HOST, 0))
+        listener.listen()
+
+        def answer_with_bytes() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(1024)
+                connection.sendall(b"\xff\x00\x00\x00\x00\x00\x00\x00\x01\x7f\r\n")
+
+        threading.Thread(target=answer_with_bytes, daemon=True).start()
+        assert services._healthy(f"http://{services.HOST}:{listener.getsockname()[1]}/api/health") is False
