@@ -101,7 +101,7 @@ reopen: env ## Reopen RUN=<run> [STAGE=03_train] in JupyterLab with the run's ex
 	$(BIN)/python -m taxi_duration.reopen $(RUN) $(if $(STAGE),--stage $(STAGE))
 
 test: env ## Run the whole test suite (every layer; TEST_WORKERS=2 processes side by side; ends with the 25 slowest)
-	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS)) --durations=25 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal) --durations=25 $(PYTEST_ARGS)
 
 test-fast: env ## Unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)

@@ -123,13 +123,18 @@ END_TO_END_MARKERS = ("flow", "integration", "browser", "realdata", "notebooks")
 
 
 def pytest_collection_modifyitems(items):
-    """End-to-end tests first, the quick unit tests last (a stable sort: files keep their order).
+    """The long tests first, then the other end-to-end ones, the quick unit tests last (a stable
+    sort: files keep their order).
 
-    pytest-xdist hands tests out in this order; with the long ones first, the last minute of
-    `make test` is unit tests spread over both workers, not one worker finishing a long run
-    while the other idles.
+    pytest-xdist shares tests out in this order: what is left at the end is quick, so both
+    workers finish together rather than one alone on a long test.
     """
-    items.sort(key=lambda item: 0 if any(item.get_closest_marker(name) for name in END_TO_END_MARKERS) else 1)
+    def rank(item) -> int:
+        if item.get_closest_marker("long"):
+            return 0
+        return 1 if any(item.get_closest_marker(name) for name in END_TO_END_MARKERS) else 2
+
+    items.sort(key=rank)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -410,9 +415,26 @@ class RealMonths:
     edit: str = REVIEWER_EDIT  # the line added to 03_train.ipynb
 
 
+# The month-over-month tests check that a comparison reports what each run recorded, not the
+# reference figures (real_run does): every REAL_MONTHS_STRIDE-th trip of each real file, with
+# TLC's own columns, types and values, keeps their two runs and a reopened training a fraction
+# of a full month's cost.
+REAL_MONTHS_STRIDE = 5
+
+
+def every_nth_trip(source: Path, destination: Path, stride: int) -> None:
+    """Copy a TLC parquet file keeping every `stride`-th row, its schema unchanged."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(source)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.take(list(range(0, table.num_rows, stride))), destination)
+
+
 @pytest.fixture(scope="session")
 def real_months(tmp_path_factory, pipeline_cli, real_tlc_dir, empty_tracking_store) -> RealMonths:
-    """`make run MONTH=1`, an edit to 03_train.ipynb, then `make run MONTH=2`, on the real files.
+    """`make run MONTH=1`, an edit to 03_train.ipynb, then `make run MONTH=2`, on the real files
+    (every REAL_MONTHS_STRIDE-th trip of each).
 
     The second run compares itself with the first (the automatic previous-month comparison);
     made once per `make test`, for the comparison, reopen and browser tests.
@@ -423,12 +445,15 @@ def real_months(tmp_path_factory, pipeline_cli, real_tlc_dir, empty_tracking_sto
         pytest.skip(f"real TLC files not present: {', '.join(missing)}")
 
     def produce(root: Path) -> None:
+        source = root / "source"
+        for path in needed:
+            every_nth_trip(path, source / path.name, REAL_MONTHS_STRIDE)
         env = stores_in(root, empty_tracking_store)
-        first = pipeline_cli("--year", "2023", "--month", "1", "--data-source", str(real_tlc_dir), env=env)
+        first = pipeline_cli("--year", "2023", "--month", "1", "--data-source", str(source), env=env)
         assert first.returncode == 0, first.stderr[-3000:]
         shutil.copytree(PROJECT_DIR / "notebooks", root / "project" / "notebooks")
         add_line_to_markdown_cell(root / "project" / "notebooks" / "03_train.ipynb", "## Errors", REVIEWER_EDIT)
-        second = pipeline_cli("--year", "2023", "--month", "2", "--data-source", str(real_tlc_dir),
+        second = pipeline_cli("--year", "2023", "--month", "2", "--data-source", str(source),
                               env={**env, "TAXI_PROJECT_DIR": str(root / "project")})
         assert second.returncode == 0, second.stderr[-3000:]
 

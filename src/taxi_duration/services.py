@@ -10,9 +10,8 @@ recorded in the services folder (`TAXI_SERVICES_DIR`, default `<project>/.servic
 picks up (`MLFLOW_TRACKING_URI`, `PREFECT_API_URL`). Stopping kills exactly the recorded
 process groups, nothing else.
 
-The flows also start the Prefect server here on first use (instead of Prefect's temporary
-server, which costs several seconds on every run) and leave it running for the next run:
-taxi_duration.run_servers decides which servers a run talks to.
+The flows also start the Prefect server here on first use (not Prefect's temporary server,
+seconds on every run) and leave it running: taxi_duration.run_servers decides which servers a run talks to.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import http.client
 import json
 import os
 import signal
@@ -243,15 +243,12 @@ def _port_in_use(port: int) -> bool:
 
 
 def _healthy(url: str) -> bool:
-    import http.client
     import urllib.request
 
     try:
         with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL we built
             return response.status == 200
-    except (OSError, http.client.HTTPException):
-        # Not an HTTP answer: another program took the port (the server then exits, and start()
-        # says so with its log), or the server is half up.
+    except (OSError, http.client.HTTPException):  # no answer, or another program's (not HTTP) on the port
         return False
 
 

@@ -149,6 +149,7 @@ def test_unreachable_tracking_server_fails_early_and_clearly(isolated_stores, pi
     assert not isolated_stores["outputs"].exists()
 
 
+@pytest.mark.long
 def test_two_months_and_the_same_month_at_once_all_finish(isolated_stores, prefect_home, synthetic_source):
     processes = [
         _start(isolated_stores, prefect_home, synthetic_source, None, "--month", month)

@@ -27,6 +27,7 @@ def _backfill(prefect_home: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.long
 def test_backfill_three_months_then_repeat_is_all_cached_and_a_failed_month_is_reported(
     tmp_path, isolated_stores, prefect_home
 ):

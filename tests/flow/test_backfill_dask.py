@@ -66,6 +66,7 @@ def _assert_mlflow_runs(tracking_uri: str, rows: dict[str, re.Match]) -> set[str
     return {run.data.tags["prefect.flow_run_id"] for run in runs.values()}
 
 
+@pytest.mark.long
 def test_local_dask_cluster_runs_each_month_in_a_worker_process(tmp_path, isolated_stores, synthetic_source):
     # Prefect's temporary server (no PREFECT_API_URL, no local server to adopt): the one the
     # backfill starts must serve its workers too. (With a server, see the --dask-address test.)

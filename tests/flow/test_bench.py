@@ -51,6 +51,7 @@ def _running(pid: int) -> bool:
         return False
 
 
+@pytest.mark.long
 def test_quick_bench_measures_every_variant_and_leaves_user_stores_alone(tmp_path):
     before = {name: _snapshot(PROJECT_DIR / name) for name in USER_STORES}
     output_dir = tmp_path / "bench"

@@ -64,6 +64,7 @@ def _edit(notebook: Path, cell, position: int | None = None) -> None:
     nbformat.write(content, notebook)
 
 
+@pytest.mark.long
 def test_reruns_resume_a_failure_reuse_what_is_unchanged_and_rerun_what_edits_new_data_or_force_touch(
     run_pipeline, source, project, isolated_stores, prefect_reads
 ):

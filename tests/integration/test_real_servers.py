@@ -62,7 +62,11 @@ def real_servers(tmp_path, monkeypatch, mlflow_backend, free_port):
     artifacts = tmp_path / "artifact-store"
     mlflow = services.start(services.mlflow_service(
         port=free_port(), backend_store_uri=mlflow_backend[1], artifacts_destination=artifacts))
-    prefect = services.start(services.prefect_service(port=free_port()))
+    try:
+        prefect = services.start(services.prefect_service(port=free_port()))
+    except BaseException:
+        services.stop("mlflow")  # a failed start leaves no server of this test behind
+        raise
     yield {"mlflow": mlflow, "prefect": prefect, "artifacts": artifacts, "backend": mlflow_backend}
     for name in ("prefect", "mlflow"):
         assert services.stop(name), f"{name} server was no longer running at the end of the test"

@@ -126,6 +126,7 @@ def _drop_test_databases(admin) -> None:
         admin.execute(f"DROP ROLE IF EXISTS {database}")
 
 
+@pytest.mark.long
 def test_the_compose_deployment_runs_here(postgres_databases, tmp_path, free_port, synthetic_source):
     import boto3
 
