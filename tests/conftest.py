@@ -137,6 +137,19 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)
 
 
+@pytest.fixture(autouse=True)
+def sys_path_as_it_was():
+    """Each test leaves sys.path as it found it.
+
+    Loading the servable model prepends its code folder (a copy of taxi_duration) to sys.path,
+    and Dask's worker processes are spawned with this process's sys.path: a later test's
+    workers then imported that copy, and looked for the notebooks beside it.
+    """
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_tracking_files_in_the_checkout():
     """Each test keeps MLflow's files in its own folder. A `./mlruns` that appears in the checkout
