@@ -10,8 +10,8 @@ recorded in the services folder (`TAXI_SERVICES_DIR`, default `<project>/.servic
 picks up (`MLFLOW_TRACKING_URI`, `PREFECT_API_URL`). Stopping kills exactly the recorded
 process groups, nothing else.
 
-The flows also start the Prefect server here on first use (not Prefect's temporary server,
-seconds on every run) and leave it running: taxi_duration.run_servers decides which servers a run talks to.
+The flows start the Prefect server here on first use and leave it running (Prefect's
+temporary server would cost seconds a run); taxi_duration.run_servers picks a run's servers.
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,20 +24,14 @@ pytestmark = pytest.mark.flow
 UPLOAD_PREFIX = "/api/2.0/mlflow-artifacts/artifacts/"
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 @pytest.fixture
-def mlflow_server(tmp_path, empty_tracking_store):
+def mlflow_server(tmp_path, empty_tracking_store, free_port):
     """A real `mlflow server` on a free loopback port (SQLite store, proxied artifacts).
 
     Its store starts as a copy of the session's empty, migrated one: the server would otherwise
     run every schema migration before it answers.
     """
-    port = _free_port()
+    port = free_port()
     shutil.copyfile(empty_tracking_store, tmp_path / "server.db")
     process = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
