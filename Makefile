@@ -36,7 +36,8 @@ unexport PYTHONDONTWRITEBYTECODE
 .PHONY: help env run score serve-model backfill serve lab compare reopen test test-fast lock clean-outputs strip-notebooks browser-deps reports services services-stop ui bench
 
 help: ## List the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/$$(MODEL_PORT)/$(MODEL_PORT)/g' \
+		| awk -F':.*## ' '{printf "  make %-16s %s\n", $$1, $$2}'
 	@echo "  Knobs: YEAR=$(YEAR) MONTH=$(MONTH) COLOR=$(COLOR); env TAXI_DATA_SOURCE, MLFLOW_TRACKING_URI, PREFECT_API_URL, TAXI_PREFECT_SERVER (see docs/configuration.md)"
 
 env: $(ENV_STAMP) ## Create .venv from requirements/dev.txt with uv (the one install path)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from taxi_duration import settings
 from taxi_duration.download import DOWNLOAD_ATTEMPTS, DOWNLOAD_BACKOFF_SECONDS, download_file
 from taxi_duration.periods import Month
 # The error kinds are part of this module's interface too: callers catch data.TripDataError.
@@ -265,14 +266,14 @@ def normalize_trips(frame: pd.DataFrame, color: str, *, actuals: bool = True) ->
 
 
 def trip_source(location: str | None = None, cache_dir: str | Path | None = None) -> TripSource:
-    """A TripSource from notebook/flow parameters; None means the configured default."""
-    from taxi_duration import settings
+    """A TripSource from notebook/flow parameters; None means the configured default.
 
+    Relative folders mean the project root (`settings.project_path`), wherever the process runs.
+    """
     location = location or settings.data_source()
     if not is_url(location) and "://" not in location:
-        # Absolute, so the notebooks (whose kernels run in notebooks/) read the same folder.
-        location = str(Path(location).expanduser().resolve())
-    return TripSource(location, Path(cache_dir) if cache_dir else settings.data_dir())
+        location = str(settings.project_path(location))
+    return TripSource(location, settings.project_path(cache_dir) if cache_dir else settings.data_dir())
 
 
 def check_source_location(location: str) -> None:
@@ -281,5 +282,5 @@ def check_source_location(location: str) -> None:
         return
     if "://" in location:
         raise TripDataError(f"data source {location!r} is neither an http(s) URL nor a folder")
-    if not Path(location).expanduser().is_dir():
+    if not settings.project_path(location).is_dir():
         raise TripDataError(f"data source {location!r} is not an http(s) URL and no such folder exists")

@@ -61,7 +61,7 @@ def is_published(location: str, color: str, month: Month, timeout_seconds: float
     name = data.trip_filename(color, month)
     data.check_source_location(location)
     if not data.is_url(location):
-        return (Path(location).expanduser().resolve() / name).is_file()
+        return (settings.project_path(location) / name).is_file()
 
     import requests  # imported here: only URL sources need it
 
@@ -126,7 +126,7 @@ def newest_trainable_month(
         )
     if data.is_url(location):
         return _newest_published_by_asking(location, color_text, today, newest, first, lookback_months, timeout_seconds)
-    return _newest_in_folder(Path(location).expanduser().resolve(), color_text, today, newest, first)
+    return _newest_in_folder(settings.project_path(location), color_text, today, newest, first)
 
 
 def _trainable(month: Month, color: str, today: dt.date) -> Month:

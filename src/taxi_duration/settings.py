@@ -29,23 +29,36 @@ def notebooks_dir() -> Path:
     return project_dir() / "notebooks"
 
 
+def project_path(path: str | Path) -> Path:
+    """A path a user gave, absolute: a relative one means the project root.
+
+    The same folder whether the flow (started at the root), a kernel in JupyterLab (started in
+    `notebooks/`) or papermill run from anywhere reads it; never the process's working directory.
+    """
+    return (project_dir() / Path(path).expanduser()).resolve()
+
+
 def data_dir() -> Path:
     """Cache of downloaded trip files: `TAXI_DATA_DIR`, default `<project>/data`."""
-    return Path(os.environ.get("TAXI_DATA_DIR") or project_dir() / "data").resolve()
+    return project_path(os.environ.get("TAXI_DATA_DIR") or "data")
 
 
 def outputs_dir() -> Path:
     """Executed notebooks and reports: `TAXI_OUTPUTS_DIR`, default `<project>/outputs`."""
-    return Path(os.environ.get("TAXI_OUTPUTS_DIR") or project_dir() / "outputs").resolve()
+    return project_path(os.environ.get("TAXI_OUTPUTS_DIR") or "outputs")
 
 
 def stage_cache_dir() -> Path:
     """Where stage cache entries live: `TAXI_CACHE_DIR`, default `<outputs>/.stage-cache`."""
-    return Path(os.environ.get("TAXI_CACHE_DIR") or outputs_dir() / ".stage-cache").resolve()
+    configured = os.environ.get("TAXI_CACHE_DIR")
+    return project_path(configured) if configured else outputs_dir() / ".stage-cache"
 
 
 def data_source() -> str:
-    """Where trip files come from: `TAXI_DATA_SOURCE` (URL prefix or folder), default TLC."""
+    """Where trip files come from: `TAXI_DATA_SOURCE` (URL prefix or folder), default TLC.
+
+    A relative folder means the project root (`data.trip_source` resolves it).
+    """
     return os.environ.get("TAXI_DATA_SOURCE") or TLC_TRIP_DATA_URL
 
 

@@ -413,11 +413,12 @@ def test_local_copy_finds_a_folder_file_or_a_cached_download_and_never_fetches(t
     assert remote.local_copy("green", month) == cached
 
 
-def test_a_relative_folder_source_is_made_absolute_so_notebooks_in_another_folder_read_it(tmp_path, monkeypatch):
-    # `TAXI_DATA_SOURCE=../shared/data/tlc make run`: the kernels run in notebooks/, not where make ran.
+def test_a_relative_folder_source_means_the_project_root_so_notebooks_in_another_folder_read_it(tmp_path, monkeypatch):
+    # `TAXI_DATA_SOURCE=../shared/data/tlc`: a kernel runs in notebooks/, papermill wherever it was started.
     (tmp_path / "shared" / "tlc").mkdir(parents=True)
-    (tmp_path / "project").mkdir()
-    monkeypatch.chdir(tmp_path / "project")
+    (tmp_path / "project" / "notebooks").mkdir(parents=True)
+    monkeypatch.setenv("TAXI_PROJECT_DIR", str(tmp_path / "project"))
+    monkeypatch.chdir(tmp_path / "project" / "notebooks")
     source = trip_source("../shared/tlc")
     assert source.location == str(tmp_path / "shared" / "tlc")
     assert trip_source("https://example.org/trip-data").location == "https://example.org/trip-data"
