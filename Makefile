@@ -33,7 +33,7 @@ unexport PYTHONDONTWRITEBYTECODE
 
 .DEFAULT_GOAL := help
 
-.PHONY: help env run score serve-model backfill serve lab compare reopen test test-fast lock clean-outputs strip-notebooks browser-deps reports services services-stop ui bench
+.PHONY: help env run score serve-model backfill serve lab compare reopen test test-fast lint format hooks lock clean-outputs strip-notebooks browser-deps reports services services-stop ui bench
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/$$(MODEL_PORT)/$(MODEL_PORT)/g' \
@@ -101,11 +101,29 @@ reopen: env ## Reopen RUN=<run> [STAGE=03_train] in JupyterLab with the run's ex
 	@test -n "$(RUN)" || { echo "usage: make reopen RUN=<run id, prefix or folder> [STAGE=01_explore|02_features|03_train|04_score]"; exit 2; }
 	$(BIN)/python -m taxi_duration.reopen $(RUN) $(if $(STAGE),--stage $(STAGE))
 
-test: env ## Run the whole test suite (every layer; TEST_WORKERS=2 processes side by side; ends with the 25 slowest)
+test: env lint ## Lint, then run the whole test suite (every layer; TEST_WORKERS=2 processes side by side; ends with the 25 slowest)
 	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal) --durations=25 $(PYTEST_ARGS)
 
 test-fast: env ## Unit tests only
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# What ruff lints and formats (the notebooks too); mypy's files are in pyproject.toml.
+LINT_PATHS := src flows tests bench notebooks
+
+lint: env ## Lint and format check (ruff), type-check src/ and flows/ (mypy), check the deployment files
+	$(BIN)/ruff check $(LINT_PATHS)
+	$(BIN)/ruff format --check $(LINT_PATHS)
+	$(BIN)/mypy
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yaml
+	$(BIN)/python -c 'import json5, yaml; yaml.safe_load(open("prefect.yaml")); json5.load(open(".devcontainer/devcontainer.json"))'
+
+format: env ## Apply ruff's safe fixes and the formatter to the code and notebooks
+	$(BIN)/ruff check --fix $(LINT_PATHS)
+	$(BIN)/ruff format $(LINT_PATHS)
+
+hooks: env ## Install the git pre-commit hooks (.pre-commit-config.yaml: the .venv tools, nothing downloaded)
+	$(BIN)/pre-commit install
+	git config blame.ignoreRevsFile .git-blame-ignore-revs
 
 lock: $(UV) ## Re-resolve pyproject.toml into requirements/runtime.txt and dev.txt (needs the package index; UPGRADE=1 takes newer versions)
 	$(UV) pip compile $(LOCK_OPTIONS) -o $(LOCK_DIR)/runtime.txt
