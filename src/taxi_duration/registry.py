@@ -5,7 +5,10 @@ time (taxi_duration.gate_lock). The alias `champion` moves to that version only 
 challenger's validation RMSE is strictly lower than the current champion's RMSE *re-scored on
 the same validation trips*: the champion's
 logged RMSE was measured on whatever month it was validated on, so comparing it with a
-different month's RMSE would reward an easy month rather than a better model.
+different month's RMSE would reward an easy month rather than a better model. Nor is the
+champion re-scored on the month it was trained on: that in-sample score would flatter it (a
+backfill of the month before the champion's meets this). The champion then stays, and the
+decision says that no fair comparison was possible.
 
 Each version is the servable Pipeline (taxi_duration.serving) with its own feature space: the
 DictVectorizer fitted on its own training month is inside it. The champion is re-scored by
@@ -23,8 +26,9 @@ from __future__ import annotations
 import json
 import math
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +37,8 @@ from taxi_duration.model import rmse
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mlflow.entities import LoggedModel
+    from mlflow.tracking import MlflowClient
 
 DEFAULT_REGISTERED_MODEL = settings.DEFAULT_REGISTERED_MODEL
 CHAMPION_ALIAS = "champion"
@@ -40,10 +46,17 @@ CHAMPION_ALIAS = "champion"
 TAG_PREFIX = "taxi.promotion."
 VERSION_TAG_RUN_ID = "taxi.run_id"
 VERSION_TAG_VALIDATION_MONTH = "taxi.validation_month"
+VERSION_TAG_TRAIN_MONTH = "taxi.train_month"  # also the tag the flow and the notebook put on their runs
 VERSION_TAG_VALIDATION_RMSE = "taxi.validation_rmse"
 VERSION_TAG_MODEL_URI = "taxi.model_uri"
 # Tag value for "there was no champion", so the keys are always present and searchable.
 NO_CHAMPION = "none"
+# How the challenger was judged (the `comparison` tag): against the champion re-scored on the
+# validation month; not at all, since the champion was trained on that month; or with no champion
+# to compare (the first model, no alias, a champion that cannot score raw trips).
+COMPARED = "rescored"
+NO_FAIR_COMPARISON = "unfair"
+NOT_COMPARED = "none"
 
 
 class RegistryError(RuntimeError):
@@ -65,6 +78,7 @@ class PromotionDecision:
     champion_rmse: float | None  # previous champion re-scored on this run's validation data
     champion_version: str | None  # previous champion's version; None if there was none
     reason: str  # one human sentence
+    comparison: str  # COMPARED, NO_FAIR_COMPARISON or NOT_COMPARED
 
     def tags(self) -> dict[str, str]:
         """Run tags recording the decision; RMSEs at full precision so they can be compared."""
@@ -72,6 +86,7 @@ class PromotionDecision:
         return {
             f"{TAG_PREFIX}decision": "promoted" if self.promoted else "kept",
             f"{TAG_PREFIX}reason": self.reason,
+            f"{TAG_PREFIX}comparison": self.comparison,
             f"{TAG_PREFIX}challenger_rmse": repr(float(self.challenger_rmse)),
             f"{TAG_PREFIX}champion_rmse": champion_rmse,
             f"{TAG_PREFIX}champion_version": NO_CHAMPION if self.champion_version is None else self.champion_version,
@@ -93,6 +108,7 @@ def register_and_gate(
     challenger_rmse: float,
     validation_month: str,
     registered_model: str = DEFAULT_REGISTERED_MODEL,
+    train_month: str | None = None,
 ) -> PromotionDecision:
     """Register the run's model and move the champion alias to it if it beats the champion.
 
@@ -103,6 +119,11 @@ def register_and_gate(
     those trips; the alias moves only if `challenger_rmse` is strictly lower. A champion from
     before the servable model (NotServableModelError) cannot be re-scored: the challenger
     replaces it, and the reason says so.
+
+    A champion trained on `validation_month` is not re-scored: it stays, and the decision says no
+    fair comparison was possible. Its training month is read from its version's tag (recorded
+    from `train_month` when it was registered), else from its run's `taxi.train_month` tag; when
+    neither names one, it is compared as usual.
 
     The champion is read, scored and replaced under the gate's lock (taxi_duration.gate_lock),
     so concurrent gates of the same registered model take turns and each decides on the champion
@@ -137,23 +158,32 @@ def register_and_gate(
         champion_version = _champion_version(client, registered_model)
         champion_rmse = None
         not_servable = None
+        champion_train_month = None
         if champion_version is not None:
+            champion_train_month = _train_month_of(client, registered_model, champion_version)
             try:
-                champion_rmse = rescore_version(tracking_uri, registered_model, champion_version, records, targets)
+                if champion_train_month == validation_month:
+                    # Its in-sample score is not compared; loading it still finds a champion that cannot serve.
+                    load_servable(tracking_uri, registered_model, champion_version)
+                else:
+                    champion_rmse = rescore_version(tracking_uri, registered_model, champion_version, records, targets)
             except NotServableModelError as error:
                 # A champion from before the servable model cannot be re-scored on raw trips: the
                 # first servable version takes over, and its tags say why.
                 not_servable = str(error)
 
-        version = _create_version(client, registered_model, logged_model, run_id, validation_month, challenger_rmse)
+        version = _create_version(
+            client, registered_model, logged_model, run_id, validation_month, challenger_rmse, train_month
+        )
         decision = _decide(
-            registered_model, version, challenger_rmse, champion_rmse, champion_version, validation_month, not_servable
+            registered_model, version, challenger_rmse, champion_rmse, champion_version, validation_month, not_servable,
+            champion_train_month,
         )
         if decision.promoted:
             client.set_registered_model_alias(registered_model, CHAMPION_ALIAS, version)
     tags = decision.tags()
     # On the version too, so someone browsing the registry sees why it is (not) champion.
-    for key in (f"{TAG_PREFIX}decision", f"{TAG_PREFIX}reason"):
+    for key in (f"{TAG_PREFIX}decision", f"{TAG_PREFIX}reason", f"{TAG_PREFIX}comparison"):
         client.set_model_version_tag(registered_model, version, key, tags[key])
     tracking.set_tags(tracking_uri, run_id, tags)
     return decision
@@ -175,9 +205,13 @@ def rescore_version(
 
 
 def servable_rmse(servable: Any, trips: Sequence[dict[str, Any]] | pd.DataFrame, actual_minutes: np.ndarray) -> float:
-    """RMSE (minutes) of a servable Pipeline on raw trips whose actual durations are known."""
+    """RMSE (minutes) of a servable Pipeline on raw trips whose actual durations are known.
+
+    Every trip counts, those the served model would refuse too: the RMSE it is compared with
+    (the booster's in 03_train) was measured on all of them.
+    """
     # PU_DO pairs the model never saw get no pair feature, as they would in serving.
-    predictions = servable.predict(serving.raw_trips(_frame(trips)))
+    predictions = serving.predict_every_trip(servable, _frame(trips))
     return rmse(np.asarray(actual_minutes, dtype="float64"), np.asarray(predictions, dtype="float64"))
 
 
@@ -258,7 +292,7 @@ def _logged_model_id(model_uri: str) -> str:
     return model_id
 
 
-def _champion_version(client, registered_model: str) -> str | None:
+def _champion_version(client: MlflowClient, registered_model: str) -> str | None:
     """The version the champion alias points at, or None (also when the model is not registered yet)."""
     from mlflow.exceptions import MlflowException
 
@@ -272,8 +306,27 @@ def _champion_version(client, registered_model: str) -> str | None:
     return None if version is None else str(version)
 
 
+def _train_month_of(client: MlflowClient, registered_model: str, version: str) -> str | None:
+    """The month `version` was trained on: its version tag, else its run's tag; None when neither says."""
+    from mlflow.exceptions import MlflowException
+
+    model_version = client.get_model_version(registered_model, version)
+    tags = model_version.tags or {}
+    if tags.get(VERSION_TAG_TRAIN_MONTH):
+        return tags[VERSION_TAG_TRAIN_MONTH]
+    run_id = model_version.run_id or tags.get(VERSION_TAG_RUN_ID)
+    if not run_id:
+        return None
+    try:
+        return client.get_run(run_id).data.tags.get(VERSION_TAG_TRAIN_MONTH) or None
+    except MlflowException:  # the run was deleted: its month is unknown
+        return None
+
+
 def _create_version(
-    client, registered_model: str, logged_model, run_id: str, validation_month: str, challenger_rmse: float
+    client: MlflowClient, registered_model: str, logged_model: LoggedModel, run_id: str, validation_month: str,
+    challenger_rmse: float,
+    train_month: str | None = None,
 ) -> str:
     """Register the logged model as a new version of `registered_model`; return its number."""
     from mlflow.exceptions import MlflowException
@@ -299,6 +352,7 @@ def _create_version(
             VERSION_TAG_VALIDATION_MONTH: validation_month,
             VERSION_TAG_VALIDATION_RMSE: repr(challenger_rmse),
             VERSION_TAG_MODEL_URI: model_uri,
+            **({VERSION_TAG_TRAIN_MONTH: train_month} if train_month else {}),
         },
         model_id=logged_model.model_id,
     )
@@ -319,10 +373,19 @@ def _decide(
     champion_version: str | None,
     validation_month: str,
     not_servable: str | None = None,
+    champion_train_month: str | None = None,
 ) -> PromotionDecision:
+    comparison = NOT_COMPARED
     if not_servable is not None:
         reason = f"{not_servable}; version {version} becomes champion"
         promoted = True
+    elif champion_version is not None and champion_train_month == validation_month:
+        # Its score on its own training month would be in-sample: no fair comparison, so no change.
+        reason = (
+            f"champion v{champion_version} stays: no fair comparison, as it was trained on {validation_month}, "
+            f"the validation month (challenger {challenger_rmse:.3f} is not compared with an in-sample score)"
+        )
+        promoted, comparison = False, NO_FAIR_COMPARISON
     elif champion_version is None or champion_rmse is None:
         if version == "1":
             reason = "first registered model becomes champion"
@@ -331,7 +394,7 @@ def _decide(
         promoted = True
     else:
         challenger_text, champion_text = _distinct(challenger_rmse, champion_rmse)
-        promoted = challenger_rmse < champion_rmse
+        promoted, comparison = challenger_rmse < champion_rmse, COMPARED
         if promoted:
             reason = (
                 f"challenger RMSE {challenger_text} beats champion v{champion_version} "
@@ -350,6 +413,7 @@ def _decide(
         champion_rmse=champion_rmse,
         champion_version=champion_version,
         reason=reason,
+        comparison=comparison,
     )
 
 

@@ -22,7 +22,7 @@ import xgboost as xgb
 from taxi_duration import drift, registry, serving, tracking
 from taxi_duration.features import RAW_FEATURES, FeatureMatrices, build_matrices, feature_records, prepare_trips
 from taxi_duration.model import predict, rmse, train_booster
-from taxi_duration.periods import Month
+from taxi_duration.periods import Month, parse_month
 from taxi_duration.settings import ENVIRONMENT_DEFAULTS
 from taxi_duration.synthetic import generate_trips_table
 
@@ -77,6 +77,11 @@ class LoggedRun:
     validation_month: str
     rmse: float
 
+    @property
+    def train_month(self) -> str:
+        """The month before the validation month, as in every pipeline run."""
+        return parse_month(self.validation_month).previous().label()
+
 
 def train_and_log(
     uri: str,
@@ -92,8 +97,10 @@ def train_and_log(
     matrices = build_matrices(train, validation)
     booster = train_booster(matrices.X_train, matrices.y_train, matrices.X_val, matrices.y_val, num_boost_round=rounds)
     predictions = predict(booster, matrices.X_val)
-    run_id = tracking.start_run(
-        uri, EXPERIMENT, name, params={"num_boost_round": rounds}, tags={"taxi.validation_month": validation_month}
+    train_month = parse_month(validation_month).previous().label()
+    run_id = tracking.start_run(  # tagged as the flow tags its runs
+        uri, EXPERIMENT, name, params={"num_boost_round": rounds},
+        tags={"taxi.train_month": train_month, "taxi.validation_month": validation_month},
     )
     booster_uri = None
     if log_booster or not servable:
@@ -114,14 +121,15 @@ def raw_records(run: LoggedRun) -> list[dict]:
     return run.validation[RAW_FEATURES].to_dict(orient="records")
 
 
-def gate(uri: str, run: LoggedRun, as_frame: bool = False) -> registry.PromotionDecision:
+def gate(uri: str, run: LoggedRun, as_frame: bool = False, with_train_month: bool = True) -> registry.PromotionDecision:
     # MLflow's process-wide URI points at another store, as in a process that never called
     # the log_* helpers: a gate that used it (mlflow.register_model, load_model("models:/..."))
     # would find no registered model, or a stranger's, and these tests would fail.
     tracking.import_mlflow().set_tracking_uri(decoy_uri(Path(uri.removeprefix("sqlite:///")).parent))
     records = run.validation if as_frame else raw_records(run)
     return registry.register_and_gate(
-        uri, run.run_id, run.model_uri, records, run.matrices.y_val, run.rmse, run.validation_month
+        uri, run.run_id, run.model_uri, records, run.matrices.y_val, run.rmse, run.validation_month,
+        train_month=run.train_month if with_train_month else None,
     )
 
 
@@ -175,6 +183,8 @@ def test_first_model_becomes_champion(uri, tmp_path):
     assert version.source != client.get_logged_model(first.booster_uri.removeprefix("models:/")).artifact_location
     assert version.tags[registry.VERSION_TAG_RUN_ID] == first.run_id
     assert version.tags[registry.VERSION_TAG_VALIDATION_MONTH] == "2023-03"
+    assert version.tags[registry.VERSION_TAG_TRAIN_MONTH] == "2023-02"
+    assert version.tags["taxi.promotion.comparison"] == registry.NOT_COMPARED
     assert version.tags[registry.VERSION_TAG_MODEL_URI] == first.model_uri
     assert float(version.tags[registry.VERSION_TAG_VALIDATION_RMSE]) == first.rmse
     assert registry.version_run_id(uri, MODEL, "1") == first.run_id
@@ -215,6 +225,7 @@ def test_worse_challenger_leaves_the_champion_and_is_compared_on_its_own_month(u
     assert decision.reason.startswith("champion v1 (") and "on 2023-04) stays" in decision.reason
     tags = run_of(uri, worse.run_id).data.tags
     assert tags["taxi.promotion.decision"] == "kept"
+    assert tags["taxi.promotion.comparison"] == registry.COMPARED
     assert float(tags["taxi.promotion.champion_rmse"]) == decision.champion_rmse
     assert tags["taxi.promotion.champion_version"] == "1"
     assert tags["taxi.promotion.registered_version"] == "2"
@@ -270,6 +281,47 @@ def test_champion_is_scored_in_its_own_feature_space(uri, tmp_path, champion_voc
     assert decision.promoted == (challenger.rmse < decision.champion_rmse)
 
 
+@pytest.mark.parametrize("champion_month_from", ["version tag", "run tag"])
+def test_champion_trained_on_the_validation_month_stays_without_an_in_sample_comparison(uri, tmp_path, champion_month_from):
+    # A backfill of the month before the champion's: champion trained on March, challenger validated on March.
+    champion = train_and_log(uri, "champion", *challenger_data(), rounds=1)
+    # Versions registered before the version tag existed: the month comes from the champion's run.
+    gate(uri, champion, with_train_month=champion_month_from == "version tag")
+    client = tracking._client(uri)
+    assert (registry.VERSION_TAG_TRAIN_MONTH in client.get_model_version(MODEL, "1").tags) == (
+        champion_month_from == "version tag")
+    earlier = train_and_log(uri, "earlier", *champion_data(), rounds=30)
+    assert earlier.validation_month == "2023-03" and champion.train_month == "2023-03"
+
+    decision = gate(uri, earlier)
+
+    assert (decision.version, decision.promoted, decision.champion_version) == ("2", False, "1")
+    assert decision.champion_rmse is None, "the champion's in-sample score is not computed as a comparison"
+    assert decision.comparison == registry.NO_FAIR_COMPARISON
+    assert decision.reason == (
+        f"champion v1 stays: no fair comparison, as it was trained on 2023-03, the validation month "
+        f"(challenger {earlier.rmse:.3f} is not compared with an in-sample score)"
+    )
+    assert champion_version(uri) == "1"
+    tags = run_of(uri, earlier.run_id).data.tags
+    assert tags["taxi.promotion.decision"] == "kept"
+    assert tags["taxi.promotion.comparison"] == "unfair"
+    assert tags["taxi.promotion.reason"] == decision.reason
+    assert tags["taxi.promotion.champion_rmse"] == registry.NO_CHAMPION
+    version_tags = client.get_model_version(MODEL, "2").tags
+    assert version_tags["taxi.promotion.comparison"] == "unfair"
+    assert version_tags["taxi.promotion.reason"] == decision.reason
+    assert version_tags[registry.VERSION_TAG_TRAIN_MONTH] == "2023-02"
+    assert "registered, not champion; champion v1 stays: no fair comparison" in decision.report_line()
+
+    # A month neither was trained on is compared as usual: the champion is re-scored on April.
+    later = train_and_log(uri, "later", *challenger_data(), rounds=30)
+    later_decision = gate(uri, later)
+    assert later_decision.comparison == registry.COMPARED
+    assert later_decision.champion_rmse == pytest.approx(rescored_independently(champion, later), rel=1e-6)
+    assert not (tmp_path / "decoy.db").exists()
+
+
 def register_bare_booster(uri: str, run: LoggedRun) -> str:
     """Register `run`'s booster as champion, as a version of the project before the servable model did."""
     client = tracking._client(uri)
@@ -282,7 +334,7 @@ def register_bare_booster(uri: str, run: LoggedRun) -> str:
 def test_bare_booster_champion_is_replaced_by_a_servable_challenger_and_the_gate_works_after(uri, tmp_path):
     old = train_and_log(uri, "old", *champion_data(), rounds=30, servable=False)
     assert register_bare_booster(uri, old) == "1"
-    with pytest.raises(registry.NotServableModelError, match="version 1 is a .*xgboost model") as raised:
+    with pytest.raises(registry.NotServableModelError, match=r"version 1 is a .*xgboost model") as raised:
         registry.rescore_version(uri, MODEL, "1", raw_records(old), old.matrices.y_val)
     assert isinstance(raised.value, registry.RegistryError)
     not_servable = str(raised.value)
@@ -306,7 +358,9 @@ def test_bare_booster_champion_is_replaced_by_a_servable_challenger_and_the_gate
     assert tracking._client(uri).get_model_version(MODEL, "2").tags["taxi.promotion.reason"] == decision.reason
 
     # The servable champion is now re-scored as usual: a worse challenger keeps it.
-    worse = train_and_log(uri, "worse", *champion_data(), rounds=1)
+    # Validated on May: v2 was trained on March, so the comparison is a fair one.
+    worse = train_and_log(uri, "worse", trips(Month(2023, 4), 400, seed=5), trips(Month(2023, 5), 300, seed=5), "2023-05",
+                          rounds=1)
     # Gated with an RMSE far above anything v2 can score on these trips: it must be kept out.
     worse.rmse = decision.challenger_rmse + 100.0
     after = gate(uri, worse)
@@ -428,11 +482,29 @@ def test_not_servable_champion_is_replaced_whatever_the_rmse():
     assert decision.tags()["taxi.promotion.champion_rmse"] == registry.NO_CHAMPION
 
 
+def test_no_fair_comparison_when_the_champion_trained_on_the_validation_month():
+    unfair = registry._decide(MODEL, "4", 5.464, None, "3", "2023-03", champion_train_month="2023-03")
+    assert not unfair.promoted and unfair.comparison == registry.NO_FAIR_COMPARISON
+    assert unfair.reason == ("champion v3 stays: no fair comparison, as it was trained on 2023-03, the validation month "
+                             "(challenger 5.464 is not compared with an in-sample score)")
+    assert unfair.tags()["taxi.promotion.decision"] == "kept"
+    assert unfair.tags()["taxi.promotion.comparison"] == "unfair"
+    # Trained on another month (earlier or later), or on one nobody recorded: compared as usual.
+    for month in ("2023-02", "2023-04", None):
+        fair = registry._decide(MODEL, "4", 5.0, 5.5, "3", "2023-03", champion_train_month=month)
+        assert fair.promoted and fair.comparison == registry.COMPARED and "beats champion v3" in fair.reason
+    # A champion that cannot score raw trips is replaced, whatever month it was trained on.
+    replaced = registry._decide(MODEL, "4", 5.0, None, "3", "2023-03", not_servable="v3 is a booster",
+                                champion_train_month="2023-03")
+    assert replaced.promoted and replaced.comparison == registry.NOT_COMPARED
+
+
 def test_tags_are_the_documented_keys():
     decision = registry._decide(MODEL, "4", 5.0, 5.5, "3", "2023-04")
     assert decision.tags() == {
         "taxi.promotion.decision": "promoted",
         "taxi.promotion.reason": decision.reason,
+        "taxi.promotion.comparison": "rescored",
         "taxi.promotion.challenger_rmse": "5.0",
         "taxi.promotion.champion_rmse": "5.5",
         "taxi.promotion.champion_version": "3",
