@@ -57,12 +57,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
+from scale import high_water_mark  # bench/ is the script's folder, first on sys.path
 
 from taxi_duration import runfiles, settings
 from taxi_duration.periods import Month
 from taxi_duration.synthetic import write_trip_file
-
-from scale import high_water_mark  # bench/ is the script's folder, first on sys.path
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = PROJECT_DIR.parent / "shared" / "data" / "tlc"

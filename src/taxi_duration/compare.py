@@ -161,7 +161,7 @@ def _figures_section(pairs: tuple[FigurePair, ...], older: PastRun, newer: PastR
 def render(comparison: Comparison, generated: dt.datetime | None = None) -> str:
     """The report: one offline HTML page, no script."""
     older, newer = comparison.older, comparison.newer
-    generated = generated or dt.datetime.now(dt.timezone.utc)
+    generated = generated or dt.datetime.now(dt.UTC)
     title = f"{newer.label} compared with {older.label}"
     changed = [change.stage for change in comparison.notebooks if change.cells]
     return f"""<!DOCTYPE html>

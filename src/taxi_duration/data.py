@@ -16,6 +16,7 @@ never moved or deleted.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 from taxi_duration import settings
 from taxi_duration.download import DOWNLOAD_ATTEMPTS, DOWNLOAD_BACKOFF_SECONDS, download_file
 from taxi_duration.periods import Month
+
 # The error kinds are part of this module's interface too: callers catch data.TripDataError.
 from taxi_duration.trip_errors import TripDataError, TripDownloadError, TripFileInvalid, TripFileNotFound  # noqa: F401
 
@@ -208,10 +210,8 @@ class TripSource:
 def _move_aside(path: Path) -> Path:
     """Rename a bad file to `<name>.invalid` (replacing an older one) so no later run trusts it."""
     target = path.with_name(path.name + ".invalid")
-    try:
+    with contextlib.suppress(FileNotFoundError):  # another run sharing the cache moved it first
         os.replace(path, target)
-    except FileNotFoundError:
-        pass  # another run sharing the cache moved it first
     return target
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 from taxi_duration.tracking import _client
 
@@ -50,7 +50,7 @@ def log_trip_datasets(tracking_uri: str, run_id: str, datasets: Iterable[TripDat
         try:
             client.log_inputs(run_id, datasets=inputs)
             return
-        except Exception:  # noqa: BLE001
+        except Exception:
             # Runs logging the same file at once (a backfill: one month's validation file is the
             # next one's training file) race to create the experiment's dataset row; the loser
             # finds it on the next try.

@@ -9,6 +9,7 @@ usually read as stable, 0.1-0.25 as a moderate shift, above 0.25 as a large one.
 
 from __future__ import annotations
 
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -41,7 +42,7 @@ def trip_profile(month: str, distance: Any, duration: Any | None) -> dict[str, A
     """One month's trips in figures; `duration` None when the month's actual durations are unknown."""
     return {
         "month": month,
-        "trips": int(len(distance)),
+        "trips": len(distance),
         "distance": _distribution(distance, DISTANCE_EDGES),
         "duration": None if duration is None else _distribution(duration, DURATION_EDGES),
     }
@@ -109,5 +110,5 @@ def bin_labels(edges: list[float]) -> list[str]:
     def text(value: float) -> str:
         return f"{value:g}"
 
-    inner = [f"{text(low)}-{text(high)}" for low, high in zip(edges, edges[1:])]
+    inner = [f"{text(low)}-{text(high)}" for low, high in pairwise(edges)]
     return [f"<{text(edges[0])}", *inner, f">={text(edges[-1])}"]

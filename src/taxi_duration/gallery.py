@@ -56,7 +56,7 @@ def mlflow_run_url(tracking_uri: str, experiment_id: str | None, run_id: str | N
 def _format_seconds(seconds: float | None) -> str:
     if seconds is None:
         return ""
-    minutes, rest = divmod(int(round(seconds)), 60)
+    minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest:02d} s" if minutes else f"{rest} s"
 
 
@@ -109,7 +109,7 @@ def _row(record: dict[str, Any]) -> str:
 
 
 def render_gallery(records: list[dict[str, Any]], generated: dt.datetime | None = None) -> str:
-    generated = generated or dt.datetime.now(dt.timezone.utc)
+    generated = generated or dt.datetime.now(dt.UTC)
     rows = "\n".join(_row(record) for record in records) or '<tr><td colspan="8">No runs yet: <code>make run</code>.</td></tr>'
     colors = sorted({str(record.get("color", "")) for record in records})
     statuses = sorted({str(record.get("status", "UNKNOWN")).lower() for record in records})

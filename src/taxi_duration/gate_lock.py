@@ -100,10 +100,8 @@ def _ensure_one_slot_limit(prefect_api: str, name: str) -> None:
         try:
             limit = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:
-            try:
+            with contextlib.suppress(ObjectAlreadyExists):  # another gate created it first
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-            except ObjectAlreadyExists:
-                pass  # another gate created it first
             limit = client.read_global_concurrency_limit_by_name(name)
     if limit.limit != 1 or not limit.active:
         raise GateLockError(

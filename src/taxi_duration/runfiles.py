@@ -13,9 +13,10 @@ import os
 import pickle
 import re
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 # The flow process uses only the manifest and atomic-write helpers; the numeric stack is
 # imported where matrices are read or written (in kernels), not on every pipeline start.
@@ -101,13 +102,11 @@ def save_matrices(run_dir: Path, matrices: FeatureMatrices) -> dict[str, str]:
 
     paths = _matrix_paths(run_dir)
     for name in ("X_train", "X_val"):
-        with atomic_path(paths[name]) as temporary:
-            with open(temporary, "wb") as sink:
-                scipy.sparse.save_npz(sink, getattr(matrices, name))
+        with atomic_path(paths[name]) as temporary, open(temporary, "wb") as sink:
+            scipy.sparse.save_npz(sink, getattr(matrices, name))
     for name in ("y_train", "y_val"):
-        with atomic_path(paths[name]) as temporary:
-            with open(temporary, "wb") as sink:
-                np.save(sink, getattr(matrices, name))
+        with atomic_path(paths[name]) as temporary, open(temporary, "wb") as sink:
+            np.save(sink, getattr(matrices, name))
     save_preprocessor(paths["preprocessor"], matrices.vectorizer)
     return {name: path.relative_to(run_dir).as_posix() for name, path in paths.items()}
 
@@ -156,9 +155,8 @@ def load_matrices(run_dir: Path) -> FeatureMatrices:
 
 def save_preprocessor(path: Path, vectorizer: DictVectorizer) -> None:
     """Pickle the fitted DictVectorizer (the course's `preprocessor.b`, read by serving code)."""
-    with atomic_path(path) as temporary:
-        with open(temporary, "wb") as sink:
-            pickle.dump(vectorizer, sink)
+    with atomic_path(path) as temporary, open(temporary, "wb") as sink:
+        pickle.dump(vectorizer, sink)
 
 
 def load_preprocessor(path: Path) -> DictVectorizer:

@@ -246,7 +246,7 @@ def _healthy(url: str) -> bool:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(url, timeout=2) as response:  # noqa: S310 - loopback URL we built
+        with urllib.request.urlopen(url, timeout=2) as response:
             return response.status == 200
     except (OSError, http.client.HTTPException):  # no answer, or another program's (not HTTP) on the port
         return False
@@ -275,7 +275,7 @@ def start(service: Service, timeout_seconds: float = START_TIMEOUT_SECONDS) -> d
         folder = services_dir()
         log = folder / f"{service.name}.log"
         with open(log, "ab") as log_handle:
-            process = subprocess.Popen(  # noqa: S603 - our own interpreter and arguments
+            process = subprocess.Popen(
                 service.command, env=service.environment, stdout=log_handle, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=folder,
             )

@@ -15,10 +15,11 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from taxi_duration.runfiles import atomic_path
 
@@ -102,7 +103,7 @@ class StageCache:
             run_dir=str(run_dir),
             mlflow_run_id=mlflow_run_id,
             files=tuple(sorted(set(files))),
-            created=dt.datetime.now(dt.timezone.utc).isoformat(),
+            created=dt.datetime.now(dt.UTC).isoformat(),
         )
         with atomic_path(self._path(stage, key)) as temporary:
             temporary.write_text(json.dumps(asdict(entry), indent=2) + "\n")

@@ -109,7 +109,7 @@ def rmse_chart(points: list[MonthPoint]) -> tuple[str, str] | None:
         if baseline:
             body.append(f'<polyline fill="none" stroke="{stroke}" stroke-dasharray="{BASELINE_DASH}" stroke-width="1.2" '
                         'points="' + " ".join(f"{cx:.1f},{cy:.1f}" for cx, cy in baseline) + '"/>')
-        for point, (cx, cy) in zip(series, coordinates):
+        for point, (cx, cy) in zip(series, coordinates, strict=True):
             body.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{6 if point.champion else 3.5}" fill="{stroke}"'
                         + (' stroke="black" stroke-width="2"' if point.champion else "") + "/>")
             if point.champion:

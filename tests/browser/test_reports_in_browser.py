@@ -146,7 +146,7 @@ def test_hostile_output_does_not_run_in_the_report(browser, tmp_path):
     nbformat.write(notebook, path)
     reports = render_reports(path)
 
-    page, errors, _ = _open(browser, reports.review.as_uri(), tmp_path / "hostile.png")
+    page, _, _ = _open(browser, reports.review.as_uri(), tmp_path / "hostile.png")
     assert page.evaluate("window.pwned === undefined")
     assert page.locator("#taxi-failure").is_visible()
     assert "ValueError: bad month" in page.locator("#taxi-failure").inner_text()

@@ -156,7 +156,7 @@ def test_two_months_and_the_same_month_at_once_all_finish(isolated_stores, prefe
         for month in ("3", "3", "4")
     ]
     results = [process.communicate(timeout=900) for process in processes]
-    for process, (stdout, stderr) in zip(processes, results):
+    for process, (stdout, stderr) in zip(processes, results, strict=True):
         assert process.returncode == 0, stderr[-3000:]
         assert "database is locked" not in stdout + stderr
     _, runs = _runs(isolated_stores["tracking_uri"])

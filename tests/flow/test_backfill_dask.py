@@ -153,7 +153,7 @@ def test_unreachable_dask_scheduler_fails_fast_naming_it(tmp_path, isolated_stor
         env["TAXI_DASK_ADDRESS"] = address
     started = time.monotonic()
     process = _start_backfill(tmp_path / "prefect-home", *args, env=env)
-    stdout, stderr = _finish(process, timeout=120)
+    _, stderr = _finish(process, timeout=120)
     assert process.returncode == 1
     assert f"error: cannot use the Dask scheduler at {address}" in stderr
     assert "Traceback" not in stderr

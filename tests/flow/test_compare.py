@@ -17,7 +17,6 @@ from taxi_duration import compare, reopen, runfiles
 from taxi_duration.comparison import compare_runs
 from taxi_duration.past_runs import find_run
 
-
 pytestmark = pytest.mark.flow
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]

@@ -138,12 +138,13 @@ def test_champion_served_over_http_answers_like_the_scoring_notebook(real_run, f
     port = free_port()
     bin_dir = Path(sys.executable).parent
     # What the README shows: mlflow models serve on the champion, in this environment.
-    server = subprocess.Popen(
-        [str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/nyc-taxi-duration@champion", "--env-manager",
-         "local", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "MLFLOW_TRACKING_URI": real_run.tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
-        cwd=tmp_path, stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    with open(tmp_path / "serve.log", "wb") as log:  # the server holds its own copy of the file
+        server = subprocess.Popen(
+            [str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/nyc-taxi-duration@champion", "--env-manager",
+             "local", "--host", "127.0.0.1", "--port", str(port)],
+            env={**os.environ, "MLFLOW_TRACKING_URI": real_run.tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 180
         while True:

@@ -123,7 +123,7 @@ class Processes:
             except (ProcessLookupError, psutil.NoSuchProcess):
                 groups[name] = [process.pid]
         deadline = time.monotonic() + 30
-        for name, process in self.started.items():
+        for process in self.started.values():
             try:
                 process.wait(timeout=max(1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:

@@ -3,6 +3,7 @@ that it leaves no trace in the notebook, and that nothing outlives a runner nobo
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -191,4 +192,4 @@ def test_progress_is_reported_cell_by_cell_at_most_once_a_second(tmp_path):
     assert final.finished[3]["seconds"] >= 2.5
     # While the sleeping cell ran, the caller was told it was running.
     assert any(progress.running and progress.running["position"] == 4 for progress in seen)
-    assert all(later - earlier >= 0.95 for earlier, later in zip(moments, moments[1:-1])), moments
+    assert all(later - earlier >= 0.95 for earlier, later in itertools.pairwise(moments[:-1])), moments

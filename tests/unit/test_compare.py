@@ -175,7 +175,7 @@ def test_reopen_writes_the_exact_parameters_and_keeps_the_run_intact(tmp_path, m
 def test_reopen_names_what_is_missing(tmp_path):
     folder = _run_folder(tmp_path, "2023-01", "aaaa000000000001")
     run = find_run(str(folder), tmp_path)
-    with pytest.raises(reopen.ReopenError, match="has no executed 04_score.ipynb; it has: 01_explore, 02_features, 03_train"):
+    with pytest.raises(reopen.ReopenError, match=r"has no executed 04_score.ipynb; it has: 01_explore, 02_features, 03_train"):
         reopen.reopen(run, "04_score", notebooks_dir=tmp_path / "nb")
     nbformat.write(_notebook(["x = 1"]), folder / "01_explore.ipynb")  # run by hand: nothing injected
     with pytest.raises(reopen.ReopenError, match="carries no injected parameters"):
@@ -184,7 +184,7 @@ def test_reopen_names_what_is_missing(tmp_path):
 
 
 def test_run_folders_carry_the_run_id_and_reports_the_reopen_command(tmp_path):
-    started = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.timezone.utc)
+    started = dt.datetime(2026, 12, 1, 10, 0, tzinfo=dt.UTC)
     folder = runfiles.run_folder(tmp_path, "green", "2023-03", started, "e347bc15a402479d")
     scoring = runfiles.run_folder(tmp_path, "green", "2023-05", started, "0123abcd9999", scoring=True)
     assert folder == tmp_path / "green" / "2023-03" / "20261201T100000Z-e347bc15"

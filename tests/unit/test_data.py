@@ -336,7 +336,7 @@ def test_body_shorter_than_content_length_raises_and_leaves_no_file(tmp_path, se
 def test_download_file_does_not_publish_a_truncated_body_even_unvalidated(tmp_path, server):
     server.serve("/blob", b"x" * 100, headers={"Content-Length": "500"})
     destination = tmp_path / "out" / "blob.bin"
-    with pytest.raises(TripDownloadError, match="the only attempt failed.*cut short"):
+    with pytest.raises(TripDownloadError, match=r"the only attempt failed.*cut short"):
         download_file(f"{server.url}/blob", destination, timeout_seconds=5, attempts=1)
     assert files_in(tmp_path / "out") == []
 

@@ -4,10 +4,10 @@ readiness, the TAXI_FAST_START switch, and the private jupyter_client API the re
 from __future__ import annotations
 
 import gc
-import subprocess
-import sys
 import inspect
 import os
+import subprocess
+import sys
 import textwrap
 
 import pytest

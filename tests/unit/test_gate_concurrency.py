@@ -23,7 +23,7 @@ import pytest
 from taxi_duration import gate_lock, registry, run_servers, tracking
 from taxi_duration.features import RAW_FEATURES
 
-from .test_registry import challenger_data, one_xgboost_thread, train_and_log, uri  # noqa: F401 - fixtures
+from .test_registry import challenger_data, one_xgboost_thread, train_and_log, uri  # noqa: F401 - fixtures by name
 
 ROUNDS = 2
 CHALLENGER_ROUNDS = (4, 12, 40)  # boosting rounds: more rounds, lower RMSE on these tiny months
@@ -72,7 +72,7 @@ def test_the_decision_check_sees_a_stale_read():
         check_decisions("1", rmse_of, serial[:2], "3")
 
 
-def race(uri: str, folder: Path, environment: dict[str, str]) -> None:
+def race(uri: str, folder: Path, environment: dict[str, str]) -> None:  # noqa: F811 - a URI, not the fixture
     """ROUNDS rounds of concurrent gates; each round's decisions checked with check_decisions."""
     train, validation, month = challenger_data()
     champion = train_and_log(uri, "champion", train, validation, month, rounds=1)
@@ -91,7 +91,7 @@ def race(uri: str, folder: Path, environment: dict[str, str]) -> None:
         "folder": str(folder), "tracking_uri": uri, "validation_month": month, "registered_models": models,
         "records": str(folder / "records.parquet"), "targets": str(folder / "targets.npy"),
         "challengers": [{"run_id": run.run_id, "model_uri": run.model_uri, "rmse": rmse}
-                        for run, rmse in zip(challengers, rmses[1:])],
+                        for run, rmse in zip(challengers, rmses[1:], strict=True)],
     }
     (folder / "spec.json").write_text(json.dumps(spec))
     children = [
@@ -127,14 +127,14 @@ def wait_for(folder: Path, names: list[str], children: list[subprocess.Popen]) -
         time.sleep(0.01)
 
 
-def test_concurrent_gates_on_one_machine_take_turns_through_the_file_lock(uri, tmp_path):  # noqa: F811
+def test_concurrent_gates_on_one_machine_take_turns_through_the_file_lock(uri, tmp_path):  # noqa: F811 - the fixture
     environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     race(uri, tmp_path, environment)
     assert gate_lock.lock_file(uri, f"race-{tmp_path.name}-0").exists()
 
 
 @pytest.mark.integration
-def test_concurrent_gates_take_turns_through_a_prefect_global_concurrency_limit(uri, tmp_path):  # noqa: F811
+def test_concurrent_gates_take_turns_through_a_prefect_global_concurrency_limit(uri, tmp_path):  # noqa: F811 - the fixture
     api = run_servers.ensure_prefect_server()
     race(uri, tmp_path, {**os.environ, "PREFECT_API_URL": api})
     from prefect.client.orchestration import get_client
@@ -153,7 +153,7 @@ def test_limit_names_keep_to_what_prefect_allows_and_stay_apart():
 
 
 def test_the_file_lock_excludes_a_second_holder(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # noqa: F811 - this test's own store, not the fixture
     holder = "import sys, time; from taxi_duration import gate_lock\nwith gate_lock.champion_gate(sys.argv[1], 'm'):\n    print('held', flush=True); time.sleep(30)"
     environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     other = subprocess.Popen([sys.executable, "-c", holder, uri], env=environment, stdout=subprocess.PIPE, text=True)
@@ -162,9 +162,11 @@ def test_the_file_lock_excludes_a_second_holder(tmp_path):
         with pytest.MonkeyPatch.context() as patch:
             patch.delenv("PREFECT_API_URL", raising=False)
             patch.setattr(gate_lock, "WAIT_SECONDS", 0.3)
-            with pytest.raises(gate_lock.GateLockError, match=r"waited 0.3 s for the file lock .*another gate holds it"):
-                with gate_lock.champion_gate(uri, "m"):
-                    pass
+            with (
+                pytest.raises(gate_lock.GateLockError, match=r"waited 0.3 s for the file lock .*another gate holds it"),
+                gate_lock.champion_gate(uri, "m"),
+            ):
+                pass
             with gate_lock.champion_gate(uri, "another model"):
                 pass  # each registered model has its own lock
     finally:
@@ -183,6 +185,9 @@ def test_a_limit_that_would_not_exclude_is_refused_naming_it(monkeypatch):
     with temporary_settings(updates={PREFECT_API_URL: api}), get_client(sync_client=True) as client:
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=2))
     monkeypatch.setenv("PREFECT_API_URL", api)
-    with pytest.raises(gate_lock.GateLockError, match=rf"{name}.*has 2 slot\(s\).*prefect gcl update {name} --limit 1"):
-        with temporary_settings(updates={PREFECT_API_URL: api}), gate_lock.champion_gate("sqlite:///x.db", "two-slot-model"):
-            pass
+    with (
+        pytest.raises(gate_lock.GateLockError, match=rf"{name}.*has 2 slot\(s\).*prefect gcl update {name} --limit 1"),
+        temporary_settings(updates={PREFECT_API_URL: api}),
+        gate_lock.champion_gate("sqlite:///x.db", "two-slot-model"),
+    ):
+        pass

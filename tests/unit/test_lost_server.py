@@ -69,9 +69,8 @@ def test_artifacts_stop_once_the_server_is_lost_and_other_errors_still_raise():
 
 def test_a_finished_run_stands_with_one_warning_naming_the_server_and_the_run():
     run = lost_server.OwnedRun("abc123", Path("/runs/abc"), "FINISHED", None, {"mlflow_run_id": "abc123"})
-    with pytest.raises(lost_server.PrefectServerLost) as raised:
-        with lost_server.noticing_loss(run):
-            raise _refused()
+    with pytest.raises(lost_server.PrefectServerLost) as raised, lost_server.noticing_loss(run):
+        raise _refused()
     code, lines = lost_server.outcome_lines(raised.value, "Pipeline")
     assert code == 0
     (warning,) = lines

@@ -61,7 +61,7 @@ def test_all_unknown_names_are_listed():
 
 def test_parameter_of_another_notebook_is_rejected():
     # `year` belongs to 01/02, not to the training notebook.
-    with pytest.raises(NotebookParameterError, match="03_train.ipynb does not declare parameter\\(s\\) year"):
+    with pytest.raises(NotebookParameterError, match=r"03_train.ipynb does not declare parameter\(s\) year"):
         check_parameters(TRAIN, {"year": 2024})
 
 
@@ -89,7 +89,7 @@ def test_notebook_without_parameters_cell_is_rejected(tmp_path):
     ]
     path = tmp_path / "untagged.ipynb"
     nbformat.write(notebook, path)
-    with pytest.raises(NotebookParameterError, match="untagged.ipynb has no cell tagged 'parameters'"):
+    with pytest.raises(NotebookParameterError, match=r"untagged.ipynb has no cell tagged 'parameters'"):
         check_parameters(path, {"year": 2024})
 
 

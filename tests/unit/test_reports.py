@@ -151,14 +151,13 @@ def test_a_kept_exporter_renders_each_notebook_as_a_new_one_would(tmp_path, monk
 def test_report_plots_carry_their_figures_alt_text(tmp_path):
     # What a notebook cell showing a plots.* figure leaves: the PNG and, beside it, the alt text.
     import nbformat
+    import numpy as np
 
     from taxi_duration import plots, reports
 
-    import numpy as np
-
     figure = plots.residual_histogram(np.array([1.0, 2.0, 3.0]), np.array([1.5, 2.0, 2.0]))
     assert figure.alt_text().startswith(figure.axes[0].get_title())
-    data, metadata = figure._repr_mimebundle_()
+    _, metadata = figure._repr_mimebundle_()
     notebook = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("plots.residual_histogram(...)")
     cell.outputs = [nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(b"png").decode()},

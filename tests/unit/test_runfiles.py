@@ -45,10 +45,9 @@ def test_atomic_path_moves_the_file_into_place_on_success(tmp_path):
 
 def test_atomic_path_leaves_no_file_when_the_block_raises(tmp_path):
     destination = tmp_path / "result.txt"
-    with pytest.raises(RuntimeError, match="boom"):
-        with atomic_path(destination) as temporary:
-            temporary.write_text("half")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), atomic_path(destination) as temporary:
+        temporary.write_text("half")
+        raise RuntimeError("boom")
     assert not destination.exists()
     assert files(tmp_path) == []
 
@@ -56,10 +55,9 @@ def test_atomic_path_leaves_no_file_when_the_block_raises(tmp_path):
 def test_atomic_path_keeps_the_previous_file_when_the_block_raises(tmp_path):
     destination = tmp_path / "result.txt"
     destination.write_text("previous")
-    with pytest.raises(RuntimeError):
-        with atomic_path(destination) as temporary:
-            temporary.write_text("new but broken")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), atomic_path(destination) as temporary:
+        temporary.write_text("new but broken")
+        raise RuntimeError("boom")
     assert destination.read_text() == "previous"
     assert files(tmp_path) == ["result.txt"]
 

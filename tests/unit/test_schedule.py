@@ -63,7 +63,7 @@ def test_missing_folder_is_an_error_not_an_empty_source(tmp_path):
 class _Handler(BaseHTTPRequestHandler):
     """Answers HEAD with the status the server's table gives the path (404 by default)."""
 
-    def do_HEAD(self) -> None:  # noqa: N802 - the name http.server dispatches on
+    def do_HEAD(self) -> None:
         self.server.requests.append(self.path)
         status, location, delay = self.server.answers.get(self.path, (404, None, 0))
         time.sleep(delay)

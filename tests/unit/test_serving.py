@@ -189,7 +189,7 @@ def uri(tmp_path, monkeypatch, empty_tracking_store) -> str:
 
 
 def test_logged_servable_model_loads_back_with_its_profile_and_signature(trained, uri, tmp_path):
-    mlflow = tracking.import_mlflow()
+    tracking.import_mlflow()  # first, without its import-time warning; the imports below bind the names
     import mlflow.artifacts
     import mlflow.sklearn
     from mlflow.models import Model

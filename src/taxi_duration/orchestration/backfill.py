@@ -106,7 +106,7 @@ def backfill(
         for p in months
     ]
     rows = []
-    for params, future in zip(months, futures):
+    for params, future in zip(months, futures, strict=True):
         try:
             rows.append(future.result())
         except Exception as error:  # noqa: BLE001 - e.g. a Dask worker that died or could not load the task

@@ -64,7 +64,7 @@ def run_record(request: RunRequest, context: RunContext, started: dt.datetime, f
                ending: RunEnding) -> dict[str, Any]:
     """What the gallery shows of one run; written into the run folder as run.json."""
     params = request.params
-    finished = dt.datetime.now(dt.timezone.utc)
+    finished = dt.datetime.now(dt.UTC)
     experiment_id = tracking.experiment_id_of(context.tracking_uri, context.run_id)
     training = ending.outcomes.get("03_train")
     metrics = training.manifest.get("metrics", {}) if training else {}

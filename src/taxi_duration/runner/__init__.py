@@ -45,7 +45,12 @@ failure), `parameters`, `preload`.
 
 from taxi_duration.runner.parameters import PLAIN_TYPES, NotebookParameterError, check_parameters, declared_parameters
 from taxi_duration.runner.parent import (
-    NotebookExecutionError, NotebookResult, NotebookStopped, PreparedRunner, Progress, execute_notebook,
+    NotebookExecutionError,
+    NotebookResult,
+    NotebookStopped,
+    PreparedRunner,
+    Progress,
+    execute_notebook,
 )
 from taxi_duration.runner.preload import notebook_imports
 from taxi_duration.runner.processes import STOP_GRACE_SECONDS
