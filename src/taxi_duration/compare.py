@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from taxi_duration import settings, tracking
-from taxi_duration.comparison import Comparison, CrossScore, Figure, FigurePair, NotebookChange, compare_runs
+from taxi_duration.comparison import Comparison, CrossScore, Figure, FigurePair, NotebookChange, Value, compare_runs
 from taxi_duration.past_runs import PastRun, RunNotFoundError, find_run, previous_month_run
 from taxi_duration.runfiles import atomic_path
 
@@ -70,7 +70,7 @@ def compare_with_previous_month(newer: PastRun, outputs_dir: Path) -> str | None
     return write_comparison(older, newer).relative_to(newer.folder).as_posix()
 
 
-def _value(value) -> str:
+def _value(value: Value) -> str:
     if value is None:
         return '<span class="same">—</span>'
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -87,7 +87,8 @@ def _delta(figure: Figure, lower_is_better: bool) -> str:
         return "" if figure.older == figure.newer else '<span class="changed">changed</span>'
     if delta == 0:
         return '<span class="same">0</span>'
-    relative = f" ({delta / float(figure.older):+.1%})" if float(figure.older or 0) else ""
+    older = figure.older
+    relative = f" ({delta / older:+.1%})" if isinstance(older, int | float) and older else ""
     shown = f"{int(delta):+,}" if isinstance(figure.older, int) and isinstance(figure.newer, int) else f"{delta:+.4g}"
     tone = ("worse" if delta > 0 else "better") if lower_is_better else "delta"
     return f'<span class="{tone}">{html.escape(shown + relative)}</span>'

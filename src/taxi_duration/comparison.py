@@ -12,7 +12,7 @@ import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from taxi_duration import runfiles
 from taxi_duration.past_runs import PastRun
@@ -89,7 +89,7 @@ class Comparison:
     figures: tuple[FigurePair, ...]
 
 
-def _is_number(value: Value) -> bool:
+def _is_number(value: Value) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
 
 
@@ -300,6 +300,7 @@ def figure_pairs(stage: str, older: PastRun, newer: PastRun) -> list[FigurePair]
     for index in range(max(len(before), len(after))):
         old = before[index] if index < len(before) else None
         new = after[index] if index < len(after) else None
-        alt = (new or old)[0] or f"{stage} figure {index + 1}"
+        shown = new if new is not None else old
+        alt = (shown[0] if shown else "") or f"{stage} figure {index + 1}"
         pairs.append(FigurePair(stage, alt, old[1] if old else None, new[1] if new else None))
     return pairs

@@ -50,7 +50,8 @@ def duration_quantiles(duration: pd.Series) -> dict[str, float]:
 
 def zone_counts(zones: pd.DataFrame) -> list[dict[str, object]]:
     """`busiest_zones` rows as JSON-ready records, for the stage's manifest."""
-    return [{"zone": str(row.zone), "trips": int(row.trips), "share": float(row.share)} for row in zones.itertuples()]
+    columns = zip(zones["zone"], zones["trips"], zones["share"], strict=True)
+    return [{"zone": str(zone), "trips": int(trips), "share": float(share)} for zone, trips, share in columns]
 
 
 def profile_month(frame: pd.DataFrame, color: str) -> dict[str, object]:

@@ -15,7 +15,7 @@ serving code keeps calling `vectorizer.transform(feature_records(trips))`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pandas as pd
@@ -74,7 +74,8 @@ def _zone_text(zone_ids: pd.Series) -> pd.Series:
 
 def feature_records(trips: pd.DataFrame) -> list[dict[str, object]]:
     """One dict per trip, the input DictVectorizer expects (and serving code sends)."""
-    return trips[CATEGORICAL_FEATURES + NUMERICAL_FEATURES].to_dict(orient="records")
+    # The column names are the str constants above; pandas types every record's keys Hashable.
+    return cast("list[dict[str, object]]", trips[CATEGORICAL_FEATURES + NUMERICAL_FEATURES].to_dict(orient="records"))
 
 
 @dataclass(frozen=True)

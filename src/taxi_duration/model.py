@@ -121,8 +121,9 @@ def error_by_distance(distance: np.ndarray, actual: np.ndarray, predicted: np.nd
 
 def error_by_distance_records(by_distance: pd.DataFrame) -> list[dict[str, object]]:
     """`error_by_distance` rows as JSON-ready records ('miles' the bucket's label), for the manifest."""
-    return [{"miles": str(bucket), "trips": int(row.trips), "rmse": float(row.rmse), "mean_error": float(row.mean_error)}
-            for bucket, row in zip(by_distance.index, by_distance.itertuples(), strict=True)]
+    columns = zip(by_distance.index, by_distance["trips"], by_distance["rmse"], by_distance["mean_error"], strict=True)
+    return [{"miles": str(bucket), "trips": int(trips), "rmse": float(rmse), "mean_error": float(mean_error)}
+            for bucket, trips, rmse, mean_error in columns]
 
 
 def feature_importances(booster: xgb.Booster, feature_names: list[str], top: int = 15) -> pd.DataFrame:

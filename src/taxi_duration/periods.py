@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated, Literal, cast
 
 from pydantic import Field
 
@@ -70,7 +70,7 @@ class PipelineParams:
 
     year: int
     month: int
-    color: str = "green"
+    color: Color = "green"
 
     @classmethod
     def parse(cls, year: object, month: object, color: object = "green", today: dt.date | None = None) -> PipelineParams:
@@ -82,7 +82,7 @@ class PipelineParams:
         color_text = str(color).strip().lower()
         if color_text not in COLORS:
             raise InvalidParameterError(f"color must be one of {', '.join(COLORS)}, got {color!r}")
-        params = cls(year_int, month_int, color_text)
+        params = cls(year_int, month_int, cast("Color", color_text))  # one of COLORS, checked above
         params._check_published(today or dt.date.today())
         return params
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from taxi_duration.features import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES
@@ -25,11 +28,13 @@ class ReportFigure(Figure):
             parts.append(": ".join(part for part in (title, axis) if part))
         return "; ".join(part for part in parts if part) or "figure"
 
-    def _repr_mimebundle_(self, include=None, exclude=None):
+    def _repr_mimebundle_(
+        self, include: object = None, exclude: object = None
+    ) -> tuple[dict[str, Any], dict[str, dict[str, str]]]:
         return {}, {"image/png": {"alt": self.alt_text()}}
 
 
-def _figure(width: float = 8, height: float = 3.5) -> tuple[Figure, object]:
+def _figure(width: float = 8, height: float = 3.5) -> tuple[Figure, Axes]:
     # Figure() rather than pyplot: no global state, safe in any backend.
     figure = ReportFigure(figsize=(width, height), layout="constrained")
     return figure, figure.add_subplot()

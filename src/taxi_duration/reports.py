@@ -13,10 +13,11 @@ import copy
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import nbformat
+    from nbconvert import HTMLExporter
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
 
@@ -102,11 +103,11 @@ def first_error(notebook: nbformat.NotebookNode) -> str | None:
 # again, which was half of a render (docs/performance.md). Exporters are reusable (nbconvert's
 # own command line converts many notebooks with one) but not meant for two threads at once, and
 # the pipeline renders 01_explore's and 02_features' reports from two threads: hence the lock.
-_exporters: dict[bool, Any] = {}
+_exporters: dict[bool, HTMLExporter] = {}
 _render_lock = threading.Lock()
 
 
-def _exporter(review: bool):
+def _exporter(review: bool) -> HTMLExporter:
     """The exporter of full (`review` False) or review reports; call with _render_lock held."""
     if review not in _exporters:
         from nbconvert import HTMLExporter

@@ -145,9 +145,9 @@ def load_matrices(run_dir: Path) -> FeatureMatrices:
     if missing:
         raise MissingRunFileError(f"feature files missing (run 02_features first): {', '.join(missing)}")
     return FeatureMatrices(
-        X_train=scipy.sparse.load_npz(paths["X_train"]).tocsr(),
+        X_train=scipy.sparse.csr_matrix(scipy.sparse.load_npz(paths["X_train"])),
         y_train=np.load(paths["y_train"]),
-        X_val=scipy.sparse.load_npz(paths["X_val"]).tocsr(),
+        X_val=scipy.sparse.csr_matrix(scipy.sparse.load_npz(paths["X_val"])),
         y_val=np.load(paths["y_val"]),
         vectorizer=load_preprocessor(paths["preprocessor"]),
     )

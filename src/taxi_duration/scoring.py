@@ -20,6 +20,7 @@ from taxi_duration.periods import Month
 if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
+    from mlflow.entities.model_registry import ModelVersion
 
 DEFAULT_MODEL_URI = f"models:/{registry.DEFAULT_REGISTERED_MODEL}@{registry.CHAMPION_ALIAS}"
 PREDICTIONS_DIR = "predictions"
@@ -93,7 +94,7 @@ def resolve_model(tracking_uri: str, model_uri: str) -> ScoringModel:
     )
 
 
-def _model_id(found) -> str | None:
+def _model_id(found: ModelVersion) -> str | None:
     """The LoggedModel behind a version: MLflow's SQL registry does not keep `model_id` on the
     version, so the gate records it as the version's `taxi.model_uri` tag too."""
     if getattr(found, "model_id", None):

@@ -387,9 +387,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(_describe(name))
         else:
             for name in names:
-                state = read_state(name)
+                running = read_state(name)
                 label = {"prefect": "Prefect UI", "mlflow": "MLflow UI"}[name]
-                print(f"{label:<11} {state['url'] if state else 'not running (make services starts it)'}")
+                print(f"{label:<11} {running['url'] if running else 'not running (make services starts it)'}")
     except ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

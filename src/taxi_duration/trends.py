@@ -133,7 +133,7 @@ def trips_chart(points: list[MonthPoint]) -> tuple[str, str] | None:
         return None
     months = sorted({point.month for point in counted})
     colors = sorted({point.color for point in counted})
-    _, top = _scale([float(point.train_rows) for point in counted])
+    _, top = _scale([float(point.train_rows) for point in counted if point.train_rows is not None])
     body, x, y = _axes(months, 0.0, top, "trips")
     width = (WIDTH - LEFT - RIGHT) / max(len(months), 1) * 0.7 / len(colors)
     for offset, color in enumerate(colors):

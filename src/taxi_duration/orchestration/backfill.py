@@ -34,7 +34,7 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from taxi_duration import data, run_servers, services, settings
 from taxi_duration.orchestration.pipeline import taxi_duration_pipeline
-from taxi_duration.periods import InvalidParameterError, PipelineParams, month_range
+from taxi_duration.periods import Color, InvalidParameterError, PipelineParams, month_range
 
 DEFAULT_MAX_PARALLEL = 2
 PIPELINE_MODULE = "taxi_duration.orchestration.pipeline"  # what a Dask worker must be able to import
@@ -48,7 +48,7 @@ class DaskUnavailableError(RuntimeError):
 
 @task(name="backfill-month", task_run_name="{color}-{label}", cache_policy=NO_CACHE)
 def run_month(
-    label: str, year: int, month: int, color: str, data_source: str | None, experiment: str | None, force: bool
+    label: str, year: int, month: int, color: Color, data_source: str | None, experiment: str | None, force: bool
 ) -> dict[str, Any]:
     """One month's pipeline; a failure is reported in the result, not raised, so others go on."""
     worker = dask_worker()
@@ -90,7 +90,9 @@ def dask_worker() -> str | None:
     return f"{worker.address} pid {os.getpid()}"
 
 
-@flow(name="nyc-taxi-duration-backfill", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_PARALLEL))
+# Prefect types `task_runner` as TaskRunner[PrefectFuture[Any]], which no runner of its own is (the generic is invariant).
+@flow(name="nyc-taxi-duration-backfill", log_prints=True,
+      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_PARALLEL))  # type: ignore[arg-type]
 def backfill(
     first: str,
     last: str,
@@ -248,7 +250,8 @@ def run_backfill(
     """`backfill` with `max_parallel` months at a time, in threads or on Dask (see `task_runner`)."""
     runner = task_runner(max_parallel, dask, dask_address)
     with run_servers.prefect_api_for_run(), prefect_api_for_workers(dask, dask_address), run_servers.without_flow_heartbeats():
-        return backfill.with_options(task_runner=runner)(first=first, last=last, **options)
+        # Prefect's annotation again, as on @flow above.
+        return backfill.with_options(task_runner=runner)(first=first, last=last, **options)  # type: ignore[arg-type]
 
 
 def format_table(results: list[dict[str, Any]]) -> str:

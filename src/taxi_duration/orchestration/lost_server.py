@@ -17,7 +17,10 @@ import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    import httpx
 
 T = TypeVar("T")
 
@@ -73,7 +76,7 @@ def unreachable(error: BaseException | None) -> bool:
     return False
 
 
-def _to_prefect(error) -> bool:
+def _to_prefect(error: httpx.HTTPError) -> bool:
     try:
         url = str(error.request.url)
     except RuntimeError:  # an httpx error raised without its request

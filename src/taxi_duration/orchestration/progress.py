@@ -14,9 +14,13 @@ The runner reads the child's progress record at most once a second (taxi_duratio
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING, cast
 
 from taxi_duration import runner
 from taxi_duration.orchestration import lost_server
+
+if TYPE_CHECKING:
+    from uuid import UUID
 
 RUNNING_CELL_REFRESH_SECONDS = 30.0
 
@@ -31,31 +35,33 @@ class StageProgress:
 
     def __init__(self, stage: str) -> None:
         self.stage = stage
-        self._artifact_id = None
+        self._artifact_id: UUID | None = None
         self._logged = 0  # finished cells already logged
         self._shown: tuple[int | None, float] = (None, 0.0)  # running cell last shown, and when
 
     def __call__(self, progress: runner.Progress) -> None:
         from prefect import get_run_logger
 
-        if not progress.total:
+        total = progress.total
+        if not total:
             return
         logger = get_run_logger()
         if len(progress.finished) < self._logged:
             self._logged = 0  # the notebook is being run again from the start (its kernel died)
         for cell in progress.finished[self._logged:]:
-            logger.info("%s: cell %d/%d done in %.1f s", self.stage, cell["position"], progress.total, cell["seconds"])
+            logger.info("%s: cell %d/%d done in %.1f s", self.stage, cell["position"], total, cell["seconds"])
         self._logged = len(progress.finished)
-        lost_server.unless_lost(lambda: self._publish(progress))
+        lost_server.unless_lost(lambda: self._publish(progress, total))
 
-    def _publish(self, progress: runner.Progress) -> None:
+    def _publish(self, progress: runner.Progress, total: int) -> None:
         """The progress artifact and, when it changed, the running cell's."""
         from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 
-        percent = min(100.0, 100.0 * len(progress.finished) / progress.total)
+        percent = min(100.0, 100.0 * len(progress.finished) / total)
         if self._artifact_id is None:
-            self._artifact_id = create_progress_artifact(
-                progress=percent, description=f"{self.stage}: cells done out of {progress.total}")
+            # Called from sync code, Prefect's async_dispatch returns the id itself (not a coroutine).
+            self._artifact_id = cast("UUID", create_progress_artifact(
+                progress=percent, description=f"{self.stage}: cells done out of {total}"))
         else:
             update_progress_artifact(self._artifact_id, progress=percent)
         markdown = self._running_cell_markdown(progress)

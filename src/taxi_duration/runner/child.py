@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         def _client_class(self) -> type:
             return client_class
 
-        async def start_kernel(self, **kwargs: Any) -> None:
+        # jupyter_client types the async manager's start_kernel as its sync parent's; it is a coroutine.
+        async def start_kernel(self, **kwargs: Any) -> None:  # type: ignore[override]
             await super().start_kernel(**kwargs)
             pid = getattr(self.provisioner, "pid", None)
             if pid is not None:
@@ -94,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     def prepare_failed(kernel: Any, error: BaseException) -> None:
         # Not fatal: papermill starts a kernel of its own, and reports if that fails too.
         log.warning("could not prepare a kernel ahead (%r); papermill starts one", error)
-        return _discard_kernel(kernel)
+        _discard_kernel(kernel)
 
     # The kernel is launched before papermill is imported, so it boots meanwhile.
     kernel: Any = RecordingKernelManager(kernel_name="python3")
     try:
         run_sync(kernel.start_kernel)(extra_arguments=list(KERNEL_ARGUMENTS), cwd=args.cwd)
-    except Exception as error:  # noqa: BLE001
-        kernel = prepare_failed(kernel, error)
+    except Exception as error:  # noqa: BLE001 - any failure: papermill starts a kernel of its own
+        prepare_failed(kernel, error)
+        kernel = None
     try:
         with fast_start.imports_without_gc():
             import papermill
@@ -115,13 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         if kernel is not None:
             try:
                 run_sync(_warm_up)(kernel, preload_code(Path(args.notebook), [m for m in args.preload.split(",") if m]))
-            except Exception as error:  # noqa: BLE001
-                kernel = prepare_failed(kernel, error)
+            except Exception as error:  # noqa: BLE001 - any failure: papermill starts a kernel of its own
+                prepare_failed(kernel, error)
+                kernel = None
         go = _wait_for_go(records)
         progress["total"] = executable_cells(Path(args.notebook), bool(go["parameters"]))
         write_json(records / PROGRESS, progress)
         if kernel is not None and not run_sync(_answers)(kernel):
-            kernel = _discard_kernel(kernel)  # died while waiting: papermill starts a fresh one
+            _discard_kernel(kernel)  # died while waiting: papermill starts a fresh one
+            kernel = None
         papermill.execute_notebook(
             args.notebook,
             go["executed_notebook"],
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         # (killed, or out of memory while starting): a death like any other, retried as such.
         kind = "kernel_died" if "Kernel died before replying" in str(error) else "runner_error"
         outcome = {"kind": kind, "detail": f"{type(error).__name__}: {error}"}
-    except Exception as error:  # the kernel would not start, the notebook would not load, ...
+    except Exception as error:  # noqa: BLE001 - the kernel would not start, the notebook would not load...: told to the parent
         outcome = {"kind": "runner_error", "detail": f"{type(error).__name__}: {error}"}
     finally:
         # papermill shuts down only kernels it started itself.
@@ -174,7 +178,7 @@ def executable_cells(notebook: Path, parameterized: bool) -> int:
 
 
 def _discard_kernel(kernel: Any) -> None:
-    """Shut a kernel we started down at once (if there is one); returns None, for chaining."""
+    """Shut a kernel we started down at once (if there is one)."""
     from jupyter_core.utils import run_sync
 
     if kernel is not None and kernel.has_kernel:
@@ -182,7 +186,6 @@ def _discard_kernel(kernel: Any) -> None:
             run_sync(kernel.shutdown_kernel)(now=True)
         except Exception as error:  # noqa: BLE001 - the parent reaps what is left
             log.warning("could not shut the prepared kernel down: %r", error)
-    return None
 
 
 def _wait_for_go(records: Path, poll_seconds: float = 0.01) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def describe_failure(
             " Run the notebook by hand (papermill or Jupyter) to see the whole error."
         )
     first_line = cell_first_line(notebook, attempt) if error is not None else None
-    if first_line:
+    if error is not None and first_line:
         shown = first_line if len(first_line) <= 100 else first_line[:99] + "…"
         error += f" ({cell_label(notebook, attempt).capitalize()} begins: {shown})"
     if error is not None and deaths and attempt.kind != "kernel_died":
