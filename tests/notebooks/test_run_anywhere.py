@@ -57,15 +57,23 @@ def user_project(tmp_path: Path, empty_tracking_store: Path) -> dict[str, Path]:
 
 def _user_environment(project: Path) -> dict[str, str]:
     """A shell's environment: no library defaults set by an entry point, every project knob at its default."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in settings.ENVIRONMENT_DEFAULTS and not key.startswith(("TAXI_", "MLFLOW_"))}
-    return {**env, "TAXI_PROJECT_DIR": str(project), "TAXI_DATA_SOURCE": "../shared/tlc",
-            "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in settings.ENVIRONMENT_DEFAULTS and not key.startswith(("TAXI_", "MLFLOW_"))
+    }
+    return {
+        **env,
+        "TAXI_PROJECT_DIR": str(project),
+        "TAXI_DATA_SOURCE": "../shared/tlc",
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    }
 
 
 def _run(command: list[str], cwd: Path, project: Path) -> None:
-    done = subprocess.run(command, cwd=cwd, env=_user_environment(project), capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    done = subprocess.run(
+        command, cwd=cwd, env=_user_environment(project), capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert done.returncode == 0, f"{' '.join(command)} in {cwd} failed:\n{done.stderr[-3000:]}"
 
 
@@ -74,8 +82,11 @@ def _papermill(cwd: Path, project: Path, executed: Path) -> Callable[[str, list[
         notebook = os.path.relpath(project / "notebooks" / f"{stage}.ipynb", cwd)
         output = executed / f"{stage}.ipynb"
         executed.mkdir(exist_ok=True)
-        _run([str(BIN / "papermill"), notebook, str(output), *parameters, "--execution-timeout", str(TIMEOUT)],
-             cwd, project)
+        _run(
+            [str(BIN / "papermill"), notebook, str(output), *parameters, "--execution-timeout", str(TIMEOUT)],
+            cwd,
+            project,
+        )
         return output
 
     return run
@@ -84,8 +95,21 @@ def _papermill(cwd: Path, project: Path, executed: Path) -> Callable[[str, list[
 def _nbconvert(notebooks: Path, executed: Path) -> Callable[[str, list[str]], Path]:
     def run(stage: str, parameters: list[str]) -> Path:
         assert not parameters, "nbconvert runs a notebook with its defaults"
-        _run([str(BIN / "jupyter"), "nbconvert", "--to", "notebook", "--execute", f"{stage}.ipynb",
-              "--output-dir", str(executed), f"--ExecutePreprocessor.timeout={TIMEOUT}"], notebooks, notebooks.parent)
+        _run(
+            [
+                str(BIN / "jupyter"),
+                "nbconvert",
+                "--to",
+                "notebook",
+                "--execute",
+                f"{stage}.ipynb",
+                "--output-dir",
+                str(executed),
+                f"--ExecutePreprocessor.timeout={TIMEOUT}",
+            ],
+            notebooks,
+            notebooks.parent,
+        )
         return executed / f"{stage}.ipynb"
 
     return run
@@ -95,9 +119,14 @@ def test_notebooks_run_where_they_stand_and_write_only_in_the_project(user_proje
     root, project = user_project["root"], user_project["project"]
     ways = {
         # The first registers its model, as a user does by hand, so that 04_score has a champion.
-        "papermill from the project root": (_papermill(project, project, root / "executed-root"),
-                                            {"03_train": ["-p", "registered_model", "nyc-taxi-duration"]}),
-        "papermill from another folder": (_papermill(user_project["elsewhere"], project, root / "executed-elsewhere"), {}),
+        "papermill from the project root": (
+            _papermill(project, project, root / "executed-root"),
+            {"03_train": ["-p", "registered_model", "nyc-taxi-duration"]},
+        ),
+        "papermill from another folder": (
+            _papermill(user_project["elsewhere"], project, root / "executed-elsewhere"),
+            {},
+        ),
         "nbconvert from notebooks/": (_nbconvert(project / "notebooks", root / "executed-nbconvert"), {}),
     }
     for way, (run, extra_parameters) in ways.items():
@@ -115,7 +144,9 @@ def test_notebooks_run_where_they_stand_and_write_only_in_the_project(user_proje
         lab = project / "outputs" / "lab"
         assert runfiles.read_manifest(lab, "02_features")["train_month"] == "2023-03", way
         assert runfiles.read_manifest(lab, "03_train")["mlflow_run_id"], way
-        assert runfiles.read_manifest(project / "outputs" / "lab-score", "04_score")["model"]["train_month"] == "2023-03"
+        assert (
+            runfiles.read_manifest(project / "outputs" / "lab-score", "04_score")["model"]["train_month"] == "2023-03"
+        )
         for notebook in executed:
             assert "Downloading artifacts" not in _outputs_text(notebook), f"{way}: progress lines in {notebook.name}"
         shutil.rmtree(project / "outputs")

@@ -38,7 +38,9 @@ def test_relative_knobs_mean_the_project_root(project: Path, monkeypatch: pytest
     assert settings.stage_cache_dir() == project / "stage-cache"
 
 
-def test_defaults_and_absolute_paths_are_unchanged(project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_defaults_and_absolute_paths_are_unchanged(
+    project: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     assert settings.data_dir() == project / "data"
     assert settings.outputs_dir() == project / "outputs"
     assert settings.stage_cache_dir() == project / "outputs" / ".stage-cache"
@@ -47,7 +49,9 @@ def test_defaults_and_absolute_paths_are_unchanged(project: Path, monkeypatch: p
     assert settings.project_path("~/x") == Path.home() / "x"
 
 
-def test_a_relative_data_source_is_found_from_any_working_directory(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_relative_data_source_is_found_from_any_working_directory(
+    project: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_trip_file(project / "tlc", "green", Month(2023, 3), 50, seed=1)
     monkeypatch.setenv("TAXI_DATA_SOURCE", "tlc")
     source = data.trip_source()
@@ -68,7 +72,12 @@ def test_urls_are_left_alone(project: Path) -> None:
 
 
 def test_make_help_shows_values_not_variable_names() -> None:
-    shown = subprocess.run(["make", "--no-print-directory", "help", "MODEL_PORT=5077"], cwd=PROJECT_DIR,
-                           capture_output=True, text=True, check=True).stdout
+    shown = subprocess.run(
+        ["make", "--no-print-directory", "help", "MODEL_PORT=5077"],
+        cwd=PROJECT_DIR,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "127.0.0.1:5077" in shown
     assert "$(" not in shown
