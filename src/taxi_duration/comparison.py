@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from taxi_duration import runfiles
+from taxi_duration import runfiles, zones
 from taxi_duration.past_runs import PastRun
 
 NOTEBOOK_STAGES = ("01_explore", "02_features", "03_train")
@@ -81,7 +81,7 @@ class Comparison:
     newer: PastRun
     parameters: tuple[Figure, ...]
     data: tuple[Figure, ...]
-    busiest_zones: dict[str, tuple[Figure, ...]]  # pickup / dropoff: rank -> "zone (trips)" of both runs
+    busiest_zones: dict[str, tuple[Figure, ...]]  # pickup / dropoff: rank -> "74 East Harlem North (Manhattan) (trips)"
     model: tuple[Figure, ...]
     error_by_distance: tuple[Figure, ...]
     cross_scores: tuple[CrossScore, ...]
@@ -172,7 +172,8 @@ def _data_figures(older: dict[str, dict[str, Any]], newer: dict[str, dict[str, A
 
 def _zone_figures(older: dict[str, Any], newer: dict[str, Any], side: str) -> tuple[Figure, ...]:
     def ranked(manifest: dict[str, Any]) -> list[str]:
-        return [f"zone {zone['zone']} ({zone['trips']:,} trips)" for zone in (manifest.get("busiest_zones") or {}).get(side, [])]
+        return [f"{zones.zone_label(zone['zone'])} ({zone['trips']:,} trips)"
+                for zone in (manifest.get("busiest_zones") or {}).get(side, [])]
 
     before, after = ranked(older), ranked(newer)
     return tuple(Figure(f"#{rank + 1}", before[rank] if rank < len(before) else None,

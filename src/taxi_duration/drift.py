@@ -74,7 +74,8 @@ def drift_figures(training: dict[str, Any], scored: dict[str, Any], unseen_share
     """The drift numbers a scoring run logs: counts, means, PSIs, the unseen-pair share."""
     figures = {
         "training_trips": float(training["trips"]),
-        "scored_trips": float(scored["trips"]),
+        # All of the month's trips, those the model refused too: the training profile has all of its month's.
+        "month_trips": float(scored["trips"]),
         "trip_count_ratio": scored["trips"] / training["trips"] if training["trips"] else float("nan"),
         "unseen_pu_do_share": unseen_share,
     }

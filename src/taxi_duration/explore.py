@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from taxi_duration import zones
 from taxi_duration.data import normalize_trips
 from taxi_duration.features import MAX_DURATION_MINUTES, MIN_DURATION_MINUTES, trip_duration_minutes
 
@@ -34,9 +35,10 @@ def duration_filter_breakdown(duration: pd.Series) -> dict[str, float]:
 
 
 def busiest_zones(frame: pd.DataFrame, column: str, top: int = 10) -> pd.DataFrame:
-    """The `top` zones by trip count for a location column, with their share of trips."""
+    """The `top` zones by trip count for a location column: id, name (TLC's lookup), trips, share of trips."""
     counts = frame[column].value_counts().head(top)
-    return pd.DataFrame({"zone": counts.index.astype(str), "trips": counts.to_numpy(), "share": counts.to_numpy() / len(frame)})
+    return pd.DataFrame({"zone": counts.index.astype(str), "name": [zones.zone_label(zone) for zone in counts.index],
+                         "trips": counts.to_numpy(), "share": counts.to_numpy() / len(frame)})
 
 
 DURATION_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)

@@ -72,9 +72,9 @@ def null_counts_bar(nulls: pd.Series) -> Figure:
 def top_zones_bar(pickup_zones: pd.DataFrame, dropoff_zones: pd.DataFrame) -> Figure:
     figure = ReportFigure(figsize=(10, 3.5), layout="constrained")
     for axes, zones, title in zip(figure.subplots(1, 2), (pickup_zones, dropoff_zones), ("pickup", "dropoff"), strict=True):
-        axes.barh(zones["zone"], zones["trips"], color="#8172b2")
+        axes.barh(zones["name"], zones["trips"], color="#8172b2")
         axes.invert_yaxis()
-        axes.set(title=f"Busiest {title} zones", xlabel="trips", ylabel="zone id")
+        axes.set(title=f"Busiest {title} zones", xlabel="trips", ylabel="zone")
     return figure
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from taxi_duration import registry, tracking
+from taxi_duration import registry, serving, tracking
 from taxi_duration.data import DISTANCE_COLUMN, DROPOFF_COLUMN, LOCATION_COLUMNS, PICKUP_COLUMN
 from taxi_duration.periods import Month
 
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL_URI = f"models:/{registry.DEFAULT_REGISTERED_MODEL}@{registry.CHAMPION_ALIAS}"
 PREDICTIONS_DIR = "predictions"
+REFUSED_DIR = "refused"
+REFUSED_PREFIX = "refused."  # metrics "refused.<field>.<rule>": trips refused per reason (serving.REASONS)
 PREDICTION_COLUMNS = ["ride_id", "pickup_datetime", *LOCATION_COLUMNS, DISTANCE_COLUMN,
                       "predicted_minutes", "actual_minutes", "model_name", "model_version"]
 _REGISTERED = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
@@ -132,6 +134,48 @@ def trips_to_score(path: Path, color: str, month: Month) -> tuple[pd.DataFrame, 
     return trips[["ride_id", "pickup_datetime", *LOCATION_COLUMNS, DISTANCE_COLUMN, "actual_minutes"]].reset_index(drop=True), has_actuals
 
 
+def scorable_trips(trips: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The trips the model scores, and those it refuses (serving's input rules) with their `reason`.
+
+    A month is scored whole but for these: the served model would refuse a batch holding one.
+    """
+    reasons = serving.refusal_reasons(trips)
+    refused = reasons.notna()
+    return (trips[~refused].reset_index(drop=True),
+            trips[refused].assign(reason=reasons[refused].astype(str)).reset_index(drop=True))
+
+
+def refusal_metrics(refused: pd.DataFrame) -> dict[str, int]:
+    """`refused_trips` and the count per reason, most first: {"refused.trip_distance.too_long": 44, ...}."""
+    counts = refused["reason"].value_counts()
+    return {"refused_trips": len(refused), **{f"{REFUSED_PREFIX}{reason}": int(count) for reason, count in counts.items()}}
+
+
+def refusal_lines(metrics: dict[str, Any]) -> list[str]:
+    """'trip_distance over 100 miles: 44' per reason in `metrics` (refusal_metrics'), most first."""
+    counts = {key.removeprefix(REFUSED_PREFIX): value for key, value in metrics.items() if key.startswith(REFUSED_PREFIX)}
+    return [f"{serving.reason_text(reason)}: {int(count):,}"
+            for reason, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+
+
+def refusal_table(refused: pd.DataFrame, month_trips: int) -> pd.DataFrame:
+    """The report's table: per reason, the trips refused, their share of the month, the rule they break."""
+    import pandas as pd
+
+    counts = refused["reason"].value_counts()
+    return pd.DataFrame({
+        "refused because": [serving.reason_text(reason) for reason in counts.index],
+        "trips": counts.to_numpy(),
+        "share of the month": (counts.to_numpy() / month_trips).round(6) if month_trips else 0.0,
+        "the rule": [serving.rule_text(reason.split(".", 1)[0]) for reason in counts.index],
+    })
+
+
+def refused_path(color: str, month: Month) -> str:
+    """Where a scoring run's refused trips (with their reason) go, relative to its folder."""
+    return f"{REFUSED_DIR}/{color}_{month.label()}.parquet"
+
+
 def predictions_frame(trips: pd.DataFrame, predicted: np.ndarray, model: ScoringModel) -> pd.DataFrame:
     """The predictions file's rows: one per scored trip, PREDICTION_COLUMNS."""
     frame = trips.copy()
@@ -147,7 +191,7 @@ def predictions_path(color: str, month: Month) -> str:
 
 
 def scored_metrics(trips: pd.DataFrame, predicted: np.ndarray, has_actuals: bool) -> dict[str, Any]:
-    """RMSE and mean error on the scored month, or None where the actual durations are unknown."""
+    """RMSE and mean error on the scored trips, or None where the actual durations are unknown."""
     import numpy as np
 
     from taxi_duration.model import rmse

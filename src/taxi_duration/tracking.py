@@ -227,7 +227,6 @@ def log_servable_model(tracking_uri: str, run_id: str, pipeline, example, traini
     import_mlflow()
     import mlflow
     import mlflow.sklearn
-    from mlflow.models import infer_signature
 
     import taxi_duration
     from taxi_duration import serving
@@ -237,7 +236,7 @@ def log_servable_model(tracking_uri: str, run_id: str, pipeline, example, traini
     info = mlflow.sklearn.log_model(
         pipeline,
         name=SERVABLE_MODEL_NAME,
-        signature=infer_signature(example, pipeline.predict(example)),
+        signature=serving.model_signature(pipeline.predict(example)),
         input_example=example,
         pip_requirements=model_pip_requirements(),
         code_paths=[str(Path(taxi_duration.__file__).parent)],

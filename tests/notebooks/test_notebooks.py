@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
@@ -79,24 +81,47 @@ def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_sto
     assert model.rmse(runfiles.load_matrices(run_dir).y_val, servable.predict(records)) == pytest.approx(
         run.data.metrics["rmse"], rel=1e-6)
 
-    # 04_score scores the next month with that champion, into its own folder.
+    # 04_score scores the next month with that champion, into its own folder: a month holding trips
+    # the served model refuses, as TLC's files do, which are set aside and counted.
+    source, bad = month_with_bad_trips(synthetic_source, tmp_path / "source")
     score_dir = tmp_path / "score"
     result = _run("04_score", score_dir, {
-        "year": 2023, "month": 5, "color": "green", "data_source": str(synthetic_source),
-        "data_dir": str(isolated_stores["data"]), "run_dir": str(score_dir), "tracking_uri": isolated_stores["tracking_uri"],
+        "year": 2023, "month": 5, "color": "green", "data_source": str(source),
+        "data_dir": str(tmp_path / "score-cache"), "run_dir": str(score_dir), "tracking_uri": isolated_stores["tracking_uri"],
     })
     scored = runfiles.read_manifest(score_dir, "04_score")
     assert scored["model"]["uri"] == f"models:/nyc-taxi-duration/{champion.version}"
     assert scored["model"]["train_month"] == "2023-03" and scored["has_actuals"] is True
     predictions = pd.read_parquet(score_dir / scored["files"]["predictions"])
     assert len(predictions) == scored["metrics"]["scored_trips"]
+    refused = pd.read_parquet(score_dir / scored["files"]["refused"])
+    assert refused["reason"].tolist() == list(bad.values()) and not set(refused["ride_id"]) & set(predictions["ride_id"])
+    assert {key: value for key, value in scored["metrics"].items() if key.startswith("refused")} == {
+        "refused_trips": 3, "refused.trip_distance.too_long": 1, "refused.trip_distance.negative": 1,
+        "refused.PULocationID.not_a_zone": 1}
+    assert scored["metrics"]["month_trips"] == len(predictions) + 3  # drift covers every trip of the month
     assert scored["metrics"]["rmse"] == pytest.approx(
         model.rmse(predictions["actual_minutes"].to_numpy(), predictions["predicted_minutes"].to_numpy()))
     assert scored["metrics"]["training_trips"] == features["train_rows"]
     assert 0 <= scored["metrics"]["unseen_pu_do_share"] <= 1 and scored["metrics"]["distance_psi"] >= 0
     review = result.reports.review.read_text()
     assert "distance PSI" in review and "duration PSI" in review and "(its validation month)" in review
+    assert "3 of" in review and "trips refused" in review and "trip_distance over 100 miles" in review
     assert len(INLINE_PNG.findall(review)) == 3, "error by distance, distance and duration distributions"
+
+
+def month_with_bad_trips(source: Path, folder: Path) -> tuple[Path, dict[int, str]]:
+    """The synthetic 2023-05 file with three trips of the 1-60 minute window made unscorable, and their reasons by row."""
+    trips = pd.read_parquet(source / "green_tripdata_2023-05.parquet")
+    minutes = (trips["lpep_dropoff_datetime"] - trips["lpep_pickup_datetime"]).dt.total_seconds() / 60
+    rows = np.flatnonzero(minutes.between(1, 60).to_numpy())[[5, 10, 20]]
+    trips.loc[rows[0], "trip_distance"] = 5000.0
+    trips.loc[rows[1], "PULocationID"] = 999
+    trips.loc[rows[2], "trip_distance"] = -2.0
+    folder.mkdir(parents=True)
+    trips.to_parquet(folder / "green_tripdata_2023-05.parquet", index=False)
+    reasons = ["trip_distance.too_long", "PULocationID.not_a_zone", "trip_distance.negative"]
+    return folder, dict(zip(rows.tolist(), reasons, strict=True))
 
 
 def test_train_standalone_starts_and_finishes_its_own_run(synthetic_source, isolated_stores, tmp_path):

@@ -117,7 +117,8 @@ def test_figures_pair_in_order_and_values_come_from_the_manifests(tmp_path):
     assert (trips.older, trips.newer, trips.delta) == (100, 120, 20)
     rmse = next(figure for figure in comparison.model if figure.label == "validation RMSE (min)")
     assert rmse.delta == pytest.approx(-0.5)
-    assert comparison.busiest_zones["pickup"][0] == Figure("#1", "zone 74 (10 trips)", "zone 74 (10 trips)")
+    zone = "74 East Harlem North (Manhattan) (10 trips)"  # the manifest's id, named from TLC's lookup
+    assert comparison.busiest_zones["pickup"][0] == Figure("#1", zone, zone)
     assert comparison.cross_scores == ()
     assert Figure("x", "a", "b").delta is None and Figure("x", True, 2).delta is None
 

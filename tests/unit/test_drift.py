@@ -142,7 +142,7 @@ def test_drift_figures(months):
 
     figures = drift.drift_figures(training, scored, 0.125)
 
-    assert figures["training_trips"] == 4000.0 and figures["scored_trips"] == 2000.0
+    assert figures["training_trips"] == 4000.0 and figures["month_trips"] == 2000.0
     assert figures["trip_count_ratio"] == 0.5
     assert figures["unseen_pu_do_share"] == 0.125
     for feature in ("distance", "duration"):

@@ -58,6 +58,7 @@ def test_busiest_zones_top_n_with_share_of_all_trips():
     frame = pd.DataFrame({"PULocationID": [7, 7, 7, 3, 3, 9]})
     top = busiest_zones(frame, "PULocationID", top=2)
     assert top["zone"].tolist() == ["7", "3"]
+    assert top["name"].tolist() == ["7 Astoria (Queens)", "3 Allerton/Pelham Gardens (Bronx)"]  # TLC's lookup
     assert top["trips"].tolist() == [3, 2]
     assert top["share"].tolist() == pytest.approx([0.5, 2 / 6])
 

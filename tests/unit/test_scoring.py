@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -108,6 +109,43 @@ def test_predictions_frame_and_metrics(tmp_path):
     metrics = scoring.scored_metrics(trips, predicted, has_actuals)
     assert metrics["rmse"] == pytest.approx(2.0) and metrics["mean_error"] == pytest.approx(2.0)
     assert scoring.predictions_path("green", Month(2023, 3)) == "predictions/green_2023-03.parquet"
+
+
+def test_trips_the_model_refuses_are_set_aside_and_counted(tmp_path: Path) -> None:
+    path = write_trip_file(tmp_path, "green", Month(2023, 3), 200, seed=6)
+    month, _ = scoring.trips_to_score(path, "green", Month(2023, 3))
+    month["trip_distance"] = month["trip_distance"].astype("float64")
+    month.loc[[3, 7, 9], "trip_distance"] = [5000.0, 250.0, -1.0]  # as TLC's files have them
+    month["PULocationID"] = month["PULocationID"].astype("Int64")
+    month.loc[11, "PULocationID"] = pd.NA
+
+    trips, refused = scoring.scorable_trips(month)
+
+    assert len(trips) == len(month) - 4 and serving.refusal_reasons(trips).isna().all()
+    assert set(trips["ride_id"]) == set(month["ride_id"].drop([3, 7, 9, 11]))
+    assert refused["ride_id"].tolist() == month["ride_id"].iloc[[3, 7, 9, 11]].tolist()
+    assert refused["reason"].tolist() == ["trip_distance.too_long", "trip_distance.too_long", "trip_distance.negative",
+                                          "PULocationID.missing"]
+    metrics = scoring.refusal_metrics(refused)
+    assert metrics == {"refused_trips": 4, "refused.trip_distance.too_long": 2, "refused.trip_distance.negative": 1,
+                       "refused.PULocationID.missing": 1}
+    assert scoring.refusal_lines(metrics) == ["trip_distance over 100 miles: 2", "PULocationID missing: 1",
+                                              "trip_distance negative: 1"]
+    table = scoring.refusal_table(refused, len(month))
+    assert table["refused because"].tolist()[0] == "trip_distance over 100 miles" and table["trips"].sum() == 4
+    assert table["the rule"].tolist()[0] == "trip_distance is a finite number of miles from 0 to 100"
+    assert scoring.refused_path("green", Month(2023, 3)) == "refused/green_2023-03.parquet"
+
+
+def test_a_month_without_refusals_counts_none(tmp_path: Path) -> None:
+    path = write_trip_file(tmp_path, "green", Month(2023, 3), 100, seed=6)
+    month, _ = scoring.trips_to_score(path, "green", Month(2023, 3))
+
+    trips, refused = scoring.scorable_trips(month)
+
+    assert len(trips) == len(month) and refused.empty and "reason" in refused.columns
+    assert scoring.refusal_metrics(refused) == {"refused_trips": 0}
+    assert scoring.refusal_table(refused, len(month)).empty
 
 
 def test_scoring_model_names_its_pinned_version():
@@ -251,3 +289,19 @@ def test_trip_datasets_are_recorded_as_run_inputs(tmp_path, empty_tracking_store
     assert (score.dataset.source_type, json.loads(score.dataset.source)) == ("local", {"uri": folder_file})
     assert {tag.key: tag.value for tag in train.tags} == {"mlflow.data.context": "training"}
     assert {tag.key: tag.value for tag in score.tags} == {"mlflow.data.context": "scoring"}
+
+
+def test_the_closing_lines_name_the_refused_trips_per_reason() -> None:
+    from taxi_duration.orchestration.scoring import format_score_summary
+
+    result = {"color": "green", "scored_month": "2023-05", "model": "m v1", "model_train_month": "2023-03",
+              "has_actuals": True, "model_validation_rmse": 5.471, "predictions": "p", "report": "r",
+              "mlflow_run_id": "abc", "experiment": "e", "tracking_uri": "u", "reused_from": None, "gallery": "g",
+              "metrics": {"scored_trips": 66_269, "rmse": 5.6, "unseen_pu_do_share": 0.05, "refused_trips": 45,
+                          "refused.trip_distance.too_long": 44, "refused.DOLocationID.not_a_zone": 1}}
+
+    lines = format_score_summary(result).splitlines()
+
+    assert "  trips scored          66,269" in lines
+    assert ("  trips refused             45 (trip_distance over 100 miles: 44; DOLocationID not a TLC zone: 1)"
+            in lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xgboost as xgb
+from mlflow.exceptions import MlflowException
 
 from taxi_duration import drift, features, serving, tracking
 from taxi_duration.model import predict, train_booster
@@ -104,33 +106,136 @@ def test_extra_columns_and_column_order_do_not_matter(trained):
 
 
 @pytest.mark.parametrize("missing", ["PULocationID", "DOLocationID", "trip_distance"])
-def test_a_frame_missing_a_column_is_refused_naming_it(trained, missing):
+def test_a_frame_missing_a_column_is_refused_naming_it(trained: Trained, missing: str) -> None:
     frame = trained.raw().drop(columns=[missing])
-    with pytest.raises(ValueError, match=f"lack the column\\(s\\) {missing};"):
+    with pytest.raises(MlflowException, match=f"lack the column\\(s\\) {missing};") as refused:
         trained.pipeline.predict(frame)
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"  # MLflow's scoring server: HTTP 400
 
 
-def test_records_missing_a_column_are_refused_naming_it(trained):
-    with pytest.raises(ValueError, match=r"lack the column\(s\) DOLocationID, trip_distance;"):
+def test_records_missing_a_column_are_refused_naming_it(trained: Trained) -> None:
+    with pytest.raises(MlflowException, match=r"lack the column\(s\) DOLocationID, trip_distance;"):
         trained.pipeline.predict([{"PULocationID": 1}])
 
 
-def test_unseen_zone_pairs_still_get_a_prediction(trained):
+def unseen_valid_pairs(seen: set[str], count: int) -> list[tuple[int, int]]:
+    """`count` pairs of TLC zones that no training trip had."""
+    pairs = ((pickup, dropoff) for pickup in range(1, 266) for dropoff in range(1, 266))
+    return [pair for pair in pairs if f"{pair[0]}_{pair[1]}" not in seen][:count]
+
+
+def test_unseen_zone_pairs_still_get_a_prediction(trained: Trained) -> None:
     seen = trained.pipeline.named_steps[serving.FEATURIZER_STEP].seen_pairs()
+    pairs = unseen_valid_pairs(seen, 3)
     request = pd.DataFrame({
-        "PULocationID": [9001, 9002, 9003, None],  # zones no trip had, and a missing one
-        "DOLocationID": [9101, 9102, 9103, 5],
-        "trip_distance": [3.0, 3.0, 7.5, 3.0],
+        "PULocationID": [pickup for pickup, _ in pairs],
+        "DOLocationID": [dropoff for _, dropoff in pairs],
+        "trip_distance": [3.0, 3.0, 7.5],
     })
-    assert not {"9001_9101", "9002_9102", "9003_9103", "unknown_5"} & seen
 
     minutes = trained.pipeline.predict(request)
 
-    assert minutes.shape == (4,) and np.isfinite(minutes).all()
+    assert minutes.shape == (3,) and np.isfinite(minutes).all()
     # No pair feature for any of them: the same distance gets the same prediction, and it is the
     # booster's on a row holding the distance alone.
-    assert minutes[0] == minutes[1] == minutes[3]
+    assert minutes[0] == minutes[1]
     np.testing.assert_allclose(minutes, trained.booster_minutes(request), rtol=1e-6, atol=1e-6)
+
+
+def valid_trip() -> dict[str, object]:
+    return {"PULocationID": 74, "DOLocationID": 75, "trip_distance": 1.2}
+
+
+@pytest.mark.parametrize(("field", "value", "words"), [
+    ("PULocationID", 0, "PULocationID 0 is not a TLC zone"),
+    ("DOLocationID", 266, "DOLocationID 266 is not a TLC zone"),
+    ("PULocationID", -74, "PULocationID -74 is not a TLC zone"),
+    ("PULocationID", 74.5, "PULocationID 74.5 is not a whole number"),
+    ("DOLocationID", float("inf"), "DOLocationID inf is not a whole number"),
+    ("PULocationID", None, "PULocationID is missing"),
+    ("DOLocationID", "74", "DOLocationID '74' is not a number"),
+    ("PULocationID", True, "PULocationID True is not a number"),
+    ("trip_distance", -0.1, "trip_distance -0.1 is negative"),
+    ("trip_distance", None, "trip_distance is missing"),
+    ("trip_distance", float("nan"), "trip_distance is missing"),
+    ("trip_distance", float("inf"), "trip_distance inf is not finite"),
+    ("trip_distance", 100.01, "trip_distance 100.01 is over 100 miles"),
+    ("trip_distance", 1e12, "trip_distance 1000000000000.0 is over 100 miles"),
+    ("trip_distance", "far", "trip_distance 'far' is not a number"),
+])
+def test_a_batch_with_one_bad_trip_is_refused_whole_naming_row_field_and_rule(
+    trained: Trained, field: str, value: object, words: str
+) -> None:
+    batch = [valid_trip(), valid_trip(), {**valid_trip(), field: value}]
+    rule = "zone ids are whole numbers among TLC's zones 1-265" if field != "trip_distance" else (
+        "trip_distance is a finite number of miles from 0 to 100")
+
+    with pytest.raises(MlflowException) as refused:
+        trained.pipeline.predict(batch)
+
+    assert refused.value.error_code == "INVALID_PARAMETER_VALUE"
+    message = refused.value.message
+    assert "refused the whole batch: 1 of its 3 trips" in message
+    assert f"row 2: {words}" in message and f"The rules: {rule}." in message, message
+    assert serving.refusal_reasons(pd.DataFrame(batch)).iloc[:2].isna().all()
+
+
+@pytest.mark.parametrize("trip", [
+    {"PULocationID": 74.0, "DOLocationID": 75, "trip_distance": 1.2},  # 74.0 is zone 74
+    {"PULocationID": 264, "DOLocationID": 265, "trip_distance": 1.2},  # TLC's "Unknown" and "Outside of NYC"
+    {"PULocationID": 1, "DOLocationID": 1, "trip_distance": 0.0},
+    {"PULocationID": 74, "DOLocationID": 75, "trip_distance": 100.0},
+])
+def test_trips_at_the_rules_edges_are_scored(trained: Trained, trip: dict[str, object]) -> None:
+    assert serving.refusal_reasons(pd.DataFrame([trip])).isna().all()
+    assert np.isfinite(trained.pipeline.predict([trip])).all()
+
+
+def test_zone_74_0_scores_as_zone_74(trained: Trained) -> None:
+    as_float = pd.DataFrame({"PULocationID": [74.0], "DOLocationID": [75.0], "trip_distance": [1.2]})
+    np.testing.assert_array_equal(trained.pipeline.predict(as_float), trained.pipeline.predict([valid_trip()]))
+
+
+def test_nullable_and_narrow_integer_zones_are_scored_as_the_files_hold_them(trained: Trained) -> None:
+    raw = trained.raw()
+    assert str(raw["PULocationID"].dtype) == "Int64"
+    narrow = raw.astype({"PULocationID": "int32", "DOLocationID": "int32"})
+    np.testing.assert_array_equal(trained.pipeline.predict(narrow), trained.pipeline.predict(raw))
+
+
+def test_the_refusal_lists_ten_rows_and_counts_the_rest(trained: Trained) -> None:
+    batch = [{**valid_trip(), "trip_distance": -1.0 - row} for row in range(12)] + [valid_trip()]
+    with pytest.raises(MlflowException) as refused:
+        trained.pipeline.predict(batch)
+    message = refused.value.message
+    assert "12 of its 13 trips" in message and "row 9: trip_distance -10.0 is negative" in message
+    assert "row 10:" not in message and "; and 2 more." in message
+
+
+def test_the_first_broken_rule_of_a_trip_is_its_reason() -> None:
+    trips = pd.DataFrame({"PULocationID": [999, 74, 74, 74], "DOLocationID": [None, 5.5, 75, 75],
+                          "trip_distance": [-1.0, -1.0, np.nan, 2.0]})
+    assert serving.refusal_reasons(trips).tolist() == [
+        "PULocationID.not_a_zone", "DOLocationID.not_whole", "trip_distance.missing", None]
+    assert serving.reason_text("trip_distance.too_long") == "trip_distance over 100 miles"
+
+
+@pytest.mark.parametrize("empty", [[], pd.DataFrame(), pd.DataFrame({column: [] for column in serving.RAW_COLUMNS})])
+def test_an_empty_batch_gets_an_empty_answer(trained: Trained, empty: object) -> None:
+    minutes = trained.pipeline.predict(empty)
+    assert minutes.shape == (0,)
+
+
+def test_predict_every_trip_scores_the_refused_ones_too(trained: Trained) -> None:
+    raw = trained.raw().astype({"trip_distance": "float64"})
+    raw.loc[0, "trip_distance"] = 5000.0  # as TLC's files have a few
+    raw.loc[1, "PULocationID"] = pd.NA
+
+    with pytest.raises(MlflowException, match=re.escape("row 0: trip_distance 5000.0 is over 100 miles; row 1: PULocationID is missing")):
+        trained.pipeline.predict(raw)
+    minutes = serving.predict_every_trip(trained.pipeline, raw)
+
+    np.testing.assert_allclose(minutes, trained.booster_minutes(raw), rtol=1e-6, atol=1e-6)
 
 
 def test_seen_pairs_are_the_training_pairs(trained):
@@ -170,6 +275,17 @@ def test_input_example_has_plain_int_zones_and_no_missing_values(trained):
     pd.testing.assert_frame_equal(example, expected)
 
 
+def test_input_example_skips_trips_the_model_refuses(trained: Trained) -> None:
+    raw = trained.raw().astype({"trip_distance": "float64"})
+    raw.loc[0, "trip_distance"] = 5000.0
+    raw.loc[2, "trip_distance"] = -1.0
+
+    example = serving.input_example(raw, rows=3)
+
+    assert serving.refusal_reasons(example).isna().all()
+    np.testing.assert_array_equal(example["trip_distance"], raw["trip_distance"].iloc[[1, 3, 4]])
+
+
 def test_input_example_rows(trained):
     assert len(serving.input_example(trained.raw(), rows=2)) == 2
     assert len(serving.input_example(trained.raw())) == 5
@@ -191,6 +307,7 @@ def uri(tmp_path, monkeypatch, empty_tracking_store) -> str:
 def test_logged_servable_model_loads_back_with_its_profile_and_signature(trained, uri, tmp_path):
     tracking.import_mlflow()  # first, without its import-time warning; the imports below bind the names
     import mlflow.artifacts
+    import mlflow.pyfunc
     import mlflow.sklearn
     from mlflow.models import Model
 
@@ -213,9 +330,24 @@ def test_logged_servable_model_loads_back_with_its_profile_and_signature(trained
     description = Model.load(local)
     assert description.metadata[tracking.TRAINING_PROFILE_KEY] == profile
     assert description.signature.inputs.input_names() == serving.RAW_COLUMNS
+    # The types MLflow enforces, as the model checks them: a double distance; zone ids the model
+    # types itself (a `long` would let MLflow's server truncate 74.5 to zone 74). None required,
+    # so an empty batch reaches the model.
+    assert description.signature.inputs.to_dict() == [
+        {"type": "any", "name": "PULocationID", "required": False},
+        {"type": "any", "name": "DOLocationID", "required": False},
+        {"type": "double", "name": "trip_distance", "required": False},
+    ]
     assert description.flavors["sklearn"]["serialization_format"] == "skops"
-    # The package travels with the model as its code.
+    # The package travels with the model as its code, the zone table with it.
     assert (Path(local) / "code" / "taxi_duration" / "serving.py").is_file()
+    assert (Path(local) / "code" / "taxi_duration" / "taxi_zone_lookup.csv").is_file()
+    # pyfunc, as `mlflow models serve` and `predict` load it, applies the model's checks.
+    served = mlflow.pyfunc.load_model(local)
+    np.testing.assert_array_equal(served.predict(raw), trained.pipeline.predict(raw))
+    with pytest.raises(MlflowException, match=re.escape("row 1: PULocationID 74.5 is not a whole number")):
+        served.predict(pd.DataFrame({"PULocationID": [74.0, 74.5], "DOLocationID": [75, 75], "trip_distance": [1.2, 1.2]}))
+    assert served.predict(pd.DataFrame()).shape == (0,)
     # And by its URI, as a user would (through MLflow's process-wide tracking URI).
     mlflow.set_tracking_uri(uri)
     np.testing.assert_array_equal(mlflow.sklearn.load_model(model_uri).predict(raw), trained.pipeline.predict(raw))

@@ -261,8 +261,9 @@ def _publish_summary(record: dict[str, Any], metrics: dict[str, Any], run_dir: P
     run_links = links.run_links(record, run_dir, gallery_path)
     markdown = (
         f"# {record['color']} taxis, {record['scored_month']} scored with {record['model']}: {record['status']}\n\n"
-        f"| figure | value |\n|---|---|\n| RMSE on the scored month (min) | {figure('rmse')} |\n"
+        f"| figure | value |\n|---|---|\n| RMSE on the scored trips (min) | {figure('rmse')} |\n"
         f"| trips scored | {int(metrics.get('scored_trips', 0)):,} |\n"
+        f"| trips refused | {int(metrics.get('refused_trips', 0)):,} |\n"
         f"| trip-distance PSI | {figure('distance_psi', 4)} |\n| duration PSI | {figure('duration_psi', 4)} |\n"
         f"| PU_DO pairs unseen in training | {figure('unseen_pu_do_share', 4)} |\n\n"
         f"## Links\n{links.markdown_list(run_links)}\n"
@@ -299,8 +300,12 @@ def format_score_summary(result: dict[str, Any]) -> str:
         f"Scoring finished: {result['color']} taxis of {result['scored_month']} with {result['model']} "
         f"(trained on {result['model_train_month']})",
         f"  trips scored      {int(metrics['scored_trips']):>10,}",
-        accuracy,
     ]
+    # Runs made before the model refused trips have no count.
+    if "refused_trips" in metrics:
+        reasons = scoring.refusal_lines(metrics)
+        lines.append(f"  trips refused     {int(metrics['refused_trips']):>10,}" + (f" ({'; '.join(reasons)})" if reasons else ""))
+    lines.append(accuracy)
     for key, label in (("distance_psi", "distance PSI"), ("duration_psi", "duration PSI")):
         if key in metrics:
             lines.append(f"  {label:<17} {metrics[key]:>10.4f}")
