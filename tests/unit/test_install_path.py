@@ -25,7 +25,8 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 RUNTIME_LOCK = PROJECT_DIR / "requirements" / "runtime.txt"
 DEV_LOCK = PROJECT_DIR / "requirements" / "dev.txt"
 PYPROJECT = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
-DEV_ONLY = {"jupyterlab", "pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "nbstripout", "playwright", "uv"}
+DEV_ONLY = {"jupyterlab", "pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "nbstripout", "playwright", "uv",
+            "ruff", "mypy", "pandas-stubs", "scipy-stubs", "pre-commit", "check-jsonschema"}
 # uv's words when it cannot reach the package index (and only then).
 UNREACHABLE_INDEX = re.compile(r"dns error|tcp connect error|Could not connect|error sending request|Network is unreachable|timed out", re.IGNORECASE)
 LOCK_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)")
