@@ -60,7 +60,8 @@ def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_sto
     # Tagged as the flow tags its runs: scoring reads the training month from there.
     run_id = tracking.start_run(isolated_stores["tracking_uri"], "notebook-test", "notebook-test", params={},
                                 tags={"taxi.train_month": "2023-03"})
-    _run("03_train", run_dir, {"run_dir": str(run_dir), "tracking_uri": isolated_stores["tracking_uri"], "mlflow_run_id": run_id})
+    _run("03_train", run_dir, {"run_dir": str(run_dir), "tracking_uri": isolated_stores["tracking_uri"], "mlflow_run_id": run_id,
+                               "registered_model": "nyc-taxi-duration"})  # as the flow asks
 
     client = MlflowClient(isolated_stores["tracking_uri"])
     run = client.get_run(run_id)
@@ -129,10 +130,14 @@ def test_train_standalone_starts_and_finishes_its_own_run(synthetic_source, isol
     _run("02_features", run_dir, _data_parameters(synthetic_source, run_dir, isolated_stores["data"]))
     _run("03_train", run_dir, {"run_dir": str(run_dir)})  # tracking from MLFLOW_TRACKING_URI, no run id
 
-    run_id = runfiles.read_manifest(run_dir, "03_train")["mlflow_run_id"]
-    run = MlflowClient(isolated_stores["tracking_uri"]).get_run(run_id)
+    trained = runfiles.read_manifest(run_dir, "03_train")
+    client = MlflowClient(isolated_stores["tracking_uri"])
+    run = client.get_run(trained["mlflow_run_id"])
     assert run.info.status == "FINISHED"
     assert run.data.params["color"] == "green"
+    # Exploration does not touch production: nothing registered, no gate decision.
+    assert client.search_registered_models() == [] and trained["promotion"] is None
+    assert not any(key.startswith("taxi.promotion.") for key in run.data.tags)
 
 
 def test_train_without_features_fails_naming_the_cell_and_keeps_the_notebook(isolated_stores, tmp_path):
