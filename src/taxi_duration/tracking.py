@@ -9,14 +9,25 @@ from __future__ import annotations
 
 import subprocess
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from taxi_duration import settings
 
+if TYPE_CHECKING:
+    from types import ModuleType
 
-def import_mlflow():
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse
+    import xgboost as xgb
+    from mlflow.tracking import MlflowClient
+    from sklearn.pipeline import Pipeline
+
+
+def import_mlflow() -> ModuleType:
     # MLflow imports tqdm.auto, which in a kernel without ipywidgets warns on import;
     # the warning would end up in every training report.
     with warnings.catch_warnings():
@@ -26,7 +37,7 @@ def import_mlflow():
     return mlflow
 
 
-def _client(tracking_uri: str):
+def _client(tracking_uri: str) -> MlflowClient:
     mlflow = import_mlflow()
     _initialize_sqlite_store(tracking_uri, mlflow)
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -35,7 +46,7 @@ def _client(tracking_uri: str):
 _initialized_stores: set[str] = set()
 
 
-def _initialize_sqlite_store(tracking_uri: str, mlflow) -> None:
+def _initialize_sqlite_store(tracking_uri: str, mlflow: ModuleType) -> None:
     """Create or migrate a SQLite store under a file lock, once per process.
 
     MLflow creates and migrates its schema on first use; two pipelines doing that at the
@@ -191,7 +202,10 @@ def model_pip_requirements() -> list[str]:
     ]
 
 
-def log_xgboost_model(tracking_uri: str, run_id: str, booster, input_example_matrix, predictions) -> str:
+def log_xgboost_model(
+    tracking_uri: str, run_id: str, booster: xgb.Booster, input_example_matrix: scipy.sparse.csr_matrix,
+    predictions: np.ndarray,
+) -> str:
     """Log the booster as `model` with a signature on the given run; return the model URI."""
     import_mlflow()  # first, so its warning filter covers the imports below
     import mlflow
@@ -219,7 +233,9 @@ SERVABLE_MODEL_NAME = "servable_model"
 TRAINING_PROFILE_KEY = "taxi_training_profile"
 
 
-def log_servable_model(tracking_uri: str, run_id: str, pipeline, example, training_profile: dict[str, Any]) -> str:
+def log_servable_model(
+    tracking_uri: str, run_id: str, pipeline: Pipeline, example: pd.DataFrame, training_profile: dict[str, Any]
+) -> str:
     """Log the raw-trips Pipeline (taxi_duration.serving) on the run; return its model URI.
 
     It carries this package as code, so it loads wherever its pip requirements are installed.

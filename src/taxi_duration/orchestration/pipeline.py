@@ -17,19 +17,28 @@ import functools
 import threading
 import time
 import weakref
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from prefect import Flow, flow
 from prefect.runtime import flow_run
 
 from taxi_duration import runfiles, settings, stages, tracking
-from taxi_duration.periods import Color, MonthNumber, Year
 from taxi_duration.orchestration import lost_server
 from taxi_duration.orchestration.report import SUMMARY_METRICS, RunEnding, report_run
 from taxi_duration.orchestration.request import STAGES, RunRequest, StagePlan, local_trip_files, plan, resolve_request
 from taxi_duration.orchestration.stage import (
-    RunContext, StageOutcome, ending_quietly, fetch_trip_files, log_trip_datasets, run_stage,
+    RunContext,
+    StageOutcome,
+    ending_quietly,
+    fetch_trip_files,
+    log_trip_datasets,
+    run_stage,
 )
+from taxi_duration.periods import Color, MonthNumber, Year
+
+T = TypeVar("T")
 
 # The stop events of the stages running in background threads (01_explore beside 02_features).
 # SIGTERM reaches the flow's thread as Prefect's TerminationSignal, which a task running there
@@ -109,7 +118,7 @@ def run_pipeline(request: RunRequest, owned: lost_server.OwnedRun | None = None)
     try:
         for orphan in tracking.mark_orphaned_runs_killed(request.tracking_uri, request.experiment):
             print(f"MLflow run {orphan} was left RUNNING by a pipeline process that no longer exists: marked KILLED")
-        started = dt.datetime.now(dt.timezone.utc)
+        started = dt.datetime.now(dt.UTC)
         context = _start_mlflow_run(request, started)
         owned.run_id, owned.run_dir = context.run_id, context.run_dir
         print(f"MLflow run {context.run_id} in experiment {request.experiment!r}; outputs in {context.run_dir}")
@@ -177,7 +186,7 @@ def _stage_parameters(request: RunRequest, context: RunContext) -> dict[str, dic
 
 
 def _run_stages(
-    request: RunRequest, context: RunContext, started: dt.datetime, stage_plan: StagePlan | None,
+    request: RunRequest, context: RunContext, started: dt.datetime, early_plan: StagePlan | None,
     runners: stages.Runners, owned: lost_server.OwnedRun,
 ) -> dict[str, Any]:
     """Fetch, then the three stages; on the way out (success or not) close the MLflow run and record it."""
@@ -204,8 +213,7 @@ def _run_stages(
     with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="explore") as background:
         try:
             trip_files = _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(request.params, request.source))
-            if stage_plan is None:
-                stage_plan = plan(request, trip_files)
+            stage_plan = early_plan if early_plan is not None else plan(request, trip_files)
             train_month, validation_month = request.months
             log_trip_datasets(context, request.source, request.params.color, {
                 month: (trip_files[month.label()], stage_plan.trip_digests[month.label()], role)
@@ -237,7 +245,7 @@ def _run_stages(
     return _result(request, context, ending, gallery_path)
 
 
-def _result(request: RunRequest, context: RunContext, ending: RunEnding, gallery_path) -> dict[str, Any]:
+def _result(request: RunRequest, context: RunContext, ending: RunEnding, gallery_path: Path) -> dict[str, Any]:
     """What the flow returns (and the command line prints): a plain, JSON-ready summary."""
     training = ending.outcomes["03_train"]
     metrics = training.manifest["metrics"]
@@ -255,7 +263,7 @@ def _result(request: RunRequest, context: RunContext, ending: RunEnding, gallery
         "reports": [str(context.run_dir / f"{stage}.review.html") for stage in STAGES],
         "gallery": str(gallery_path),
         "promotion": None if training.reused else training.manifest.get("promotion"),
-        "reused_stages": {stage: o.reused_from.mlflow_run_id for stage, o in ending.outcomes.items() if o.reused},
+        "reused_stages": {stage: o.reused_from.mlflow_run_id for stage, o in ending.outcomes.items() if o.reused_from},
         **{key: metrics[key] for key in SUMMARY_METRICS},
     }
 
@@ -267,7 +275,7 @@ def _close_run(context: RunContext, ending: RunEnding) -> bool:
         _tag_reused_stages(context, ending.outcomes)
         tracking.finish_run(context.tracking_uri, context.run_id, ending.status)
         return True
-    except Exception as problem:  # noqa: BLE001 - e.g. the tracking server went away mid-run
+    except Exception as problem:  # e.g. the tracking server went away mid-run
         print(f"warning: could not set MLflow run {context.run_id} to {ending.status}: {problem!r}; "
               "the next pipeline start on this host marks it KILLED if it stays RUNNING")
         if ending.status == "FINISHED":
@@ -285,10 +293,10 @@ def _tag_reused_stages(context: RunContext, outcomes: dict[str, StageOutcome]) -
     tracking.set_tags(context.tracking_uri, context.run_id, tags)
 
 
-def _timed(timings: list[dict[str, Any]], stage: str, work):
+def _timed(timings: list[dict[str, Any]], stage: str, work: Callable[[], T]) -> T:
     """Run `work`, recording the stage's wall time and outcome (a StageOutcome's status) even when it raises."""
     started = time.monotonic()
-    entry = {"stage": stage, "status": "FAILED", "seconds": None}
+    entry: dict[str, Any] = {"stage": stage, "status": "FAILED", "seconds": None}
     timings.append(entry)
     try:
         result = work()

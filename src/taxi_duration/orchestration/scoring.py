@@ -22,7 +22,12 @@ from prefect.runtime import flow_run
 from taxi_duration import data, gallery, runfiles, scoring, settings, stagecache, stages, tracking
 from taxi_duration.orchestration import links, lost_server
 from taxi_duration.orchestration.stage import (
-    RunContext, StageOutcome, ending_quietly, fetch_trip_file, log_trip_datasets, run_stage,
+    RunContext,
+    StageOutcome,
+    ending_quietly,
+    fetch_trip_file,
+    log_trip_datasets,
+    run_stage,
 )
 from taxi_duration.periods import Color, Month, MonthNumber, Year, scoring_month
 
@@ -134,7 +139,7 @@ def run_scoring(request: ScoreRequest, owned: lost_server.OwnedRun | None = None
     `owned` learns where the MLflow run got to (see pipeline.run_pipeline).
     """
     owned = owned or lost_server.OwnedRun()
-    started = dt.datetime.now(dt.timezone.utc)
+    started = dt.datetime.now(dt.UTC)
     trip_file = fetch_trip_file(request.color, request.month, request.source)
     digest = stagecache.file_sha256(Path(trip_file))
     key = score_key(request, digest)
@@ -150,7 +155,7 @@ def run_scoring(request: ScoreRequest, owned: lost_server.OwnedRun | None = None
         outcome = run_stage(SCORE_STAGE, _notebook_parameters(request, context), context, request.timeout_seconds, key,
                             reuse_from=reuse_from)
         tracking.log_metrics(context.tracking_uri, context.run_id, _numeric(outcome.manifest["metrics"]))
-        if outcome.reused:
+        if outcome.reused_from is not None:
             tracking.set_tags(context.tracking_uri, context.run_id, {
                 f"taxi.stage.{SCORE_STAGE}.reused_from_run": outcome.reused_from.mlflow_run_id,
                 "taxi.reused_stages": SCORE_STAGE})
@@ -225,7 +230,7 @@ def _report(request: ScoreRequest, context: RunContext, started: dt.datetime, st
     """run.json, the gallery and the Prefect summary; a problem here is printed, never raised."""
     gallery_path = settings.outputs_dir() / gallery.GALLERY
     try:
-        finished = dt.datetime.now(dt.timezone.utc)
+        finished = dt.datetime.now(dt.UTC)
         metrics = outcome.manifest["metrics"] if outcome else {}
         experiment_id = tracking.experiment_id_of(context.tracking_uri, context.run_id)
         stage_row: dict[str, Any] = {"stage": SCORE_STAGE, "status": outcome.status if outcome else "FAILED",
@@ -283,7 +288,7 @@ def _result(request: ScoreRequest, context: RunContext, outcome: StageOutcome, g
         "tracking_uri": context.tracking_uri, "prefect_flow_run_id": str(flow_run.id), "run_dir": str(context.run_dir),
         "predictions": str(context.run_dir / manifest["files"]["predictions"]),
         "report": str(context.run_dir / f"{SCORE_STAGE}.review.html"), "gallery": str(gallery_path),
-        "reused_from": outcome.reused_from.mlflow_run_id if outcome.reused else None,
+        "reused_from": outcome.reused_from.mlflow_run_id if outcome.reused_from else None,
     }
 
 

@@ -8,9 +8,10 @@ under `notebooks/` and `reports/`.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -20,6 +21,9 @@ from taxi_duration import data, datasets, reports, runfiles, runner, settings, s
 from taxi_duration.orchestration.progress import StageProgress
 from taxi_duration.periods import Month, PipelineParams
 
+if TYPE_CHECKING:
+    from prefect import Task
+    from prefect.client.schemas import TaskRun
 
 T = TypeVar("T")
 
@@ -50,7 +54,7 @@ class StageOutcome:
         return "CACHED" if self.reused else "COMPLETED"
 
 
-def _retry_unless_bad_data(task, task_run, state) -> bool:
+def _retry_unless_bad_data(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
     # A missing or invalid file will not fix itself; network hiccups might.
     return not isinstance(state.data, data.TripDataError)
 
@@ -94,13 +98,15 @@ def quiet_failure(failed: runner.NotebookExecutionError) -> State:
     return Failed(message=str(failed), data=failed)
 
 
-def ending_quietly(body: Callable[[], T]) -> T | State:
+def ending_quietly(body: Callable[[], T]) -> T:
     """A flow's body, whose notebook failure ends the flow run as `quiet_failure` (the caller of
     the flow still gets the NotebookExecutionError raised)."""
     try:
         return body()
     except runner.NotebookExecutionError as failed:
-        return quiet_failure(failed)
+        # Typed as the body's result: Prefect makes a returned State the flow run's own and raises
+        # it to the flow's caller, which never receives the State itself.
+        return cast(T, quiet_failure(failed))
 
 
 def run_stage(

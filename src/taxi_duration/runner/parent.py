@@ -9,9 +9,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from taxi_duration.reports import ReportPaths, render_reports
 from taxi_duration.runner.cells import cell_label, check_every_cell_ran, read_notebook
@@ -19,7 +20,15 @@ from taxi_duration.runner.messages import describe_failure
 from taxi_duration.runner.parameters import check_parameters
 from taxi_duration.runner.processes import reap_kernel, stop_child
 from taxi_duration.runner.records import (
-    CURRENT_CELL, GO, KERNEL_RECORD, PROGRESS, RUNNER_LOG, Attempt, read_json, read_outcome, write_json,
+    CURRENT_CELL,
+    GO,
+    KERNEL_RECORD,
+    PROGRESS,
+    RUNNER_LOG,
+    Attempt,
+    read_json,
+    read_outcome,
+    write_json,
 )
 
 log = logging.getLogger("taxi_duration.runner")
@@ -32,7 +41,7 @@ class NotebookStopped(RuntimeError):
 class NotebookExecutionError(RuntimeError):
     """A notebook failed; the message names the notebook, the cell and the cause."""
 
-    def __init__(self, message: str, result: "NotebookResult"):
+    def __init__(self, message: str, result: NotebookResult):
         super().__init__(message)
         self.result = result
 
