@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -22,10 +23,8 @@ def stop_child(child: subprocess.Popen) -> None:
         os.killpg(child.pid, signal.SIGTERM)
         child.wait(timeout=STOP_GRACE_SECONDS)
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         child.wait()
     except ProcessLookupError:
         child.wait()
@@ -46,16 +45,14 @@ def reap_kernel(record: Path) -> list[int]:
     survivors = []
     for process in psutil.process_iter():
         try:
-            if os.getpgid(process.pid) == kernel["pid"] and process.create_time() >= kernel["create_time"]:
-                if process.status() != psutil.STATUS_ZOMBIE:
-                    survivors.append(process)
+            if (os.getpgid(process.pid) == kernel["pid"] and process.create_time() >= kernel["create_time"]
+                    and process.status() != psutil.STATUS_ZOMBIE):
+                survivors.append(process)
         except (OSError, psutil.Error):
             continue  # gone meanwhile, or not ours to look at
     for process in survivors:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.kill()
-        except psutil.Error:
-            pass
     psutil.wait_procs(survivors, timeout=REAP_WAIT_SECONDS)
     if survivors:
         log.warning("killed %d process(es) left by notebook kernel %d: %s", len(survivors), kernel["pid"],
