@@ -87,7 +87,7 @@ def _run_flow(run, summary, what: str) -> int:
         exit_code, lines = lost_server.outcome_lines(lost, what)
         print("\n".join(lines), file=sys.stderr)
         return exit_code
-    except Exception as error:
+    except Exception as error:  # noqa: BLE001 - any other failure: its message and exit 1
         print(f"\n{what} failed: {error}", file=sys.stderr)
         return 1
     print(summary(result))
