@@ -130,7 +130,7 @@ lock: $(UV) ## Re-resolve pyproject.toml into requirements/runtime.txt and dev.t
 	$(UV) pip compile $(LOCK_OPTIONS) --extra dev -c $(LOCK_DIR)/runtime.txt -o $(LOCK_DIR)/dev.txt
 
 strip-notebooks: env ## Remove outputs from notebooks/ before committing
-	$(BIN)/nbstripout notebooks/*.ipynb
+	$(BIN)/nbstripout --keep-id notebooks/*.ipynb
 
 clean-outputs: ## Delete generated outputs (runs, reports); keeps data/ and MLflow
 	find outputs -mindepth 1 ! -name .gitkeep ! -name README.md -exec rm -rf {} +
