@@ -372,3 +372,13 @@ def mark_orphaned_runs_killed(tracking_uri: str, experiment: str) -> list[str]:
         client.set_terminated(run.info.run_id, status="KILLED")
         killed.append(run.info.run_id)
     return killed
+
+
+def running_runs_of_this_process(tracking_uri: str, experiment: str) -> list[Any]:
+    """The runs of `experiment` this very process started (by its process_tags) that are still RUNNING."""
+    client = _client(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return []
+    mine = " and ".join(f"tags.`{key}` = '{value}'" for key, value in process_tags().items())
+    return client.search_runs([found.experiment_id], f"attributes.status = 'RUNNING' and {mine}", max_results=50)

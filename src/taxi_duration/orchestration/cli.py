@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 from taxi_duration import data, fast_start, run_servers, services, settings, tracking
-from taxi_duration.orchestration import lost_server
-from taxi_duration.orchestration.pipeline import run_resolved, stop_background_stages
+from taxi_duration.orchestration import lost_server, stopping
+from taxi_duration.orchestration.pipeline import run_resolved
 from taxi_duration.orchestration.report import format_summary
 from taxi_duration.orchestration.request import resolve_request
 from taxi_duration.periods import InvalidParameterError
@@ -38,18 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _exit_on_sigterm(signum: int, frame) -> None:
-    # Prefect turns SIGTERM during a flow run into TerminationSignal, then re-sends it to the
-    # previous handler. Python's default would end the process on the spot, skipping atexit,
-    # and leave Prefect's temporary API server running; a SystemExit unwinds normally.
-    # A stage in a background thread is stopped here too: the flow thread's exception may be
-    # absorbed by the task it is in, and the flow would then wait for that stage to finish.
-    stop_background_stages()
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    stopping.install()  # SIGTERM and Ctrl-C stop the notebooks at once, whatever the flow is doing
     args = parse_args(argv)
     try:
         request = resolve_request(
@@ -87,7 +76,13 @@ def _run_flow(run, summary, what: str) -> int:
         exit_code, lines = lost_server.outcome_lines(lost, what)
         print("\n".join(lines), file=sys.stderr)
         return exit_code
+    except KeyboardInterrupt:
+        print(f"\n{what} stopped (Ctrl-C)", file=sys.stderr)
+        return stopping.exit_code()
     except Exception as error:  # noqa: BLE001 - any other failure: its message and exit 1
+        if stopping.requested():  # the stop reached the flow as its stage's NotebookStopped
+            print(f"\n{what} stopped ({stopping.signal_name()})", file=sys.stderr)
+            return stopping.exit_code()
         print(f"\n{what} failed: {error}", file=sys.stderr)
         return 1
     print(summary(result))
@@ -133,7 +128,7 @@ def score_main(argv: list[str] | None = None) -> int:
     from taxi_duration.orchestration.scoring import format_score_summary, resolve_score_request, run_resolved_scoring
     from taxi_duration.scoring import ModelNotFoundError
 
-    signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    stopping.install()
     args = parse_score_args(argv)
     try:
         request = resolve_score_request(args.year, args.month, args.color, args.model, args.data_source,

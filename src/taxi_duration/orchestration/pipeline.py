@@ -16,7 +16,6 @@ import datetime as dt
 import functools
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,8 +23,8 @@ from typing import Any, TypeVar
 from prefect import Flow, flow
 from prefect.runtime import flow_run
 
-from taxi_duration import runfiles, settings, stages, tracking
-from taxi_duration.orchestration import lost_server
+from taxi_duration import runfiles, runner, settings, stages, tracking
+from taxi_duration.orchestration import lost_server, stopping
 from taxi_duration.orchestration.report import SUMMARY_METRICS, RunEnding, report_run
 from taxi_duration.orchestration.request import STAGES, RunRequest, StagePlan, local_trip_files, plan, resolve_request
 from taxi_duration.orchestration.stage import (
@@ -39,17 +38,6 @@ from taxi_duration.orchestration.stage import (
 from taxi_duration.periods import Color, MonthNumber, Year
 
 T = TypeVar("T")
-
-# The stop events of the stages running in background threads (01_explore beside 02_features).
-# SIGTERM reaches the flow's thread as Prefect's TerminationSignal, which a task running there
-# can absorb; the command line's handler then sets these too, so no stage runs on unobserved.
-_BACKGROUND_STOPS: "weakref.WeakSet[threading.Event]" = weakref.WeakSet()
-
-
-def stop_background_stages() -> None:
-    """Ask every stage running in a background thread of this process to stop (on SIGTERM)."""
-    for stop in list(_BACKGROUND_STOPS):
-        stop.set()
 
 
 @flow(name="nyc-taxi-duration", log_prints=True)
@@ -116,16 +104,40 @@ def run_pipeline(request: RunRequest, owned: lost_server.OwnedRun | None = None)
     # fetch task then reports) the plan waits for the fetched files.
     early_plan, runners = plan_and_start_runners(request)
     try:
-        for orphan in tracking.mark_orphaned_runs_killed(request.tracking_uri, request.experiment):
-            print(f"MLflow run {orphan} was left RUNNING by a pipeline process that no longer exists: marked KILLED")
-        started = dt.datetime.now(dt.UTC)
-        context = _start_mlflow_run(request, started)
-        owned.run_id, owned.run_dir = context.run_id, context.run_dir
-        print(f"MLflow run {context.run_id} in experiment {request.experiment!r}; outputs in {context.run_dir}")
-        owned.result = _run_stages(request, context, started, early_plan, runners, owned)
-        return owned.result
+        with stopping.at_last_resort(lambda: _kill_runs_left_running(request)):
+            for orphan in tracking.mark_orphaned_runs_killed(request.tracking_uri, request.experiment):
+                print(f"MLflow run {orphan} was left RUNNING by a pipeline process that no longer exists: marked KILLED")
+            if stopping.requested():
+                raise runner.NotebookStopped("stopped before the MLflow run was created")
+            started = dt.datetime.now(dt.UTC)
+            context = _start_mlflow_run(request, started)
+            owned.run_id, owned.run_dir = context.run_id, context.run_dir
+            print(f"MLflow run {context.run_id} in experiment {request.experiment!r}; outputs in {context.run_dir}")
+            owned.result = _run_stages(request, context, started, early_plan, runners, owned)
+            return owned.result
+    except BaseException as ended:
+        if stopping.stopped_by(ended):
+            # A stop while the run was being created leaves it RUNNING with no id returned to close it by.
+            _kill_runs_left_running(request)
+        raise
     finally:
         stages.close_runners(runners)  # those no stage took over (a stage failed, or the flow was stopped)
+
+
+def _kill_runs_left_running(request: RunRequest) -> None:
+    """Archive the notebooks of this process's runs still RUNNING and mark them KILLED (on a stop)."""
+    try:
+        for run in tracking.running_runs_of_this_process(request.tracking_uri, request.experiment):
+            run_dir = run.data.tags.get("taxi.run_dir")
+            executed = sorted(Path(run_dir).glob("*.ipynb")) if run_dir else []
+            if executed:
+                tracking.log_files(request.tracking_uri, run.info.run_id, executed, "notebooks")
+            tracking.set_tags(request.tracking_uri, run.info.run_id,
+                              {"taxi.killed_reason": "the pipeline was stopped (SIGTERM or Ctrl-C)"})
+            tracking.finish_run(request.tracking_uri, run.info.run_id, "KILLED")
+            print(f"MLflow run {run.info.run_id} was still RUNNING when the pipeline was stopped: marked KILLED")
+    except Exception as problem:  # noqa: BLE001 - on the way out; the next start marks an orphan KILLED
+        print(f"warning: could not mark this pipeline's MLflow runs KILLED: {problem!r}")
 
 
 def plan_and_start_runners(request: RunRequest) -> tuple[StagePlan | None, stages.Runners]:
@@ -195,7 +207,6 @@ def _run_stages(
     outcomes: dict[str, StageOutcome] = {}
     timings: list[dict[str, Any]] = []
     stop_explore = threading.Event()
-    _BACKGROUND_STOPS.add(stop_explore)
     explore: concurrent.futures.Future | None = None
 
     def stage_step(stage: str, stop: threading.Event | None = None) -> StageOutcome:
@@ -227,12 +238,13 @@ def _run_stages(
             explore.result()
             stage_step("03_train")
             status = "FINISHED"
-        except Exception as failed:
-            error = failed
-            raise
-        except BaseException as stopped:  # Ctrl-C, or SIGTERM (Prefect turns it into TerminationSignal)
-            status, error = "KILLED", stopped
-            stop_explore.set()
+        except BaseException as ended:
+            error = ended
+            # Ctrl-C, SIGTERM (Prefect's TerminationSignal), or a stage whose runner the stop killed
+            # (taxi_duration.orchestration.stopping): whichever reaches this frame first.
+            if stopping.stopped_by(ended):
+                status = "KILLED"
+                stop_explore.set()
             raise
         finally:
             if explore is not None:

@@ -20,7 +20,7 @@ from prefect import Flow, flow
 from prefect.runtime import flow_run
 
 from taxi_duration import data, gallery, runfiles, scoring, settings, stagecache, stages, tracking
-from taxi_duration.orchestration import links, lost_server
+from taxi_duration.orchestration import links, lost_server, stopping
 from taxi_duration.orchestration.stage import (
     RunContext,
     StageOutcome,
@@ -160,11 +160,10 @@ def run_scoring(request: ScoreRequest, owned: lost_server.OwnedRun | None = None
                 f"taxi.stage.{SCORE_STAGE}.reused_from_run": outcome.reused_from.mlflow_run_id,
                 "taxi.reused_stages": SCORE_STAGE})
         status = "FINISHED"
-    except Exception as failed:
-        error = failed
-        raise
-    except BaseException as stopped:
-        status, error = "KILLED", stopped
+    except BaseException as ended:
+        error = ended
+        if stopping.stopped_by(ended):  # SIGTERM, Ctrl-C, or the stop's killing of its runner
+            status = "KILLED"
         raise
     finally:
         owned.error = error

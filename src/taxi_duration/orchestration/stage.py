@@ -20,6 +20,7 @@ from prefect.states import Completed, Failed, State
 from taxi_duration import data, datasets, reports, runfiles, runner, settings, stagecache, stages, tracking
 from taxi_duration.orchestration.progress import StageProgress
 from taxi_duration.periods import Month, PipelineParams
+from taxi_duration.runner import processes as runner_processes
 
 if TYPE_CHECKING:
     from prefect import Task
@@ -91,7 +92,7 @@ def log_trip_datasets(
     ])
 
 
-def quiet_failure(failed: runner.NotebookExecutionError) -> State:
+def quiet_failure(failed: runner.NotebookExecutionError | runner.NotebookStopped) -> State:
     """A notebook's failure as a Failed state, for a task or flow to return rather than raise:
     Prefect then logs its one paragraph, not a traceback of the runner and of Prefect itself.
     Unexpected errors still raise, with their tracebacks."""
@@ -99,11 +100,11 @@ def quiet_failure(failed: runner.NotebookExecutionError) -> State:
 
 
 def ending_quietly(body: Callable[[], T]) -> T:
-    """A flow's body, whose notebook failure ends the flow run as `quiet_failure` (the caller of
-    the flow still gets the NotebookExecutionError raised)."""
+    """A flow's body, whose notebook failure or stop ends the flow run as `quiet_failure` (the caller
+    of the flow still gets the NotebookExecutionError or NotebookStopped raised)."""
     try:
         return body()
-    except runner.NotebookExecutionError as failed:
+    except (runner.NotebookExecutionError, runner.NotebookStopped) as failed:
         # Typed as the body's result: Prefect makes a returned State the flow run's own and raises
         # it to the flow's caller, which never receives the State itself.
         return cast(T, quiet_failure(failed))
@@ -123,8 +124,13 @@ def run_stage(
 
     One Prefect task run, named after the stage. An executed stage's outputs become the cache
     entry for `key` (replacing an older one). `prepared` (a runner started ahead for this stage)
-    executes it; it is closed either way.
+    executes it; it is closed either way. Once this process is being stopped (SIGTERM, Ctrl-C), no
+    stage starts: NotebookStopped.
     """
+    if runner_processes.stopping():
+        if prepared is not None:
+            prepared.close()
+        raise runner.NotebookStopped(f"{stage} not started: the pipeline is being stopped")
     outcome = _stage_task(stage, parameters, context, timeout_seconds, key, reuse_from, stop, prepared)
     # A reused stage's task returns its final state (Cached), which Prefect hands back as is.
     return outcome.result() if isinstance(outcome, State) else outcome
@@ -154,7 +160,7 @@ def _stage_task(
         return Completed(name="Cached", message=reused, data=StageOutcome(stage, manifest, reuse_from))
     try:
         manifest = _execute_notebook(stage, parameters, context, timeout_seconds, stop, prepared)
-    except runner.NotebookExecutionError as failed:
+    except (runner.NotebookExecutionError, runner.NotebookStopped) as failed:
         return quiet_failure(failed)
     stagecache.StageCache(settings.stage_cache_dir()).store(
         stage, key, context.run_dir, context.run_id, _stage_files(stage, manifest))

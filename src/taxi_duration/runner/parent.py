@@ -18,7 +18,14 @@ from taxi_duration.reports import ReportPaths, render_reports
 from taxi_duration.runner.cells import cell_label, check_every_cell_ran, read_notebook
 from taxi_duration.runner.messages import describe_failure
 from taxi_duration.runner.parameters import check_parameters
-from taxi_duration.runner.processes import reap_kernel, stop_child
+from taxi_duration.runner.processes import (
+    RunnersStopping,
+    forget_runner_process,
+    reap_kernel,
+    start_runner_process,
+    stop_child,
+    stopping,
+)
 from taxi_duration.runner.records import (
     CURRENT_CELL,
     GO,
@@ -191,13 +198,12 @@ class PreparedRunner:
             "--cwd", str(self.cwd), "--records", str(self.records), "--parent-pid", str(os.getpid()),
             *(["--preload", ",".join(preload)] if preload else []),
         ]
-        # The child's output goes to a file, not a pipe: a kernel (or a process it started)
-        # inherits the child's stdout/stderr, and reading a pipe until EOF would then wait
-        # for those processes as well as for the child.
-        with open(self.records / RUNNER_LOG, "wb") as runner_log:
-            self.child = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=runner_log, stderr=subprocess.STDOUT, start_new_session=True
-            )
+        try:
+            # Registered, so that a stop of this process reaches it whatever waits on it.
+            self.child = start_runner_process(command, self.records / RUNNER_LOG, self.records / KERNEL_RECORD)
+        except RunnersStopping as refused:
+            self._folder.cleanup()
+            raise NotebookStopped(str(refused)) from None
         self.reaped: list[int] = []
 
     def go(self, executed_notebook: Path, parameters: dict[str, Any]) -> None:
@@ -212,6 +218,7 @@ class PreparedRunner:
                 stop_child(self.child)
             self.reaped = reap_kernel(self.records / KERNEL_RECORD)
         finally:
+            forget_runner_process(self.child)
             self._folder.cleanup()
 
 
@@ -224,6 +231,8 @@ def _run_attempt(
     try:
         runner.go(executed_notebook, parameters)
         if _wait_unless_stopped(runner.child, deadline, stop, watch):
+            if stopping():  # the process's stop killed the child: not the notebook's failure
+                raise NotebookStopped(f"{runner.notebook.name} was stopped with its caller (SIGTERM or Ctrl-C)")
             attempt = read_outcome(runner.records, runner.child.returncode)
         else:
             stop_child(runner.child)
