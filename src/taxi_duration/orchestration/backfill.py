@@ -91,8 +91,11 @@ def dask_worker() -> str | None:
 
 
 # Prefect types `task_runner` as TaskRunner[PrefectFuture[Any]], which no runner of its own is (the generic is invariant).
-@flow(name="nyc-taxi-duration-backfill", log_prints=True,
-      task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_PARALLEL))  # type: ignore[arg-type]
+@flow(
+    name="nyc-taxi-duration-backfill",
+    log_prints=True,
+    task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_MAX_PARALLEL),  # type: ignore[arg-type]
+)
 def backfill(
     first: str,
     last: str,
