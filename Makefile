@@ -55,10 +55,10 @@ $(ENV_STAMP): requirements/dev.txt pyproject.toml | $(UV)
 	touch $@
 
 run: env ## Run the pipeline for YEAR-MONTH (default 2023-03) and COLOR; unchanged stages are reused
-	$(BIN)/python flows/pipeline.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(FORCE),--force)
+	$(BIN)/python flows/pipeline.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(FORCE),--force) $(if $(VERBOSE),--verbose)
 
 score: env ## Score YEAR-MONTH with the champion (MODEL=models:/nyc-taxi-duration/3 for another version); predictions and a report
-	$(BIN)/python flows/score.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(MODEL),--model $(MODEL)) $(if $(FORCE),--force)
+	$(BIN)/python flows/score.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(MODEL),--model $(MODEL)) $(if $(FORCE),--force) $(if $(VERBOSE),--verbose)
 
 serve-model: env ## Serve the champion over HTTP on 127.0.0.1:$(MODEL_PORT) (POST trip fields to /invocations)
 	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$$($(BIN)/python -c 'from taxi_duration import run_servers, settings; run_servers.adopt_running_services(); print(settings.tracking_uri())')}" \
@@ -66,7 +66,7 @@ serve-model: env ## Serve the champion over HTTP on 127.0.0.1:$(MODEL_PORT) (POS
 
 backfill: env ## Run every month FROM=YYYY-MM TO=YYYY-MM (PARALLEL=2 at a time; DASK=1 or DASK_ADDRESS=tcp://host:8786 for Dask)
 	@test -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make backfill FROM=2023-01 TO=2023-04 [COLOR=green] [PARALLEL=2] [DASK=1 | DASK_ADDRESS=tcp://host:8786]"; exit 2; }
-	$(BIN)/python flows/backfill.py --from $(FROM) --to $(TO) --color $(COLOR) --max-parallel $(PARALLEL) $(if $(FORCE),--force) $(if $(DASK),--dask) $(if $(DASK_ADDRESS),--dask-address $(DASK_ADDRESS))
+	$(BIN)/python flows/backfill.py --from $(FROM) --to $(TO) --color $(COLOR) --max-parallel $(PARALLEL) $(if $(FORCE),--force) $(if $(DASK),--dask) $(if $(DASK_ADDRESS),--dask-address $(DASK_ADDRESS)) $(if $(VERBOSE),--verbose)
 
 serve: env ## Serve the monthly scheduled deployment (Ctrl-C stops) on the local or PREFECT_API_URL server
 	$(BIN)/python flows/serve.py

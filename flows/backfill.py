@@ -1,7 +1,7 @@
 """The backfill's command line: the pipeline once per month over a range, a bounded number at a time.
 
     python flows/backfill.py --from 2023-01 --to 2023-04 [--color green] [--data-source URL|DIR]
-                             [--experiment NAME] [--max-parallel 2] [--force]
+                             [--experiment NAME] [--max-parallel 2] [--force] [--verbose]
                              [--dask | --dask-address tcp://HOST:8786]
 
 The flow and its command line are defined in taxi_duration.orchestration.backfill.

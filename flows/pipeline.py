@@ -1,7 +1,7 @@
 """The pipeline's entry points: its command line, and the flow Prefect deployments name.
 
     python flows/pipeline.py --year 2023 --month 3 [--color green] [--data-source URL|DIR] [--experiment NAME]
-                             [--latest] [--force]
+                             [--latest] [--force] [--verbose]
 
 Prefect's entrypoint (prefect.yaml, `make serve`): flows/pipeline.py:taxi_duration_pipeline.
 The flow is defined in taxi_duration.orchestration.pipeline, the command line in

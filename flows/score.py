@@ -1,7 +1,7 @@
 """Score a month with a registered model: the scoring flow's command line and Prefect entrypoint.
 
     python flows/score.py --year 2023 --month 5 [--color green] [--model models:/nyc-taxi-duration@champion]
-                          [--data-source URL|DIR] [--experiment NAME] [--force]
+                          [--data-source URL|DIR] [--experiment NAME] [--force] [--verbose]
 
 Prefect's entrypoint (prefect.yaml, `make serve`): flows/score.py:taxi_duration_scoring. The flow
 is defined in taxi_duration.orchestration.scoring, the command line in taxi_duration.orchestration.cli.

@@ -12,11 +12,15 @@ import time
 from pathlib import Path
 
 import nbformat
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 from nbformat.v4 import new_code_cell
+from terminal import TRACEBACK, assert_one_clear_failure, last_paragraph
 
 from taxi_duration import settings
+from taxi_duration.periods import Month
+from taxi_duration.synthetic import generate_trips_table, write_trip_file
 
 pytestmark = pytest.mark.flow
 
@@ -145,7 +149,8 @@ def test_unreachable_tracking_server_fails_early_and_clearly(isolated_stores, pi
     completed = pipeline_cli("--data-source", str(synthetic_source), env={
         "MLFLOW_TRACKING_URI": url, "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
     assert completed.returncode == 1
-    assert f"the MLflow tracking server at {url} did not answer its health check" in completed.stderr
+    assert_one_clear_failure(completed.stdout, completed.stderr, "error: the MLflow tracking server at",
+                             f"the MLflow tracking server at {url} did not answer its health check")
     assert not isolated_stores["outputs"].exists()
 
 
@@ -172,12 +177,15 @@ def test_two_months_and_the_same_month_at_once_all_finish(isolated_stores, prefe
         (["--year", "2099"], "has not ended yet"),
         (["--year", "2009", "--month", "1", "--color", "green"], "from 2013-08 on"),
         (["--data-source", "ftp://example.org/trips"], "neither an http(s) URL nor a folder"),
+        (["--month", "13"], "month must be between 1 and 12, got 13"),
     ],
 )
 def test_more_bad_input_rejected_before_anything(isolated_stores, pipeline_cli, args, message):
     completed = pipeline_cli(*args, env={"MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"],
                                           "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
-    assert completed.returncode == 2 and message in completed.stderr
+    assert completed.returncode == 2
+    assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
+    assert_one_clear_failure(completed.stdout, completed.stderr, "error: ", message)
     assert not isolated_stores["outputs"].exists()
 
 
@@ -188,7 +196,8 @@ def test_a_month_missing_from_the_folder_names_the_path(isolated_stores, pipelin
     completed = pipeline_cli("--data-source", str(source), env={
         "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"], "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
     assert completed.returncode == 1
-    assert f"no green trip file for 2023-04 at {source / 'green_tripdata_2023-04.parquet'}" in completed.stderr
+    assert_one_clear_failure(completed.stdout, completed.stderr, "Pipeline failed: ",
+                             f"no green trip file for 2023-04 at {source / 'green_tripdata_2023-04.parquet'}")
     assert completed.stderr.count("Retry") == 0 and "AwaitingRetry" not in completed.stdout + completed.stderr
     _, runs = _runs(isolated_stores["tracking_uri"])
     assert [run.info.status for run in runs] == ["FAILED"]
@@ -231,8 +240,8 @@ def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthet
     lines = completed.stderr.strip().splitlines()
     first = next(index for index, line in enumerate(lines) if "01_explore" in line and "ERROR" in line)
     assert len(lines) - first <= 15, "\n".join(lines[first:])
-    assert "Traceback" not in completed.stderr
-    assert lines[-1].startswith("Pipeline failed: notebook 01_explore.ipynb failed: ") and message in lines[-1]
+    assert_one_clear_failure(completed.stdout, completed.stderr, "Pipeline failed: notebook 01_explore.ipynb failed: ",
+                             message)
     client, runs = _runs(isolated_stores["tracking_uri"])
     assert [run.info.status for run in runs] == ["FAILED"]
     run_id = runs[0].info.run_id
@@ -250,17 +259,42 @@ def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthet
         assert time.monotonic() - started < int(extra_env["TAXI_NOTEBOOK_TIMEOUT"]) + 120, "the timeout bounds the run"
 
 
-def test_a_bad_file_in_the_source_fails_the_run_naming_it(isolated_stores, pipeline_cli, tmp_path, synthetic_source):
+def _empty_month(path: Path) -> None:
+    pq.write_table(generate_trips_table("green", Month(2023, 4), 0), path)
+
+
+def _yellow_file(path: Path) -> None:
+    (path.parent / "yellow").mkdir()
+    write_trip_file(path.parent / "yellow", "yellow", Month(2023, 4), 50).rename(path)
+
+
+# A bad file in the data source: an empty month, and a yellow-taxi file under a green one's name
+# (run with --verbose: the terminal then shows the traceback too, before the same paragraph).
+@pytest.mark.parametrize(
+    ("make_bad_file", "words", "verbose"),
+    [(_empty_month, "has no rows", False), (_yellow_file, "lacks the column(s) lpep_pickup_datetime", True)],
+    ids=["empty-month", "mislabelled-month-verbose"],
+)
+def test_a_bad_file_in_the_source_fails_the_run_naming_it(
+    isolated_stores, pipeline_cli, tmp_path, synthetic_source, make_bad_file, words, verbose
+):
     source = tmp_path / "source"
     source.mkdir()
     (source / "green_tripdata_2023-03.parquet").write_bytes((synthetic_source / "green_tripdata_2023-03.parquet").read_bytes())
     bad = source / "green_tripdata_2023-04.parquet"
-    bad.write_text("<html><body>Access denied</body></html>")
-    completed = pipeline_cli("--data-source", str(source), env={
+    make_bad_file(bad)
+    bad_bytes = bad.read_bytes()
+    completed = pipeline_cli("--data-source", str(source), *(["--verbose"] if verbose else []), env={
         "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"], "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
 
     assert completed.returncode == 1
-    assert str(bad) in completed.stderr and "not a readable parquet file" in completed.stderr
-    assert bad.read_text().startswith("<html>"), "the user's own file is left as it was"
+    if verbose:
+        assert TRACEBACK in completed.stderr and "TripFileInvalid" in completed.stderr, completed.stderr[-3000:]
+        paragraph = last_paragraph(completed.stderr)
+        assert paragraph.startswith("Pipeline failed: ") and words in paragraph, completed.stderr[-3000:]
+    else:
+        paragraph = assert_one_clear_failure(completed.stdout, completed.stderr, "Pipeline failed: ", words)
+    assert str(bad) in paragraph and "left untouched" in paragraph
+    assert bad.read_bytes() == bad_bytes, "the user's own file is left as it was"
     _, runs = _runs(isolated_stores["tracking_uri"])
     assert [run.info.status for run in runs] == ["FAILED"]

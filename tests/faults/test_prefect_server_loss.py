@@ -87,12 +87,13 @@ def _assert_outcome_agrees(code: int, tracking_uri: str, stderr: list[str], api_
     except MlflowException:
         champion_run = None
     text = "\n".join(stderr)
-    assert "Traceback" not in text, text[-4000:]
+    assert "Traceback" not in text and "NoneType: None" not in text, text[-4000:]
     if code == 0:
         assert run.info.status == "FINISHED"
         assert champion_run == run.info.run_id
         (warning,) = [line for line in stderr if "warning:" in line]
         assert api_url in warning and "Prefect's record of this run is incomplete" in warning, warning
+        assert stderr[-1] == warning, "the warning is the last word"
         assert run.info.run_id in warning
         assert "Pipeline failed" not in text and "error:" not in text
     else:
@@ -101,6 +102,7 @@ def _assert_outcome_agrees(code: int, tracking_uri: str, stderr: list[str], api_
         assert champion_run is None, "a run that does not stand moved the champion"
         (error,) = [line for line in stderr if line.startswith("error:")]
         assert api_url in error and run.info.run_id in error and "not FINISHED" in error, error
+        assert stderr[-1] == error, "the error is the last word"
 
 
 def test_prefect_server_killed_after_the_gate_the_run_stands_with_one_warning(

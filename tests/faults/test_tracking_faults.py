@@ -16,6 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
+from terminal import assert_one_clear_failure
 
 from taxi_duration import services
 
@@ -105,9 +106,9 @@ def test_failing_artifact_uploads_fail_the_run_clearly_and_keep_local_copies(
         "MLFLOW_TRACKING_URI": proxy_url, "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
 
     assert completed.returncode == 1
+    paragraph = assert_one_clear_failure(completed.stdout, completed.stderr, "Pipeline failed: could not archive ", proxy_url)
     # 01_explore and 02_features run side by side: whichever archives first meets the failure.
-    assert re.search(r"could not archive 0[12]_(explore|features)\.ipynb", completed.stderr), completed.stderr[-3000:]
-    assert proxy_url in completed.stderr
+    assert re.search(r"could not archive 0[12]_(explore|features)\.ipynb", paragraph), paragraph
     assert len(refused) >= 2, "MLflow retries an upload before giving up"
     # Everything the notebook produced is still on disk, and the run is closed as FAILED.
     run_dir = next(isolated_stores["outputs"].glob("green/2023-03/*"))

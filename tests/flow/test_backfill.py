@@ -64,6 +64,9 @@ def test_backfill_three_months_then_repeat_is_all_cached_and_a_failed_month_is_r
     assert "FINISHED" in rows["2023-03"]
     assert "FAILED" in rows["2023-04"] and "green_tripdata_2023-05.parquet" in rows["2023-04"]
     assert "1 of 2 months finished, 1 failed" in failing.stdout
+    # The failed month's paragraph is in the table; the terminal shows no traceback of it.
+    assert "Traceback (most recent call last)" not in failing.stdout + failing.stderr
+    assert "NoneType: None" not in failing.stdout + failing.stderr
 
 
 def test_backfill_rejects_a_bad_range_before_running(isolated_stores, prefect_home):

@@ -33,6 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from taxi_duration import data, run_servers, services, settings
+from taxi_duration.orchestration import console
 from taxi_duration.orchestration.pipeline import taxi_duration_pipeline
 from taxi_duration.periods import Color, InvalidParameterError, PipelineParams, month_range
 
@@ -294,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         help="months run at the same time (default 2); with --dask-address the cluster's worker threads decide",
     )
     parser.add_argument("--force", action="store_true", help="rerun every stage of every month")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)")
     parser.add_argument("--dask", action="store_true", help="run each month in a process of a local Dask cluster")
     parser.add_argument(
         "--dask-address", metavar="tcp://HOST:PORT",
@@ -318,13 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                 print(warning, file=sys.stderr)
             threads = check_dask_scheduler(dask_address)
             print(f"Dask scheduler {dask_address}: {threads} worker thread(s), so up to {threads} months at a time")
-        results = run_backfill(
-            args.first, args.last, max_parallel=args.max_parallel, dask=args.dask, dask_address=dask_address,
-            color=args.color, data_source=args.data_source, experiment=args.experiment, force=args.force,
-        )
+        with console.one_clear_failure(args.verbose):
+            results = run_backfill(
+                args.first, args.last, max_parallel=args.max_parallel, dask=args.dask, dask_address=dask_address,
+                color=args.color, data_source=args.data_source, experiment=args.experiment, force=args.force,
+            )
     except (DaskUnavailableError, services.ServiceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    console.settle_prefect_workers()
     print("\n" + format_table(results))
     for warning in elsewhere_tracked(results, settings.tracking_uri()):
         print(warning, file=sys.stderr)

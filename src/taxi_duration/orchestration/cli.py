@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from taxi_duration import data, fast_start, run_servers, services, settings, tracking
-from taxi_duration.orchestration import lost_server, stopping
+from taxi_duration.orchestration import console, lost_server, stopping
 from taxi_duration.orchestration.pipeline import run_resolved
 from taxi_duration.orchestration.report import format_summary
 from taxi_duration.orchestration.request import resolve_request
@@ -34,6 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--experiment", help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else nyc-taxi-duration)")
     parser.add_argument("--latest", action="store_true", help="train on the newest month whose data and next month are published")
     parser.add_argument("--force", action="store_true", help="rerun every stage, even those whose inputs have not changed")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)")
     return parser.parse_args(argv)
 
 
@@ -54,18 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     except tracking.TrackingUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return _run_flow(lambda: run_resolved(request), format_summary, "Pipeline")
+    return _run_flow(lambda: run_resolved(request), format_summary, "Pipeline", args.verbose)
 
 
-def _run_flow(run, summary, what: str) -> int:
+def _run_flow(run: Callable[[], dict[str, Any]], summary: Callable[[dict[str, Any]], str], what: str,
+              verbose: bool = False) -> int:
     """Run a resolved flow with a Prefect API, print its summary; 1 with one line when it fails.
+
+    The failure's paragraph is the last thing printed; the terminal shows no traceback of a
+    failure the project recognises unless `verbose` (orchestration.console).
 
     A Prefect server lost during the run: 0, the summary and one warning when the MLflow run the
     flow owns FINISHED (its work stands, Prefect's record of it does not); otherwise 1.
     """
     try:
         with (run_servers.prefect_api_for_run() as prefect_api, run_servers.without_flow_heartbeats(),
-              lost_server.said_once()):
+              lost_server.said_once(), console.one_clear_failure(verbose)):
             result = run()
     except services.ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -83,8 +91,10 @@ def _run_flow(run, summary, what: str) -> int:
         if stopping.requested():  # the stop reached the flow as its stage's NotebookStopped
             print(f"\n{what} stopped ({stopping.signal_name()})", file=sys.stderr)
             return stopping.exit_code()
+        console.settle_prefect_workers()
         print(f"\n{what} failed: {error}", file=sys.stderr)
         return 1
+    console.settle_prefect_workers()
     print(summary(result))
     if prefect_api:
         print(f"  Prefect flow run  {prefect_api.removesuffix('/api')}/runs/flow-run/{result['prefect_flow_run_id']}")
@@ -120,6 +130,8 @@ def parse_score_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--data-source", help="URL prefix or folder of trip files (default $TAXI_DATA_SOURCE, else TLC)")
     parser.add_argument("--experiment", help="MLflow experiment (default $TAXI_SCORING_EXPERIMENT, else <experiment>-scoring)")
     parser.add_argument("--force", action="store_true", help="score again even if this month and model were scored already")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)")
     return parser.parse_args(argv)
 
 
@@ -140,4 +152,4 @@ def score_main(argv: list[str] | None = None) -> int:
     except (InvalidParameterError, data.TripDataError, ValueError, ModelNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return _run_flow(lambda: run_resolved_scoring(request), format_score_summary, "Scoring")
+    return _run_flow(lambda: run_resolved_scoring(request), format_score_summary, "Scoring", args.verbose)
