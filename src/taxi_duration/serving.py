@@ -126,6 +126,8 @@ def input_example(trips: pd.DataFrame, rows: int = 5) -> pd.DataFrame:
     """A few trips' RAW_COLUMNS with plain dtypes, as a request would send them: the first that pass the checks."""
     raw = raw_trips(trips)
     example = raw[refusal_reasons(raw).isna()].head(rows).reset_index(drop=True)
+    if example.empty:
+        raise ValueError(f"none of the {len(raw)} trips passes the model's checks: no input example to log")
     return example.astype({column: "int64" for column in LOCATION_COLUMNS})
 
 
@@ -135,12 +137,12 @@ def refusal_reasons(trips: pd.DataFrame) -> pd.Series:
     A zone id is a whole number among TLC's zones (74 and 74.0 are zone 74; 74.5, a text or a
     boolean is not); a distance is a finite number of miles from 0 to MAX_TRIP_MILES.
     """
-    reasons = pd.Series(None, index=trips.index, dtype=object)
+    reasons = np.full(len(trips), None, dtype=object)
     for column in RAW_COLUMNS:
-        keys = (_zone_reasons if column in LOCATION_COLUMNS else _distance_reasons)(trips[column])
-        first = reasons.isna() & keys.notna()
-        reasons[first] = column + "." + keys[first]
-    return reasons.where(reasons.notna(), None)
+        keys = (_zone_reasons if column in LOCATION_COLUMNS else _distance_reasons)(trips[column]).to_numpy()
+        first = pd.isna(reasons) & ~pd.isna(keys)
+        reasons[first] = [f"{column}.{key}" for key in keys[first]]
+    return pd.Series(reasons, index=trips.index, dtype=object)
 
 
 def reason_text(reason: str) -> str:
@@ -150,10 +152,10 @@ def reason_text(reason: str) -> str:
 
 
 def rule_text(column: str) -> str:
-    """The rule a field's values follow, as error messages and reports state it."""
+    """The rule a field's values follow, as error messages and reports state it: 'a whole number among ...'."""
     if column in LOCATION_COLUMNS:
-        return f"zone ids are whole numbers among TLC's zones {zones.id_range()}"
-    return f"{column} is a finite number of miles from 0 to {MAX_TRIP_MILES:g}"
+        return f"a whole number among TLC's zones {zones.id_range()}"
+    return f"a finite number of miles from 0 to {MAX_TRIP_MILES:g}"
 
 
 def check_trips(trips: pd.DataFrame) -> pd.DataFrame:
@@ -178,7 +180,7 @@ def check_trips(trips: pd.DataFrame) -> pd.DataFrame:
         value = "" if key == "missing" else f" {_shown(trips[column].iloc[row])}"
         rows.append(f"row {row}: {column}{value} is {REASONS[key]}")
     more = f"; and {len(refused) - LISTED_ROWS} more" if len(refused) > LISTED_ROWS else ""
-    rules = dict.fromkeys(rule_text(reason.split(".", 1)[0]) for reason in refused)
+    rules = dict.fromkeys(f"{column} is {rule_text(column)}" for column in (reason.split(".", 1)[0] for reason in refused))
     raise _refusal(
         f"refused the whole batch: {len(refused)} of its {len(trips)} trips break the model's input rules "
         f"(rows count from 0). {'; '.join(rows)}{more}. The rules: {'; '.join(rules)}."
@@ -252,13 +254,10 @@ def _is_number(value: object) -> bool:
 
 def _first(index: pd.Index, rules: list[tuple[pd.Series, str]]) -> pd.Series:
     """Per row, the key of the first rule whose condition holds, else None."""
-    keys = pd.Series(None, index=index, dtype=object)
-    undecided = np.ones(len(index), dtype=bool)
-    for condition, key in rules:
-        hit = undecided & np.asarray(condition, dtype=bool)
-        keys[hit] = key
-        undecided &= ~hit
-    return keys
+    keys = np.full(len(index), None, dtype=object)
+    for condition, key in reversed(rules):  # the first rule's key is written last
+        keys[np.asarray(condition, dtype=bool)] = key
+    return pd.Series(keys, index=index, dtype=object)
 
 
 def _shown(value: object) -> str:

@@ -22,13 +22,14 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import features, model
+from taxi_duration import features, model, serving
 from taxi_duration.data import read_trips
 
 pytestmark = pytest.mark.flow
 
 SCORING_EXPERIMENT = "nyc-taxi-duration-scoring"
 RAW_COLUMNS = ["PULocationID", "DOLocationID", "trip_distance"]
+PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 
 def _scoring_runs(tracking_uri: str) -> list:
@@ -54,19 +55,28 @@ def test_real_2023_05_scored_with_the_2023_03_champion(real_run):
     assert run.data.params["model_uri"] == "models:/nyc-taxi-duration/1"
     assert run.data.params["requested_model_uri"] == "models:/nyc-taxi-duration@champion"
 
-    # One prediction per 1-60 minute trip of 2023-05, with the columns the issue names.
+    # One prediction per 1-60 minute trip of 2023-05 the model can score, with the columns the issue
+    # names. The others are TLC's meter errors: 44 trips of over 100 miles (1,415 to 267,006), set
+    # aside and counted rather than failing the month.
     run_dir = Path(run.data.tags["taxi.run_dir"])
     predictions = pd.read_parquet(run_dir / "predictions" / "green_2023-05.parquet")
     source_file = real_run.data / "green_tripdata_2023-05.parquet"
-    expected = _window_trips(source_file)
+    window = _window_trips(source_file)
+    too_long = window["trip_distance"] > serving.MAX_TRIP_MILES
+    assert int(too_long.sum()) == 44 and serving.refusal_reasons(window[~too_long]).isna().all()
+    expected = window[~too_long]
     assert len(predictions) == len(expected)
+    refused = pd.read_parquet(run_dir / "refused" / "green_2023-05.parquet")
+    assert len(refused) == 44 and set(refused["reason"]) == {"trip_distance.too_long"}
+    assert not set(refused["ride_id"]) & set(predictions["ride_id"])
+    assert re.search(r"trips refused\s+44 \(trip_distance over 100 miles: 44\)", tail)
     assert list(predictions.columns) == ["ride_id", "pickup_datetime", "PULocationID", "DOLocationID", "trip_distance",
                                          "predicted_minutes", "actual_minutes", "model_name", "model_version"]
     assert predictions["ride_id"].is_unique and predictions["ride_id"].str.fullmatch(r"2023/05_\d+").all()
     assert set(predictions["model_name"]) == {"nyc-taxi-duration"} and set(predictions["model_version"]) == {"1"}
     np.testing.assert_allclose(predictions["actual_minutes"].to_numpy(), expected["duration"].to_numpy())
 
-    # Its RMSE is the logged model's, computed here directly.
+    # Its RMSE is the logged model's on the trips it scored, computed here directly.
     mlflow.set_tracking_uri(real_run.tracking_uri)
     champion = mlflow.sklearn.load_model("models:/nyc-taxi-duration/1")
     direct = model.rmse(expected["duration"].to_numpy(), champion.predict(expected[RAW_COLUMNS]))
@@ -74,11 +84,14 @@ def test_real_2023_05_scored_with_the_2023_03_champion(real_run):
     assert metrics["rmse"] == pytest.approx(direct, rel=1e-9)
     assert re.search(rf"RMSE\s+{direct:.3f} minutes on 2023-05 \(registered with 5\.47\d\)", tail)
     assert metrics["scored_trips"] == len(expected) and metrics["training_trips"] == 69_392
+    assert metrics["refused_trips"] == 44 and metrics["refused.trip_distance.too_long"] == 44
+    assert metrics["month_trips"] == len(window)  # the drift figures cover every trip of the month
 
     # The report names the drift figures, and the run logs them.
     report = (run_dir / "04_score.review.html").read_text()
     for figure in ("trips (1-60 min)", "distance mean (mi)", "distance PSI", "duration PSI",
-                   "PU_DO pairs unseen in training", "2023-03 (training)", "2023-05 (scored)"):
+                   "PU_DO pairs unseen in training", "2023-03 (training)", "2023-05 (scored)",
+                   "Refused trips", "44 of 66,313 trips refused", "trip_distance over 100 miles"):
         assert figure in report, figure
     for key in ("distance_psi", "duration_psi", "unseen_pu_do_share", "trip_count_ratio"):
         assert np.isfinite(metrics[key]), key
@@ -121,6 +134,38 @@ def test_a_reopened_scoring_notebook_reproduces_the_scoring_run(real_run, tmp_pa
     assert "make reopen RUN=" + past.short_id + " STAGE=04_score" in (past.folder / "04_score.review.html").read_text()
 
 
+VALID_TRIP = {"PULocationID": 74, "DOLocationID": 75, "trip_distance": 1.2}
+# One bad trip per rule, as a client sends it over HTTP, and how the refusal names it.
+REFUSALS = [
+    ({**VALID_TRIP, "trip_distance": -1.2}, "trip_distance -1.2 is negative"),
+    ({**VALID_TRIP, "trip_distance": None}, "trip_distance is missing"),
+    ({"PULocationID": 74, "DOLocationID": 75}, "trip_distance is missing"),
+    ({**VALID_TRIP, "trip_distance": 250000.0}, "trip_distance 250000.0 is over 100 miles"),
+    ({**VALID_TRIP, "PULocationID": 999}, "PULocationID 999 is not a TLC zone"),
+    ({**VALID_TRIP, "DOLocationID": 0}, "DOLocationID 0 is not a TLC zone"),
+    ({**VALID_TRIP, "PULocationID": 74.5}, "PULocationID 74.5 is not a whole number"),
+    ({**VALID_TRIP, "DOLocationID": None}, "DOLocationID is missing"),
+    ({**VALID_TRIP, "PULocationID": "74"}, "PULocationID '74' is not a number"),
+]
+
+
+def readme_curl_payload() -> dict:
+    """The JSON the README's curl example sends to the served model."""
+    readme = (PROJECT_DIR / "README.md").read_text()
+    match = re.search(r"curl -s http://127\.0\.0\.1:5002/invocations .*?-d '(?P<payload>[^']+)'", readme, re.DOTALL)
+    assert match, "the README shows a curl request to the served model"
+    return json.loads(match["payload"])
+
+
+def champion_files(tracking_uri: str, folder: Path) -> Path:
+    """The registered champion's files (MLmodel, its input example...), downloaded into `folder`."""
+    import mlflow.artifacts
+
+    mlflow.set_tracking_uri(tracking_uri)  # the registry's models:/ URIs resolve through it
+    return Path(mlflow.artifacts.download_artifacts(
+        artifact_uri="models:/nyc-taxi-duration@champion", dst_path=str(folder / "champion"), tracking_uri=tracking_uri))
+
+
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     try:
@@ -156,25 +201,65 @@ def test_champion_served_over_http_answers_like_the_scoring_notebook(real_run, f
                 assert time.monotonic() < deadline, "the model server did not answer /ping within 180 s"
                 time.sleep(0.5)
 
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"dataframe_split": sample[RAW_COLUMNS].to_dict(orient="split", index=False)})
+        invocations = f"http://127.0.0.1:{port}/invocations"
+        status, body = _post(invocations, {"dataframe_split": sample[RAW_COLUMNS].to_dict(orient="split", index=False)})
         assert status == 200, body
         np.testing.assert_allclose(body["predictions"], sample["predicted_minutes"].to_numpy(), rtol=1e-6)
 
-        # The README's two-trip request, as records.
-        two = sample[RAW_COLUMNS].head(2)
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"dataframe_records": json.loads(two.to_json(orient="records"))})
-        assert status == 200 and len(body["predictions"]) == 2
+        # The README's request, as its curl sends it, and the registered model's input example.
+        status, body = _post(invocations, readme_curl_payload())
+        assert status == 200 and len(body["predictions"]) == 2, body
+        example = json.loads((champion_files(real_run.tracking_uri, tmp_path) / "serving_input_example.json").read_text())
+        status, body = _post(invocations, example)
+        assert status == 200 and len(body["predictions"]) == len(example["dataframe_split"]["data"]) == 5, body
 
-        # A request missing a column is refused with a 400 naming it, and the server stays up.
-        status, body = _post(f"http://127.0.0.1:{port}/invocations",
-                             {"dataframe_records": [{"PULocationID": 74, "trip_distance": 1.2}]})
-        assert status == 400 and "DOLocationID" in body["message"], body
+        # Each rule: the whole batch is refused with a 400 naming the row, the field and the rule.
+        for trip, words in REFUSALS:
+            status, body = _post(invocations, {"dataframe_records": [VALID_TRIP, trip]})
+            assert status == 400 and body["error_code"] == "INVALID_PARAMETER_VALUE", (trip, body)
+            assert "refused the whole batch: 1 of its 2 trips" in body["message"], body
+            assert f"row 1: {words}" in body["message"] and "The rules: " in body["message"], (trip, body)
+        status, body = _post(invocations, {"dataframe_records": [{"PULocationID": 74, "trip_distance": 1.2}]})
+        assert status == 400 and "lack the column(s) DOLocationID" in body["message"], body
+
+        # What the rules let through: 74.0 is zone 74; TLC's zones 264 and 265; 0 and 100 miles.
+        status, body = _post(invocations, {"dataframe_records": [VALID_TRIP, {**VALID_TRIP, "PULocationID": 74.0}]})
+        assert status == 200 and body["predictions"][0] == body["predictions"][1], body
+        status, body = _post(invocations, {"dataframe_records": [
+            {"PULocationID": 264, "DOLocationID": 265, "trip_distance": 0.0},
+            {"PULocationID": 265, "DOLocationID": 264, "trip_distance": 100}]})
+        assert status == 200 and len(body["predictions"]) == 2, body
+
+        # An empty batch, however sent, gets an empty answer.
+        for empty in ({"dataframe_records": []}, {"dataframe_split": {"columns": RAW_COLUMNS, "data": []}},
+                      {"inputs": []}):
+            status, body = _post(invocations, empty)
+            assert (status, body) == (200, {"predictions": []}), (empty, body)
         assert server.poll() is None
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+@pytest.mark.realdata
+def test_mlflow_models_predict_refuses_a_bad_batch_too(real_run, tmp_path):
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": real_run.tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+    def predict(payload: dict) -> subprocess.CompletedProcess:
+        (tmp_path / "input.json").write_text(json.dumps(payload))
+        return subprocess.run(
+            [str(bin_dir / "mlflow"), "models", "predict", "-m", "models:/nyc-taxi-duration@champion", "-i",
+             str(tmp_path / "input.json"), "-t", "json", "--env-manager", "local"],
+            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )
+
+    refused = predict({"dataframe_records": [VALID_TRIP, {**VALID_TRIP, "PULocationID": 74.5}]})
+    assert refused.returncode != 0
+    assert "row 1: PULocationID 74.5 is not a whole number" in refused.stderr, refused.stderr[-3000:]
+    answered = predict(readme_curl_payload())
+    assert answered.returncode == 0, answered.stderr[-3000:]
+    assert len(json.loads(answered.stdout.strip().splitlines()[-1])["predictions"]) == 2
 
 
 def test_scoring_cli_reuses_refuses_and_scores_a_month_without_durations(

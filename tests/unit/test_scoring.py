@@ -133,7 +133,7 @@ def test_trips_the_model_refuses_are_set_aside_and_counted(tmp_path: Path) -> No
                                               "trip_distance negative: 1"]
     table = scoring.refusal_table(refused, len(month))
     assert table["refused because"].tolist()[0] == "trip_distance over 100 miles" and table["trips"].sum() == 4
-    assert table["the rule"].tolist()[0] == "trip_distance is a finite number of miles from 0 to 100"
+    assert table["the rule"].tolist()[0] == "a finite number of miles from 0 to 100"
     assert scoring.refused_path("green", Month(2023, 3)) == "refused/green_2023-03.parquet"
 
 

@@ -167,8 +167,8 @@ def test_a_batch_with_one_bad_trip_is_refused_whole_naming_row_field_and_rule(
     trained: Trained, field: str, value: object, words: str
 ) -> None:
     batch = [valid_trip(), valid_trip(), {**valid_trip(), field: value}]
-    rule = "zone ids are whole numbers among TLC's zones 1-265" if field != "trip_distance" else (
-        "trip_distance is a finite number of miles from 0 to 100")
+    rule = f"{field} is " + ("a whole number among TLC's zones 1-265" if field != "trip_distance" else
+                             "a finite number of miles from 0 to 100")
 
     with pytest.raises(MlflowException) as refused:
         trained.pipeline.predict(batch)
@@ -214,7 +214,8 @@ def test_the_refusal_lists_ten_rows_and_counts_the_rest(trained: Trained) -> Non
 
 def test_the_first_broken_rule_of_a_trip_is_its_reason() -> None:
     trips = pd.DataFrame({"PULocationID": [999, 74, 74, 74], "DOLocationID": [None, 5.5, 75, 75],
-                          "trip_distance": [-1.0, -1.0, np.nan, 2.0]})
+                          "trip_distance": [-1.0, -1.0, np.nan, 2.0]}, index=[5, 5, 2, 9])  # any index, even repeated
+    assert serving.refusal_reasons(trips).index.tolist() == [5, 5, 2, 9]
     assert serving.refusal_reasons(trips).tolist() == [
         "PULocationID.not_a_zone", "DOLocationID.not_whole", "trip_distance.missing", None]
     assert serving.reason_text("trip_distance.too_long") == "trip_distance over 100 miles"
@@ -284,6 +285,12 @@ def test_input_example_skips_trips_the_model_refuses(trained: Trained) -> None:
 
     assert serving.refusal_reasons(example).isna().all()
     np.testing.assert_array_equal(example["trip_distance"], raw["trip_distance"].iloc[[1, 3, 4]])
+
+
+def test_no_input_example_without_a_trip_the_model_scores(trained: Trained) -> None:
+    raw = trained.raw().head(3).astype({"trip_distance": "float64"}).assign(trip_distance=-1.0)
+    with pytest.raises(ValueError, match="none of the 3 trips passes the model's checks"):
+        serving.input_example(raw)
 
 
 def test_input_example_rows(trained):
