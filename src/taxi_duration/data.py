@@ -32,7 +32,7 @@ from taxi_duration.download import DOWNLOAD_ATTEMPTS, DOWNLOAD_BACKOFF_SECONDS, 
 from taxi_duration.periods import Month
 
 # The error kinds are part of this module's interface too: callers catch data.TripDataError.
-from taxi_duration.trip_errors import TripDataError, TripDownloadError, TripFileInvalid, TripFileNotFound  # noqa: F401
+from taxi_duration.trip_errors import TripDataError, TripDownloadError, TripFileInvalid, TripFileNotFound  # noqa: F401 - re-exported
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -25,9 +25,9 @@ from taxi_duration.schedule import (
 
 settings.apply_environment_defaults()  # before prefect is imported, as the entry points do
 
-from prefect import Flow  # noqa: E402
-from prefect.utilities.callables import parameter_schema  # noqa: E402
-from prefect.utilities.schema_tools.validation import ValidationError, validate  # noqa: E402
+from prefect import Flow  # noqa: E402 - after the environment defaults, as above
+from prefect.utilities.callables import parameter_schema  # noqa: E402 - as above
+from prefect.utilities.schema_tools.validation import ValidationError, validate  # noqa: E402 - as above
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 PREFECT_YAML = PROJECT_DIR / "prefect.yaml"

@@ -26,6 +26,6 @@ settings.apply_environment_defaults()
 run_servers.adopt_running_services()
 
 with fast_start.imports_without_gc():
-    import prefect  # noqa: F401
+    import prefect  # noqa: F401 - imported here, once, with the collector paused
 
     tracking.import_mlflow()
