@@ -182,7 +182,7 @@ def check_trips(trips: pd.DataFrame) -> pd.DataFrame:
     more = f"; and {len(refused) - LISTED_ROWS} more" if len(refused) > LISTED_ROWS else ""
     rules = dict.fromkeys(f"{column} is {rule_text(column)}" for column in (reason.split(".", 1)[0] for reason in refused))
     raise _refusal(
-        f"refused the whole batch: {len(refused)} of its {len(trips)} trips break the model's input rules "
+        f"refused the whole batch: {len(refused):,} of its {len(trips):,} trips break the model's input rules "
         f"(rows count from 0). {'; '.join(rows)}{more}. The rules: {'; '.join(rules)}."
     )
 

@@ -11,9 +11,10 @@ import mlflow
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import model, runfiles, services
+from taxi_duration import model, runfiles, services, serving
 
 pytestmark = pytest.mark.flow
 
@@ -80,7 +81,13 @@ def test_real_green_2023_03_reproduces_the_reference_model(real_run):
     assert servable_info.signature.inputs.input_names() == ["PULocationID", "DOLocationID", "trip_distance"]
     servable = mlflow.sklearn.load_model(manifest["model_uri"])
     records = runfiles.load_validation_records(run_dir)
-    assert model.rmse(matrices.y_val, servable.predict(records)) == pytest.approx(metrics["rmse"], rel=1e-6)
+    # Over every validation trip, as the booster's RMSE and the gate count them; served, the batch
+    # is refused: it holds 37 of TLC's meter errors, trips of over 100 miles.
+    every_trip = serving.predict_every_trip(servable, records)
+    assert model.rmse(matrices.y_val, every_trip) == pytest.approx(metrics["rmse"], rel=1e-6)
+    assert serving.refusal_reasons(records).value_counts().to_dict() == {"trip_distance.too_long": 37}
+    with pytest.raises(MlflowException, match="refused the whole batch: 37 of its 62,979 trips"):
+        servable.predict(records)
     logged = client.search_logged_models([run.info.experiment_id])
     assert sorted(m.name for m in logged) == ["model", "servable_model"]
     assert {m.source_run_id for m in logged} == {run_id}
