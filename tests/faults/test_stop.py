@@ -8,6 +8,7 @@ path in their environment.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import random
 import shutil
@@ -26,10 +27,9 @@ from mlflow.tracking import MlflowClient
 from nbformat.v4 import new_code_cell
 
 from taxi_duration import run_servers, settings
+from taxi_duration.orchestration.stopping import STOP_DEADLINE_SECONDS
 from taxi_duration.periods import Month
 from taxi_duration.synthetic import write_trip_file
-
-pytestmark = [pytest.mark.flow, pytest.mark.long]
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 SIGNAL_TO_EXIT_SECONDS = 30  # what the pipeline promises: gone this long after its signal, at the latest
@@ -211,6 +211,8 @@ PHASES: dict[str, tuple[Callable[[StoppedRun], bool], float]] = {
 }
 
 
+@pytest.mark.flow
+@pytest.mark.long
 def test_stops_at_random_moments_under_load_end_in_time_killed_and_leave_no_process(
     tmp_path: Path, empty_tracking_store: Path, prefect_home: Path, prefect_server_up: None, tiny_source: Path,
     cpu_burner: subprocess.Popen,
@@ -253,6 +255,8 @@ def sleeping_project(tmp_path: Path) -> Path:
     return copy
 
 
+@pytest.mark.flow
+@pytest.mark.long
 @pytest.mark.parametrize("mode", ["swallowed", "stuck"])
 def test_a_stop_whose_exception_is_swallowed_still_ends_the_run_killed_in_time(
     tmp_path: Path, empty_tracking_store: Path, prefect_home: Path, prefect_server_up: None, tiny_source: Path,
@@ -278,3 +282,69 @@ def test_a_stop_whose_exception_is_swallowed_still_ends_the_run_killed_in_time(
     if mode == "stuck":
         assert "the pipeline was stopped" in mlflow_run.data.tags["taxi.killed_reason"]
         assert "marking the run KILLED and exiting" in run.output()
+
+
+# The issue's mechanism without Prefect: the main thread is in a weakref callback (as in
+# SQLAlchemy's clsregistry._remove_item) when SIGTERM comes, so the handler's SystemExit is
+# printed as ignored and the thread carries on. The runner ignores SIGTERM (a hung clean-up)
+# and its "kernel" runs in a session of its own, as jupyter_client starts one.
+WEAKREF_SCRIPT = """
+import json, subprocess, sys, time, weakref
+from pathlib import Path
+
+from taxi_duration.orchestration import stopping
+from taxi_duration.runner import processes
+
+folder = Path(sys.argv[1])
+stopping.install()
+kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+record = folder / "kernel.json"
+record.write_text(json.dumps({"pid": kernel.pid, "create_time": processes.create_time(kernel.pid)}))
+runner = processes.start_runner_process(
+    [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+    folder / "runner.log", record)
+(folder / "pids.json").write_text(json.dumps({"runner": runner.pid, "kernel": kernel.pid}))
+
+class Mapped:
+    pass
+
+def removed(reference):
+    (folder / "in-callback").touch()
+    time.sleep(60)
+
+mapped = Mapped()
+reference = weakref.ref(mapped, removed)
+del mapped  # the callback runs now, in the main thread
+print(f"carried on; stop requested: {stopping.requested()}", flush=True)
+runner.wait()  # as a stage waits for its runner
+print(f"runner ended with {runner.returncode}", flush=True)
+sys.exit(stopping.exit_code() if stopping.requested() else 0)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_a_sigterm_swallowed_in_a_weakref_callback_still_kills_the_runner_and_its_kernel(tmp_path: Path) -> None:
+    script = tmp_path / "weakref_stop.py"
+    script.write_text(WEAKREF_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert _wait_for(lambda: (tmp_path / "in-callback").exists(), 60), process.stderr
+        pids = json.loads((tmp_path / "pids.json").read_text())
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=SIGNAL_TO_EXIT_SECONDS)
+        took = time.monotonic() - signalled
+    finally:
+        process.kill()
+    assert "Exception ignored in" in stderr and "SystemExit: 143" in stderr, stderr  # the swallow happened
+    assert "carried on; stop requested: 15" in stdout, stdout + stderr
+    assert "runner ended with -9" in stdout, stdout + stderr  # SIGTERM ignored: SIGKILLed after the grace
+    assert process.returncode == 143 and took < STOP_DEADLINE_SECONDS, (process.returncode, took)
+    assert _wait_for(lambda: _gone(pids["kernel"]) and _gone(pids["runner"]), 5), pids

@@ -25,6 +25,7 @@ an unwinding exception; Ctrl-C keeps Python's KeyboardInterrupt.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import faulthandler
 import logging
@@ -48,6 +49,7 @@ LAST_RESORT_SECONDS = 5  # then the last-resort callbacks have this long before 
 HARD_EXIT_SECONDS = 28  # whatever happens, the process is gone this long after the signal
 
 _signum: int | None = None
+_runners_stopped = threading.Event()
 _last_resort: list[Callable[[], None]] = []
 _wakeup: socket.socket | None = None  # the write end, kept open for the process's life
 
@@ -63,6 +65,14 @@ def install() -> None:
     _wakeup = writer
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     threading.Thread(target=_watch, args=(reader,), name="stop-watcher", daemon=True).start()
+    atexit.register(_let_the_runners_stop)
+
+
+def _let_the_runners_stop() -> None:
+    # The watcher is a daemon thread: a process ending in the middle of a stop would leave the
+    # runners it has not killed yet to notice their parent's death on their own.
+    if _signum is not None:
+        _runners_stopped.wait(RUNNER_GRACE_SECONDS + processes.REAP_WAIT_SECONDS + 1)
 
 
 def requested() -> int | None:
@@ -136,6 +146,7 @@ def _watch(reader: socket.socket) -> None:
             log.info("stopped %d notebook runner(s) on %s", len(stopped), signal.Signals(stops[0]).name)
     except Exception as problem:  # noqa: BLE001 - the deadline below still holds
         log.warning("could not stop every notebook runner: %r", problem)
+    _runners_stopped.set()
     time.sleep(max(signalled + STOP_DEADLINE_SECONDS - time.monotonic(), 0))
     # Still here: the normal way out is stuck. The last resort runs in a thread of its own, so
     # that nothing it waits on (a server, a lock on stderr) can hold the exit back.

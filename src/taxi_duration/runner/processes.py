@@ -79,12 +79,13 @@ def stop_all_runners(grace_seconds: float) -> list[int]:
     while time.monotonic() < deadline and any(_running(child) for child, _ in found):
         time.sleep(0.1)
     for child, kernel_record in found:
-        if _running(child):
-            _signal_group(child, signal.SIGKILL)
+        # The kernel first: whoever waits on the runner may go on (and the process end) once it dies.
         try:
             reap_kernel(kernel_record)
         except Exception as problem:  # noqa: BLE001 - the runner's own close reaps it too
             log.warning("could not reap the kernel of runner %d: %r", child.pid, problem)
+        if _running(child):
+            _signal_group(child, signal.SIGKILL)
     return [child.pid for child, _ in found]
 
 
