@@ -115,7 +115,10 @@ def compare(step: str, reference: Callable[[], object], fast: Callable[[], objec
         order = [(reference, reference_times), (fast, fast_times)]
         for call, times in order if index % 2 == 0 else reversed(order):
             times.append(seconds(call))
-        print(f"  {step} #{index + 1}: reference {reference_times[-1]:.2f} s, fast {fast_times[-1]:.2f} s", file=sys.stderr)
+        print(
+            f"  {step} #{index + 1}: reference {reference_times[-1]:.2f} s, fast {fast_times[-1]:.2f} s",
+            file=sys.stderr,
+        )
     return Comparison(step, reference_times, fast_times, peak_bytes(reference), peak_bytes(fast))
 
 
@@ -133,7 +136,9 @@ def synthetic_month(month: Month, rows: int, seed: int) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=YELLOW_MONTHLY_TRIPS, help="trips per month (default: a yellow month)")
+    parser.add_argument(
+        "--rows", type=int, default=YELLOW_MONTHLY_TRIPS, help="trips per month (default: a yellow month)"
+    )
     parser.add_argument("--repeat", type=int, default=5, help="timed runs of each way (median reported)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, help="also write the markdown table to this file")
@@ -151,15 +156,25 @@ def main(argv: list[str] | None = None) -> None:
     assert_same_matrix(fast_train, reference_train)
     assert_same_matrix(fast_val, reference_val)
     np.testing.assert_array_equal(fast_duration(raw).to_numpy(), reference_duration(raw).to_numpy())
-    summary = (f"{fast_train.shape[0]:,} train x {fast_train.shape[1]:,} features (nnz {fast_train.nnz:,}), "
-               f"{fast_val.shape[0]:,} validation (nnz {fast_val.nnz:,})")
+    summary = (
+        f"{fast_train.shape[0]:,} train x {fast_train.shape[1]:,} features (nnz {fast_train.nnz:,}), "
+        f"{fast_val.shape[0]:,} validation (nnz {fast_val.nnz:,})"
+    )
     del reference_train, reference_val, fast_train, fast_val
 
     comparisons = [
-        compare("matrices: to_dict + DictVectorizer vs fit_trip_matrix + trip_matrix",
-                lambda: reference_matrices(train, validation), lambda: fast_matrices(train, validation), args.repeat),
-        compare("duration: apply(total_seconds) vs .dt.total_seconds()",
-                lambda: reference_duration(raw), lambda: fast_duration(raw), args.repeat),
+        compare(
+            "matrices: to_dict + DictVectorizer vs fit_trip_matrix + trip_matrix",
+            lambda: reference_matrices(train, validation),
+            lambda: fast_matrices(train, validation),
+            args.repeat,
+        ),
+        compare(
+            "duration: apply(total_seconds) vs .dt.total_seconds()",
+            lambda: reference_duration(raw),
+            lambda: fast_duration(raw),
+            args.repeat,
+        ),
     ]
     lines = [
         f"Featurizer benchmark: two synthetic {COLOR} months of {args.rows:,} trips each ({len(train):,} and "

@@ -35,9 +35,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--color", choices=sorted(COLUMN_PREFIX), default="green")
     parser.add_argument("--tracking-uri", required=True, help="MLflow tracking URI, e.g. sqlite:////tmp/x/mlflow.db")
     parser.add_argument("--experiment", default="plain-script", help="MLflow experiment (default plain-script)")
-    parser.add_argument("--pause-gc", action="store_true",
-                        help="pause the garbage collector during the imports and skip its final scan at exit, "
-                             "as the pipeline's processes do (taxi_duration.fast_start)")
+    parser.add_argument(
+        "--pause-gc",
+        action="store_true",
+        help="pause the garbage collector during the imports and skip its final scan at exit, "
+        "as the pipeline's processes do (taxi_duration.fast_start)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.month <= 12:
         parser.error(f"--month must be 1-12, got {args.month}")
@@ -57,7 +60,9 @@ def read_dataframe(path: Path, color: str):
 
     prefix = COLUMN_PREFIX[color]
     frame = pd.read_parquet(path)
-    frame["duration"] = (frame[f"{prefix}_dropoff_datetime"] - frame[f"{prefix}_pickup_datetime"]).dt.total_seconds() / 60
+    frame["duration"] = (
+        frame[f"{prefix}_dropoff_datetime"] - frame[f"{prefix}_pickup_datetime"]
+    ).dt.total_seconds() / 60
     frame = frame[(frame.duration >= 1) & (frame.duration <= 60)].copy()
     categorical = ["PULocationID", "DOLocationID"]
     frame[categorical] = frame[categorical].astype(str)
@@ -123,18 +128,22 @@ def main(argv: list[str] | None = None) -> int:
         mlflow.create_experiment(args.experiment, artifact_location=(database.parent / "mlartifacts").as_uri())
     mlflow.set_experiment(args.experiment)
     with mlflow.start_run(run_name=f"plain-{args.color}-{args.year:04d}-{args.month:02d}"):
-        mlflow.log_params({"year": args.year, "month": args.month, "color": args.color, "data_source": str(args.data_dir)})
+        mlflow.log_params(
+            {"year": args.year, "month": args.month, "color": args.color, "data_source": str(args.data_dir)}
+        )
         mlflow.log_params(training_params())
-        mlflow.log_metrics({
-            "rmse": rmse,
-            "baseline_rmse": baseline_rmse,
-            "best_iteration": booster.best_iteration,
-            "train_rows": X_train.shape[0],
-            "val_rows": X_val.shape[0],
-            "n_features": X_train.shape[1],
-            "train_nnz": X_train.nnz,
-            "val_nnz": X_val.nnz,
-        })
+        mlflow.log_metrics(
+            {
+                "rmse": rmse,
+                "baseline_rmse": baseline_rmse,
+                "best_iteration": booster.best_iteration,
+                "train_rows": X_train.shape[0],
+                "val_rows": X_val.shape[0],
+                "n_features": X_train.shape[1],
+                "train_nnz": X_train.nnz,
+                "val_nnz": X_val.nnz,
+            }
+        )
         with tempfile.TemporaryDirectory() as folder:
             preprocessor = Path(folder) / "preprocessor.b"
             with open(preprocessor, "wb") as sink:
@@ -151,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     lap("mlflow logging")
 
-    print(f"train {X_train.shape[0]:,} x {X_train.shape[1]:,} ({X_train.nnz:,} non-zeros); "
-          f"validation {X_val.shape[0]:,} ({X_val.nnz:,} non-zeros)")
+    print(
+        f"train {X_train.shape[0]:,} x {X_train.shape[1]:,} ({X_train.nnz:,} non-zeros); "
+        f"validation {X_val.shape[0]:,} ({X_val.nnz:,} non-zeros)"
+    )
     print(f"validation RMSE {rmse!r} minutes (best iteration {booster.best_iteration})")
     print(f"model {info.model_uri}")
     for step, seconds in timings.items():

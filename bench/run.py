@@ -115,6 +115,7 @@ class Bench:
 
 # --- measuring one process tree --------------------------------------------------------------
 
+
 class TreeSampler(threading.Thread):
     """Samples a process tree's summed RSS and its largest per-process peak until stopped."""
 
@@ -155,8 +156,15 @@ def measure(bench: Bench, command: list[str], env: dict[str, str], cwd: Path, lo
     with open(log, "wb") as sink:
         started = time.monotonic()
         # Its own session: Ctrl-C reaches it only through us, and we can stop its whole group.
-        child = subprocess.Popen(command, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=sink,
-                                 stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(
+            command,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         sampler = TreeSampler(child.pid, bench.interval)
         sampler.start()
         try:
@@ -171,8 +179,9 @@ def measure(bench: Bench, command: list[str], env: dict[str, str], cwd: Path, lo
     output = log.read_text(errors="replace")
     if returncode != 0:
         tail = "\n".join(output.splitlines()[-40:])
-        raise BenchError(f"`{' '.join(command)}` exited with {returncode} after {seconds:.1f} s; "
-                         f"last lines of {log}:\n{tail}")
+        raise BenchError(
+            f"`{' '.join(command)}` exited with {returncode} after {seconds:.1f} s; last lines of {log}:\n{tail}"
+        )
     return seconds, sampler.tree_peak, sampler.largest, output
 
 
@@ -191,6 +200,7 @@ def _stop_group(child: subprocess.Popen) -> None:
 
 # --- environments ----------------------------------------------------------------------------
 
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
@@ -203,15 +213,20 @@ def base_environment() -> dict[str, str]:
 
     Note: main() sets OMP_NUM_THREADS in our own environment for --threads, so it arrives here.
     """
-    environment = {key: value for key, value in os.environ.items()
-                   if not key.startswith("TAXI_") and key not in USER_KNOBS}
+    environment = {
+        key: value for key, value in os.environ.items() if not key.startswith("TAXI_") and key not in USER_KNOBS
+    }
     environment.update(settings.ENVIRONMENT_DEFAULTS)
     return environment
 
 
 def services_environment(services_dir: Path, prefect_port: int, mlflow_port: int) -> dict[str, str]:
-    return {**base_environment(), "TAXI_SERVICES_DIR": str(services_dir),
-            "TAXI_PREFECT_PORT": str(prefect_port), "TAXI_MLFLOW_PORT": str(mlflow_port)}
+    return {
+        **base_environment(),
+        "TAXI_SERVICES_DIR": str(services_dir),
+        "TAXI_PREFECT_PORT": str(prefect_port),
+        "TAXI_MLFLOW_PORT": str(mlflow_port),
+    }
 
 
 def pipeline_environment(services: dict[str, str], run: Path, prefect_home: Path) -> dict[str, str]:
@@ -231,8 +246,9 @@ def services_command(action: str) -> list[str]:
 
 def start_services(bench: Bench, env: dict[str, str], log: Path) -> None:
     bench.services_dirs.append(Path(env["TAXI_SERVICES_DIR"]))
-    completed = subprocess.run(services_command("start"), cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
-                               timeout=600)
+    completed = subprocess.run(
+        services_command("start"), cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=600
+    )
     log.write_text(completed.stdout + completed.stderr)
     if completed.returncode != 0:
         raise BenchError(f"could not start the benchmark's servers:\n{completed.stdout}{completed.stderr}")
@@ -251,11 +267,14 @@ def recorded_server_pids(services_dir: Path) -> list[int]:
 def stop_services(services_dir: Path) -> None:
     """`python -m taxi_duration.services stop` for one folder: only the servers recorded there."""
     env = {**base_environment(), "TAXI_SERVICES_DIR": str(services_dir)}
-    completed = subprocess.run(services_command("stop"), cwd=PROJECT_DIR, env=env, capture_output=True, text=True,
-                               timeout=120)
+    completed = subprocess.run(
+        services_command("stop"), cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=120
+    )
     if completed.returncode != 0:
-        print(f"warning: stopping the servers in {services_dir} failed:\n{completed.stdout}{completed.stderr}",
-              file=sys.stderr)
+        print(
+            f"warning: stopping the servers in {services_dir} failed:\n{completed.stdout}{completed.stderr}",
+            file=sys.stderr,
+        )
 
 
 def services_rss(services_dir: Path) -> dict[str, int]:
@@ -281,8 +300,16 @@ STAGES = ("01_explore", "02_features", "03_train")
 
 
 def pipeline_command() -> list[str]:
-    return [sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), "--year", str(TRAIN_MONTH.year),
-            "--month", str(TRAIN_MONTH.month), "--color", COLOR]
+    return [
+        sys.executable,
+        str(PROJECT_DIR / "flows" / "pipeline.py"),
+        "--year",
+        str(TRAIN_MONTH.year),
+        "--month",
+        str(TRAIN_MONTH.month),
+        "--color",
+        COLOR,
+    ]
 
 
 def pipeline_rmse(output: str, log: Path) -> float:
@@ -299,10 +326,23 @@ def pipeline_rmse(output: str, log: Path) -> float:
 
 def run_plain(bench: Bench, repetition: int, base: dict[str, str], pause_gc: bool = False) -> Measurement:
     run = bench.folder("plain-gc-paused" if pause_gc else "plain")
-    command = [sys.executable, str(PROJECT_DIR / "bench" / "plain_script.py"), "--data-dir", str(bench.data_dir),
-               "--year", str(TRAIN_MONTH.year), "--month", str(TRAIN_MONTH.month), "--color", COLOR,
-               "--tracking-uri", f"sqlite:///{run / 'mlflow.db'}", "--experiment", "plain-script",
-               *(["--pause-gc"] if pause_gc else [])]
+    command = [
+        sys.executable,
+        str(PROJECT_DIR / "bench" / "plain_script.py"),
+        "--data-dir",
+        str(bench.data_dir),
+        "--year",
+        str(TRAIN_MONTH.year),
+        "--month",
+        str(TRAIN_MONTH.month),
+        "--color",
+        COLOR,
+        "--tracking-uri",
+        f"sqlite:///{run / 'mlflow.db'}",
+        "--experiment",
+        "plain-script",
+        *(["--pause-gc"] if pause_gc else []),
+    ]
     log = run / "output.log"
     seconds, tree, largest, output = measure(bench, command, base, run, log)
     found = PLAIN_RMSE.search(output)
@@ -319,8 +359,10 @@ def run_pipeline(bench: Bench, variant: str, repetition: int, env: dict[str, str
     reused = REUSED_LINE.search(output)
     reused_stages = sorted(re.findall(r"(\d\d_\w+) \(run", reused.group(1))) if reused else []
     if variant == "rerun" and reused_stages != list(STAGES):
-        raise BenchError(f"the rerun reused {reused_stages or 'no stage'} instead of every stage {list(STAGES)}: "
-                         f"the stage cache missed; see {log}")
+        raise BenchError(
+            f"the rerun reused {reused_stages or 'no stage'} instead of every stage {list(STAGES)}: "
+            f"the stage cache missed; see {log}"
+        )
     if variant != "rerun" and reused_stages:
         raise BenchError(f"the {variant} run reused {reused_stages} although nothing should be cached; see {log}")
     return Measurement(variant, repetition, seconds, tree, largest, pipeline_rmse(output, log), str(log))
@@ -362,15 +404,19 @@ def run_repetition(bench: Bench, repetition: int, order: list[str], shared: dict
         elif variant == "servers":
             run = bench.folder("servers")
             reset_registry(shared["mlflow_url"])
-            env = {**pipeline_environment(shared["servers_env"], run, shared["prefect_home"]),
-                   "MLFLOW_TRACKING_URI": shared["mlflow_url"], "PREFECT_API_URL": shared["prefect_api"]}
+            env = {
+                **pipeline_environment(shared["servers_env"], run, shared["prefect_home"]),
+                "MLFLOW_TRACKING_URI": shared["mlflow_url"],
+                "PREFECT_API_URL": shared["prefect_api"],
+            }
             measurement = run_pipeline(bench, "servers", repetition, env, run / "output.log")
         else:  # first run: nothing exists yet, not even the local Prefect server or Prefect's home
             run = bench.folder("first-run")
             services_dir = run / "services"
             bench.services_dirs.append(services_dir)
-            env = pipeline_environment(services_environment(services_dir, free_port(), free_port()), run,
-                                       run / "prefect-home")
+            env = pipeline_environment(
+                services_environment(services_dir, free_port(), free_port()), run, run / "prefect-home"
+            )
             try:
                 measurement = run_pipeline(bench, "first run", repetition, env, run / "output.log")
             finally:
@@ -388,6 +434,7 @@ def rotated_order(repetition: int) -> list[str]:
 
 # --- report ----------------------------------------------------------------------------------
 
+
 def _mib(size: int) -> str:
     return f"{size / 2**20:,.0f} MiB"
 
@@ -401,8 +448,13 @@ def machine_description() -> dict[str, object]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_bytes": psutil.virtual_memory().total,
-            "python": platform.python_version(), "platform": platform.platform()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "ram_bytes": psutil.virtual_memory().total,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def git_description() -> str:
@@ -435,13 +487,20 @@ def summarize(bench: Bench) -> list[dict[str, object]]:
         median = statistics.median(seconds)
         ratio = median / plain_median
         target = TARGETS.get(variant)
-        rows.append({
-            "variant": variant, "median": median, "min": min(seconds), "max": max(seconds), "ratio": ratio,
-            "ratio_to_plain_gc_paused": median / plain_gc_median,
-            "target": target, "within_target": None if target is None else ratio <= target,
-            "tree_peak_bytes": max(m.tree_peak_bytes for m in runs),
-            "largest_process_bytes": max(m.largest_process_bytes for m in runs),
-        })
+        rows.append(
+            {
+                "variant": variant,
+                "median": median,
+                "min": min(seconds),
+                "max": max(seconds),
+                "ratio": ratio,
+                "ratio_to_plain_gc_paused": median / plain_gc_median,
+                "target": target,
+                "within_target": None if target is None else ratio <= target,
+                "tree_peak_bytes": max(m.tree_peak_bytes for m in runs),
+                "largest_process_bytes": max(m.largest_process_bytes for m in runs),
+            }
+        )
     return rows
 
 
@@ -450,11 +509,18 @@ def rmse_check(bench: Bench) -> dict[str, object]:
     plain = next(m.rmse for m in bench.measurements if m.variant == "plain")
     tolerance = 0.5 * 10**-RMSE_DECIMALS
     disagreeing = [asdict(m) for m in bench.measurements if m.rmse is None or abs(m.rmse - plain) >= tolerance]
-    return {"plain_rmse": plain, "decimals": RMSE_DECIMALS, "equal": not disagreeing, "disagreeing": disagreeing,
-            "all": {f"{m.variant} #{m.repetition + 1}": m.rmse for m in bench.measurements}}
+    return {
+        "plain_rmse": plain,
+        "decimals": RMSE_DECIMALS,
+        "equal": not disagreeing,
+        "disagreeing": disagreeing,
+        "all": {f"{m.variant} #{m.repetition + 1}": m.rmse for m in bench.measurements},
+    }
 
 
-def render_markdown(header: dict[str, object], rows: list[dict[str, object]], rmse: dict[str, object], quick: bool) -> str:
+def render_markdown(
+    header: dict[str, object], rows: list[dict[str, object]], rmse: dict[str, object], quick: bool
+) -> str:
     machine = header["machine"]
     data = header["data"]
     files = ", ".join(f"{label}: {info['rows']:,} rows" for label, info in data["files"].items())
@@ -472,7 +538,8 @@ def render_markdown(header: dict[str, object], rows: list[dict[str, object]], rm
         f"- repetitions: {header['repetitions']}, variant order rotated each repetition "
         "(rerun right after its cold run)",
         f"- validation RMSE: plain {rmse['plain_rmse']:.6f}; every pipeline run "
-        + ("agrees" if rmse["equal"] else "DOES NOT agree") + f" to {rmse['decimals']} decimals",
+        + ("agrees" if rmse["equal"] else "DOES NOT agree")
+        + f" to {rmse['decimals']} decimals",
         "- peak memory: tree = largest sum of RSS over the measured process tree at one sample "
         f"(every {header['interval']} s); largest = largest single-process peak (VmHWM)",
         "- servers started outside the measured runs (not in the tree), RSS at the end: "
@@ -508,19 +575,35 @@ def render_markdown(header: dict[str, object], rows: list[dict[str, object]], rm
 
 # --- main ------------------------------------------------------------------------------------
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="\n".join(__doc__.splitlines()[1:]))
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="\n".join(__doc__.splitlines()[1:]),
+    )
     parser.add_argument("--repeat", type=int, help="repetitions of every variant (default 5; 1 with --quick)")
-    parser.add_argument("--data-dir", type=Path, help=f"folder with {COLOR} 2023-03 and 2023-04 (default {DEFAULT_DATA_DIR})")
-    parser.add_argument("--quick", action="store_true", help="small synthetic files, 1 repetition, targets not enforced")
-    parser.add_argument("--rows", type=int, default=QUICK_ROWS, help=f"trips per synthetic month with --quick (default {QUICK_ROWS})")
-    parser.add_argument("--output-dir", type=Path, default=PROJECT_DIR / "outputs" / "bench", help="where the table and JSON go")
+    parser.add_argument(
+        "--data-dir", type=Path, help=f"folder with {COLOR} 2023-03 and 2023-04 (default {DEFAULT_DATA_DIR})"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="small synthetic files, 1 repetition, targets not enforced"
+    )
+    parser.add_argument(
+        "--rows", type=int, default=QUICK_ROWS, help=f"trips per synthetic month with --quick (default {QUICK_ROWS})"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=PROJECT_DIR / "outputs" / "bench", help="where the table and JSON go"
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a ratio misses its target")
     parser.add_argument("--interval", type=float, default=0.15, help="memory sampling interval, seconds (default 0.15)")
     parser.add_argument("--timeout", type=float, default=3600, help="limit for one run, seconds (default 3600)")
-    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS for every variant (default: the libraries' "
-                        "own choice; 1 with --quick, where oversubscribed OpenMP threads make tiny trainings slow)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="OMP_NUM_THREADS for every variant (default: the libraries' "
+        "own choice; 1 with --quick, where oversubscribed OpenMP threads make tiny trainings slow)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, stores) afterwards")
     args = parser.parse_args(argv)
     if args.repeat is None:
@@ -554,12 +637,18 @@ def main(argv: list[str] | None = None) -> int:
             write_trip_file(data_dir, COLOR, month, args.rows, seed=7)
     else:
         data_dir = (args.data_dir or DEFAULT_DATA_DIR).resolve()
-        missing = [name for month in (TRAIN_MONTH, TRAIN_MONTH.next())
-                   if not (data_dir / (name := f"{COLOR}_tripdata_{month.label()}.parquet")).is_file()]
+        missing = [
+            name
+            for month in (TRAIN_MONTH, TRAIN_MONTH.next())
+            if not (data_dir / (name := f"{COLOR}_tripdata_{month.label()}.parquet")).is_file()
+        ]
         if missing:
             shutil.rmtree(work)
-            print(f"error: {data_dir} lacks {', '.join(missing)}. Pass --data-dir with a folder holding the real "
-                  f"TLC files, or use --quick for a small synthetic run.", file=sys.stderr)
+            print(
+                f"error: {data_dir} lacks {', '.join(missing)}. Pass --data-dir with a folder holding the real "
+                f"TLC files, or use --quick for a small synthetic run.",
+                file=sys.stderr,
+            )
             return 2
     bench = Bench(work=work, data_dir=data_dir, interval=args.interval, timeout=args.timeout)
     data = data_description(data_dir, args.quick)
@@ -573,13 +662,17 @@ def main(argv: list[str] | None = None) -> int:
         services_env = services_environment(services_dir, free_port(), free_port())
         mlflow_store = work / "mlflow-server"
         mlflow_store.mkdir()
-        start_services(bench, {
-            **services_env,
-            "TAXI_MLFLOW_BACKEND_URI": f"sqlite:///{mlflow_store / 'mlflow.db'}",
-            # The server's artifact destination is <project>/mlartifacts; only for this
-            # command, the "project" is a temporary folder, so the user's is untouched.
-            "TAXI_PROJECT_DIR": str(mlflow_store),
-        }, work / "services-start.log")
+        start_services(
+            bench,
+            {
+                **services_env,
+                "TAXI_MLFLOW_BACKEND_URI": f"sqlite:///{mlflow_store / 'mlflow.db'}",
+                # The server's artifact destination is <project>/mlartifacts; only for this
+                # command, the "project" is a temporary folder, so the user's is untouched.
+                "TAXI_PROJECT_DIR": str(mlflow_store),
+            },
+            work / "services-start.log",
+        )
         states = {name: json.loads((services_dir / f"{name}.json").read_text()) for name in ("prefect", "mlflow")}
         bench.server_pids += [int(state["pid"]) for state in states.values()]
         shared = {
@@ -619,7 +712,9 @@ def main(argv: list[str] | None = None) -> int:
         "load_after": os.getloadavg(),
         "data": data,
         # Others may commit while a long benchmark runs: say so rather than name one commit.
-        "git": git_before if git_description() == git_before else f"{git_before} at the start, {git_description()} at the end",
+        "git": git_before
+        if git_description() == git_before
+        else f"{git_before} at the start, {git_description()} at the end",
         "repetitions": args.repeat,
         "quick": args.quick,
         "interval": args.interval,
@@ -630,9 +725,20 @@ def main(argv: list[str] | None = None) -> int:
     markdown = render_markdown(header, rows, rmse, args.quick)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "pipeline.md").write_text(markdown)
-    (args.output_dir / "pipeline.json").write_text(json.dumps(
-        {**header, "targets": TARGETS, "summary": rows, "rmse_check": rmse,
-         "server_pids": bench.server_pids, "measurements": [asdict(m) for m in bench.measurements]}, indent=2, default=str))
+    (args.output_dir / "pipeline.json").write_text(
+        json.dumps(
+            {
+                **header,
+                "targets": TARGETS,
+                "summary": rows,
+                "rmse_check": rmse,
+                "server_pids": bench.server_pids,
+                "measurements": [asdict(m) for m in bench.measurements],
+            },
+            indent=2,
+            default=str,
+        )
+    )
     print()
     print(markdown)
     print(f"written: {args.output_dir / 'pipeline.md'} and pipeline.json")

@@ -165,13 +165,29 @@ def isolated_environment(workdir: Path) -> dict[str, str]:
 def run_pipeline(source: Path, workdir: Path, interval: float) -> tuple[Observation, float, int, Path]:
     """Run the flow, sampling its tree; return what was seen, its wall time, return code and log."""
     log = workdir / "pipeline.log"
-    command = [sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), "--year", str(TRAIN_MONTH.year),
-               "--month", str(TRAIN_MONTH.month), "--color", "yellow", "--data-source", str(source)]
+    command = [
+        sys.executable,
+        str(PROJECT_DIR / "flows" / "pipeline.py"),
+        "--year",
+        str(TRAIN_MONTH.year),
+        "--month",
+        str(TRAIN_MONTH.month),
+        "--color",
+        "yellow",
+        "--data-source",
+        str(source),
+    ]
     observation = Observation()
     started = time.monotonic()
     with open(log, "wb") as sink:
-        child = subprocess.Popen(command, cwd=PROJECT_DIR, env=isolated_environment(workdir),
-                                 stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            command,
+            cwd=PROJECT_DIR,
+            env=isolated_environment(workdir),
+            stdin=subprocess.DEVNULL,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+        )
     root = psutil.Process(child.pid)
     try:
         while child.poll() is None:
@@ -233,11 +249,13 @@ def report(observation: Observation, wall_seconds: float, rows: int, largest_chi
     ]
     windows = [(stage, w) for stage, w in observation.stages.items() if w.started is not None]
     for index, (stage, window) in enumerate(windows):
-        for other, later in windows[index + 1:]:
+        for other, later in windows[index + 1 :]:
             overlap = min(window.ended, later.ended) - max(window.started, later.started)
             if overlap > 0:
-                lines.append(f"{stage} and {other} ran side by side for {overlap:.0f} s (the flow runs them "
-                             f"concurrently), so their 'tree' peaks include both kernels at once.")
+                lines.append(
+                    f"{stage} and {other} ran side by side for {overlap:.0f} s (the flow runs them "
+                    f"concurrently), so their 'tree' peaks include both kernels at once."
+                )
     features = found.get("02_features", {})
     metrics = found.get("03_train", {}).get("metrics", {})
     if features:
@@ -254,7 +272,9 @@ def report(observation: Observation, wall_seconds: float, rows: int, largest_chi
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, default=YELLOW_MONTHLY_TRIPS, help="trips per month (default: a yellow month)")
+    parser.add_argument(
+        "--rows", type=int, default=YELLOW_MONTHLY_TRIPS, help="trips per month (default: a yellow month)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.2, help="seconds between samples of the process tree")
     parser.add_argument("--output", type=Path, default=PROJECT_DIR / "outputs" / "bench" / "scale.md")

@@ -54,8 +54,16 @@ def trainings_at_once(folder: Path, policy: str, count: int) -> list[dict]:
     environment = {key: value for key, value in os.environ.items() if key != "OMP_WAIT_POLICY"}
     if policy != UNSET:
         environment["OMP_WAIT_POLICY"] = policy
-    processes = [subprocess.Popen([sys.executable, "-c", TRAINING, str(folder)], env=environment,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(count)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", TRAINING, str(folder)],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
     results = []
     for process in processes:
         stdout, stderr = process.communicate()
@@ -67,7 +75,9 @@ def trainings_at_once(folder: Path, policy: str, count: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=int, default=3000, help="synthetic trips a month (default 3000, the test suite's size)")
+    parser.add_argument(
+        "--rows", type=int, default=3000, help="synthetic trips a month (default 3000, the test suite's size)"
+    )
     parser.add_argument("--side-by-side", type=int, default=2, help="trainings started at once (default 2)")
     parser.add_argument("--repeat", type=int, default=3, help="rounds per policy (default 3)")
     args = parser.parse_args(argv)
@@ -88,8 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"the policies trained different models: {models}")
 
     median = {policy: statistics.median(seconds) for policy, seconds in times.items()}
-    print(f"{args.side_by_side} training(s) at once on {os.cpu_count()} cores, {args.rows:,} synthetic trips a month, "
-          f"{args.repeat} round(s) each; the same model under both policies ({sorted(models['PASSIVE'])})")
+    print(
+        f"{args.side_by_side} training(s) at once on {os.cpu_count()} cores, {args.rows:,} synthetic trips a month, "
+        f"{args.repeat} round(s) each; the same model under both policies ({sorted(models['PASSIVE'])})"
+    )
     print("| OMP_WAIT_POLICY | median s | min | max |")
     print("|---|---|---|---|")
     for policy in POLICIES:

@@ -129,6 +129,7 @@ def pytest_collection_modifyitems(items):
     pytest-xdist shares tests out in this order: what is left at the end is quick, so both
     workers finish together rather than one alone on a long test.
     """
+
     def rank(item) -> int:
         if item.get_closest_marker("long"):
             return 0
@@ -157,7 +158,9 @@ def no_tracking_files_in_the_checkout():
     to the working directory); under xdist it also breaks the benchmark's untouched-stores check."""
     existed = (PROJECT_DIR / "mlruns").exists()
     yield
-    assert existed or not (PROJECT_DIR / "mlruns").exists(), "a test wrote MLflow artifacts into the checkout's ./mlruns"
+    assert existed or not (PROJECT_DIR / "mlruns").exists(), (
+        "a test wrote MLflow artifacts into the checkout's ./mlruns"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -287,8 +290,9 @@ def flow_run_artifacts(prefect_api: str, flow_run_id: str) -> list:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with SyncPrefectClient(prefect_api) as client:
-        return client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(str(flow_run_id))])))
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(str(flow_run_id))]))
+        )
 
 
 def local_prefect_api() -> str:
@@ -300,8 +304,11 @@ def local_prefect_api() -> str:
 
 def notebook_task_windows(prefect_api: str, flow_run_id: str) -> dict[str, tuple[dt.datetime, dt.datetime]]:
     """(start, end) of each notebook task run of a flow run, read from the Prefect server it used."""
-    return {run.name: (run.start_time, run.end_time) for run in flow_run_task_runs(prefect_api, flow_run_id)
-            if run.name in NOTEBOOK_STAGES}
+    return {
+        run.name: (run.start_time, run.end_time)
+        for run in flow_run_task_runs(prefect_api, flow_run_id)
+        if run.name in NOTEBOOK_STAGES
+    }
 
 
 NOTEBOOK_STAGES = ("01_explore", "02_features", "03_train")
@@ -343,30 +350,41 @@ def green_run(tmp_path_factory, pipeline_cli, synthetic_source, empty_tracking_s
     def produce(root: Path) -> None:
         shutil.copyfile(empty_tracking_store, root / "mlflow.db")
         completed = pipeline_cli(
-            "--data-source", str(synthetic_source),
-            env={"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
-                 "TAXI_DATA_DIR": str(root / "data"), "TAXI_OVERLAP_MAX_TRIPS": "1000000"},
+            "--data-source",
+            str(synthetic_source),
+            env={
+                "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+                "TAXI_OUTPUTS_DIR": str(root / "outputs"),
+                "TAXI_DATA_DIR": str(root / "data"),
+                "TAXI_OVERLAP_MAX_TRIPS": "1000000",
+            },
         )
         assert completed.returncode == 0, completed.stderr[-3000:]
         (record,) = (json.loads(path.read_text()) for path in (root / "outputs").glob("green/2023-03/*/run.json"))
         windows = notebook_task_windows(local_prefect_api(), record["prefect_flow_run_id"])
-        (root / "task-windows.json").write_text(json.dumps(
-            {stage: [start.isoformat(), end.isoformat()] for stage, (start, end) in windows.items()}))
+        (root / "task-windows.json").write_text(
+            json.dumps({stage: [start.isoformat(), end.isoformat()] for stage, (start, end) in windows.items()})
+        )
 
     root = once_per_test_run(tmp_path_factory, "green-run", produce)
     windows = json.loads((root / "task-windows.json").read_text())
     return FinishedRun(
         tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
         outputs=root / "outputs",
-        task_windows={stage: tuple(dt.datetime.fromisoformat(moment) for moment in pair) for stage, pair in windows.items()},
+        task_windows={
+            stage: tuple(dt.datetime.fromisoformat(moment) for moment in pair) for stage, pair in windows.items()
+        },
     )
 
 
 def stores_in(root: Path, empty_tracking_store: Path) -> dict[str, str]:
     """A run's MLflow store (a copy of the empty one), outputs and download cache in `root`, as environment."""
     shutil.copyfile(empty_tracking_store, root / "mlflow.db")
-    return {"MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
-            "TAXI_DATA_DIR": str(root / "data")}
+    return {
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "TAXI_OUTPUTS_DIR": str(root / "outputs"),
+        "TAXI_DATA_DIR": str(root / "data"),
+    }
 
 
 @dataclass(frozen=True)
@@ -395,14 +413,20 @@ def real_run(tmp_path_factory, pipeline_cli, real_tlc_dir, empty_tracking_store)
         trained = pipeline_cli("--year", "2023", "--month", "3", "--data-source", str(real_tlc_dir), env=env)
         assert trained.returncode == 0, trained.stderr[-3000:]
         (root / "training.out").write_text(trained.stdout)
-        scored = pipeline_cli("--year", "2023", "--month", "5", "--data-source", str(real_tlc_dir), env=env,
-                              script="score.py")
+        scored = pipeline_cli(
+            "--year", "2023", "--month", "5", "--data-source", str(real_tlc_dir), env=env, script="score.py"
+        )
         assert scored.returncode == 0, scored.stderr[-3000:]
         (root / "scoring.out").write_text(scored.stdout)
 
     root = once_per_test_run(tmp_path_factory, "real-run", produce)
-    return RealRun(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", outputs=root / "outputs", data=real_tlc_dir,
-                   training_stdout=(root / "training.out").read_text(), scoring_stdout=(root / "scoring.out").read_text())
+    return RealRun(
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        outputs=root / "outputs",
+        data=real_tlc_dir,
+        training_stdout=(root / "training.out").read_text(),
+        scoring_stdout=(root / "scoring.out").read_text(),
+    )
 
 
 REVIEWER_EDIT = "A reviewer's note, added to 03_train.ipynb before the 2023-02 run."
@@ -411,7 +435,11 @@ REVIEWER_EDIT = "A reviewer's note, added to 03_train.ipynb before the 2023-02 r
 def add_line_to_markdown_cell(notebook: Path, heading: str, line: str) -> None:
     """Append `line` to the markdown cell that starts with `heading`: one small, visible edit."""
     content = json.loads(notebook.read_text())
-    (cell,) = [cell for cell in content["cells"] if cell["cell_type"] == "markdown" and "".join(cell["source"]).startswith(heading)]
+    (cell,) = [
+        cell
+        for cell in content["cells"]
+        if cell["cell_type"] == "markdown" and "".join(cell["source"]).startswith(heading)
+    ]
     cell["source"] = "".join(cell["source"]).rstrip("\n") + "\n" + line
     notebook.write_text(json.dumps(content, indent=1, ensure_ascii=False) + "\n")
 
@@ -466,12 +494,24 @@ def real_months(tmp_path_factory, pipeline_cli, real_tlc_dir, empty_tracking_sto
         assert first.returncode == 0, first.stderr[-3000:]
         shutil.copytree(PROJECT_DIR / "notebooks", root / "project" / "notebooks")
         add_line_to_markdown_cell(root / "project" / "notebooks" / "03_train.ipynb", "## Errors", REVIEWER_EDIT)
-        second = pipeline_cli("--year", "2023", "--month", "2", "--data-source", str(source),
-                              env={**env, "TAXI_PROJECT_DIR": str(root / "project")})
+        second = pipeline_cli(
+            "--year",
+            "2023",
+            "--month",
+            "2",
+            "--data-source",
+            str(source),
+            env={**env, "TAXI_PROJECT_DIR": str(root / "project")},
+        )
         assert second.returncode == 0, second.stderr[-3000:]
 
     root = once_per_test_run(tmp_path_factory, "real-months", produce)
     (older,) = (root / "outputs" / "green" / "2023-01").iterdir()
     (newer,) = (root / "outputs" / "green" / "2023-02").iterdir()
-    return RealMonths(tracking_uri=f"sqlite:///{root / 'mlflow.db'}", outputs=root / "outputs", project=root / "project",
-                      older=older, newer=newer)
+    return RealMonths(
+        tracking_uri=f"sqlite:///{root / 'mlflow.db'}",
+        outputs=root / "outputs",
+        project=root / "project",
+        older=older,
+        newer=newer,
+    )

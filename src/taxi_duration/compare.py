@@ -54,10 +54,14 @@ def write_comparison(a: PastRun, b: PastRun, cross_score: bool = True, archive: 
         temporary.write_text(render(comparison), encoding="utf-8")
     if archive:
         try:
-            tracking.log_files(str(comparison.newer.record.get("tracking_uri")), comparison.newer.run_id, [path], MLFLOW_FOLDER)
+            tracking.log_files(
+                str(comparison.newer.record.get("tracking_uri")), comparison.newer.run_id, [path], MLFLOW_FOLDER
+            )
         except Exception as problem:  # noqa: BLE001 - e.g. the run's tracking server is not running now
-            print(f"warning: the comparison is written ({path}) but not archived in MLflow run "
-                  f"{comparison.newer.run_id}: {problem!r}")
+            print(
+                f"warning: the comparison is written ({path}) but not archived in MLflow run "
+                f"{comparison.newer.run_id}: {problem!r}"
+            )
     return path
 
 
@@ -94,8 +98,9 @@ def _delta(figure: Figure, lower_is_better: bool) -> str:
     return f'<span class="{tone}">{html.escape(shown + relative)}</span>'
 
 
-def _table(figures: tuple[Figure, ...], older: PastRun, newer: PastRun, deltas: bool = True,
-           lower_is_better: bool = False) -> str:
+def _table(
+    figures: tuple[Figure, ...], older: PastRun, newer: PastRun, deltas: bool = True, lower_is_better: bool = False
+) -> str:
     if not figures:
         return '<p class="meta">Neither run recorded these figures.</p>'
     head = f"<tr><th></th><th>{html.escape(older.label)}</th><th>{html.escape(newer.label)}</th>{'<th>change</th>' if deltas else ''}</tr>"
@@ -128,13 +133,21 @@ def _notebook_section(change: NotebookChange) -> str:
         return f"<h3>{name}</h3><p>Same source in both runs (outputs ignored).</p>"
     blocks = []
     for cell in change.cells:
-        where = {"changed": f"cell {cell.older_cell} → cell {cell.newer_cell}", "added": f"cell {cell.newer_cell} added",
-                 "removed": f"cell {cell.older_cell} removed"}[cell.kind]
-        lines = "".join(f'<span class="{_diff_class(line)}">{html.escape(line) or " "}</span>'
-                        for line in cell.diff if not line.startswith(("---", "+++")))
+        where = {
+            "changed": f"cell {cell.older_cell} → cell {cell.newer_cell}",
+            "added": f"cell {cell.newer_cell} added",
+            "removed": f"cell {cell.older_cell} removed",
+        }[cell.kind]
+        lines = "".join(
+            f'<span class="{_diff_class(line)}">{html.escape(line) or " "}</span>'
+            for line in cell.diff
+            if not line.startswith(("---", "+++"))
+        )
         blocks.append(f'<p class="cell-change {cell.kind}">{html.escape(where)}</p><pre class="diff">{lines}</pre>')
-    return (f'<h3>{name} <span class="changed">changed</span></h3><p class="meta">{len(change.cells)} cell(s) differ.</p>'
-            + "".join(blocks))
+    return (
+        f'<h3>{name} <span class="changed">changed</span></h3><p class="meta">{len(change.cells)} cell(s) differ.</p>'
+        + "".join(blocks)
+    )
 
 
 def _image(png: str | None, alt: str) -> str:
@@ -155,8 +168,10 @@ def _figures_section(pairs: tuple[FigurePair, ...], older: PastRun, newer: PastR
         f"<td>{_image(pair.newer_png, f'{newer.label}: {pair.alt}')}</td></tr>"
         for pair in pairs
     )
-    return (f'<table class="figures"><tr><th>{html.escape(older.label)}</th><th>{html.escape(newer.label)}</th></tr>'
-            f"{rows}</table>")
+    return (
+        f'<table class="figures"><tr><th>{html.escape(older.label)}</th><th>{html.escape(newer.label)}</th></tr>'
+        f"{rows}</table>"
+    )
 
 
 def render(comparison: Comparison, generated: dt.datetime | None = None) -> str:
@@ -208,8 +223,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("a", help="a run: MLflow run id, a prefix of it (4+ characters), or the run's folder")
     parser.add_argument("b", help="the other run, named the same ways")
-    parser.add_argument("--no-cross-score", action="store_true", help="do not score each model on the other's validation month")
-    parser.add_argument("--no-archive", action="store_true", help="do not archive the report in the newer run's MLflow run")
+    parser.add_argument(
+        "--no-cross-score", action="store_true", help="do not score each model on the other's validation month"
+    )
+    parser.add_argument(
+        "--no-archive", action="store_true", help="do not archive the report in the newer run's MLflow run"
+    )
     args = parser.parse_args(argv)
     settings.apply_environment_defaults()
     outputs = settings.outputs_dir()

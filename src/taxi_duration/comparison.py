@@ -95,6 +95,7 @@ def _is_number(value: Value) -> TypeGuard[int | float]:
 
 def ordered(a: PastRun, b: PastRun) -> tuple[PastRun, PastRun]:
     """(older, newer): by training month, then by when the run started."""
+
     def key(run: PastRun) -> tuple[str, str]:
         return run.month, str(run.record.get("started", ""))
 
@@ -113,7 +114,9 @@ def compare_runs(a: PastRun, b: PastRun, cross_score: bool = True) -> Comparison
         newer=newer,
         parameters=_parameter_figures(older, newer),
         data=_data_figures(before, after),
-        busiest_zones={side: _zone_figures(before["01_explore"], after["01_explore"], side) for side in ("pickup", "dropoff")},
+        busiest_zones={
+            side: _zone_figures(before["01_explore"], after["01_explore"], side) for side in ("pickup", "dropoff")
+        },
         model=_model_figures(older, newer, before["03_train"], after["03_train"]),
         error_by_distance=_distance_figures(before["03_train"], after["03_train"]),
         cross_scores=_cross_scores((older, before["03_train"]), (newer, after["03_train"])) if cross_score else (),
@@ -130,12 +133,24 @@ def _manifest(run: PastRun, stage: str) -> dict[str, Any]:
 
 
 def _parameter_figures(older: PastRun, newer: PastRun) -> tuple[Figure, ...]:
-    rows = [Figure(label, older.record.get(key), newer.record.get(key)) for label, key in (
-        ("colour", "color"), ("training month", "train_month"), ("validation month", "validation_month"),
-        ("MLflow run", "mlflow_run_id"), ("git commit", "git_commit"), ("status", "status"))]
+    rows = [
+        Figure(label, older.record.get(key), newer.record.get(key))
+        for label, key in (
+            ("colour", "color"),
+            ("training month", "train_month"),
+            ("validation month", "validation_month"),
+            ("MLflow run", "mlflow_run_id"),
+            ("git commit", "git_commit"),
+            ("status", "status"),
+        )
+    ]
     for stage in NOTEBOOK_STAGES:
-        rows.append(Figure(f"{stage}.ipynb sha256", *(_short((run.record.get("notebooks") or {}).get(stage))
-                                                       for run in (older, newer))))
+        rows.append(
+            Figure(
+                f"{stage}.ipynb sha256",
+                *(_short((run.record.get("notebooks") or {}).get(stage)) for run in (older, newer)),
+            )
+        )
     return tuple(rows)
 
 
@@ -147,17 +162,25 @@ def _data_figures(older: dict[str, dict[str, Any]], newer: dict[str, dict[str, A
     def explore(manifest: dict[str, Any]) -> dict[str, Value]:
         explored = manifest["01_explore"]
         values: dict[str, Value] = {"trips in the month": explored.get("rows")}
-        for key, label in (("kept", "trips kept by the 1–60 min filter"), ("too_short_share", "share dropped: under 1 min"),
-                           ("too_long_share", "share dropped: over 60 min"), ("dropped_share", "share dropped in all")):
+        for key, label in (
+            ("kept", "trips kept by the 1–60 min filter"),
+            ("too_short_share", "share dropped: under 1 min"),
+            ("too_long_share", "share dropped: over 60 min"),
+            ("dropped_share", "share dropped in all"),
+        ):
             values[label] = (explored.get("filter") or {}).get(key)
         for quantile, minutes in (explored.get("duration_quantiles") or {}).items():
             values[f"duration {quantile} (min)"] = minutes
         for column, count in (explored.get("nulls") or {}).items():
             values[f"nulls: {column}"] = count
         features = manifest["02_features"]
-        for key, label in (("train_rows", "training trips (after cleaning)"), ("val_rows", "validation trips"),
-                           ("pu_do_vocabulary", "PU_DO vocabulary"), ("n_features", "features"),
-                           ("unseen_pu_do_share", "validation trips with an unseen PU_DO")):
+        for key, label in (
+            ("train_rows", "training trips (after cleaning)"),
+            ("val_rows", "validation trips"),
+            ("pu_do_vocabulary", "PU_DO vocabulary"),
+            ("n_features", "features"),
+            ("unseen_pu_do_share", "validation trips with an unseen PU_DO"),
+        ):
             values[label] = features.get(key)
         return values
 
@@ -172,20 +195,35 @@ def _data_figures(older: dict[str, dict[str, Any]], newer: dict[str, dict[str, A
 
 def _zone_figures(older: dict[str, Any], newer: dict[str, Any], side: str) -> tuple[Figure, ...]:
     def ranked(manifest: dict[str, Any]) -> list[str]:
-        return [f"{zones.zone_label(zone['zone'])} ({zone['trips']:,} trips)"
-                for zone in (manifest.get("busiest_zones") or {}).get(side, [])]
+        return [
+            f"{zones.zone_label(zone['zone'])} ({zone['trips']:,} trips)"
+            for zone in (manifest.get("busiest_zones") or {}).get(side, [])
+        ]
 
     before, after = ranked(older), ranked(newer)
-    return tuple(Figure(f"#{rank + 1}", before[rank] if rank < len(before) else None,
-                        after[rank] if rank < len(after) else None) for rank in range(max(len(before), len(after))))
+    return tuple(
+        Figure(f"#{rank + 1}", before[rank] if rank < len(before) else None, after[rank] if rank < len(after) else None)
+        for rank in range(max(len(before), len(after)))
+    )
 
 
-def _model_figures(older_run: PastRun, newer_run: PastRun, older: dict[str, Any], newer: dict[str, Any]) -> tuple[Figure, ...]:
-    rows = [Figure(label, (older.get("metrics") or {}).get(key), (newer.get("metrics") or {}).get(key)) for label, key in (
-        ("validation RMSE (min)", "rmse"), ("baseline RMSE: training mean (min)", "baseline_rmse"),
-        ("best iteration", "best_iteration"))]
-    for label, key in (("registry decision", "decision"), ("registered version", "registered_version"),
-                       ("compared with champion version", "champion_version"), ("reason", "reason")):
+def _model_figures(
+    older_run: PastRun, newer_run: PastRun, older: dict[str, Any], newer: dict[str, Any]
+) -> tuple[Figure, ...]:
+    rows = [
+        Figure(label, (older.get("metrics") or {}).get(key), (newer.get("metrics") or {}).get(key))
+        for label, key in (
+            ("validation RMSE (min)", "rmse"),
+            ("baseline RMSE: training mean (min)", "baseline_rmse"),
+            ("best iteration", "best_iteration"),
+        )
+    ]
+    for label, key in (
+        ("registry decision", "decision"),
+        ("registered version", "registered_version"),
+        ("compared with champion version", "champion_version"),
+        ("reason", "reason"),
+    ):
         rows.append(Figure(label, _promotion(older_run, older, key), _promotion(newer_run, newer, key)))
     return tuple(rows)
 
@@ -214,14 +252,24 @@ def _cross_scores(*runs: tuple[PastRun, dict[str, Any]]) -> tuple[CrossScore, ..
         for month_run, _ in runs:
             month = str(month_run.record.get("validation_month", ""))
             if month_run is model_run:
-                scores.append(CrossScore(model_run.label, month, (training.get("metrics") or {}).get("rmse"),
-                                         "recorded by the run"))
+                scores.append(
+                    CrossScore(
+                        model_run.label, month, (training.get("metrics") or {}).get("rmse"), "recorded by the run"
+                    )
+                )
                 continue
             own_training = month == model_run.record.get("train_month")
             try:
                 rmse = _score(model_run, training.get("model_uri"), month_run)
-                scores.append(CrossScore(model_run.label, month, rmse, "scored for this comparison"
-                                         + ("; the model's own training month, so not a fair test" if own_training else "")))
+                scores.append(
+                    CrossScore(
+                        model_run.label,
+                        month,
+                        rmse,
+                        "scored for this comparison"
+                        + ("; the model's own training month, so not a fair test" if own_training else ""),
+                    )
+                )
             except Exception as problem:  # noqa: BLE001 - a model gone or unreadable: say so, keep the rest
                 scores.append(CrossScore(model_run.label, month, None, f"not scored: {problem}"))
     return tuple(scores)
@@ -247,8 +295,11 @@ def _source_cells(path: Path) -> list[tuple[str, str]]:
     if not path.is_file():
         return []
     notebook = nbformat.read(path, as_version=4)
-    return [(cell.cell_type, cell.source) for cell in notebook.cells
-            if "injected-parameters" not in cell.get("metadata", {}).get("tags", [])]
+    return [
+        (cell.cell_type, cell.source)
+        for cell in notebook.cells
+        if "injected-parameters" not in cell.get("metadata", {}).get("tags", [])
+    ]
 
 
 def notebook_change(stage: str, older: PastRun, newer: PastRun) -> NotebookChange:
@@ -262,7 +313,9 @@ def notebook_change(stage: str, older: PastRun, newer: PastRun) -> NotebookChang
         pairs = min(a_end - a_start, b_end - b_start) if tag == "replace" else 0
         for offset in range(pairs):
             a_cell, b_cell = a_start + offset, b_start + offset
-            changes.append(CellChange("changed", a_cell, b_cell, _diff(before[a_cell][1], after[b_cell][1], a_cell, b_cell)))
+            changes.append(
+                CellChange("changed", a_cell, b_cell, _diff(before[a_cell][1], after[b_cell][1], a_cell, b_cell))
+            )
         for a_cell in range(a_start + pairs, a_end):
             changes.append(CellChange("removed", a_cell, None, _diff(before[a_cell][1], "", a_cell, None)))
         for b_cell in range(b_start + pairs, b_end):
@@ -272,9 +325,13 @@ def notebook_change(stage: str, older: PastRun, newer: PastRun) -> NotebookChang
 
 
 def _diff(before: str, after: str, a_cell: int | None, b_cell: int | None) -> tuple[str, ...]:
-    lines = difflib.unified_diff(before.splitlines(), after.splitlines(), lineterm="",
-                                 fromfile=f"older cell {a_cell}" if a_cell is not None else "(no cell)",
-                                 tofile=f"newer cell {b_cell}" if b_cell is not None else "(no cell)")
+    lines = difflib.unified_diff(
+        before.splitlines(),
+        after.splitlines(),
+        lineterm="",
+        fromfile=f"older cell {a_cell}" if a_cell is not None else "(no cell)",
+        tofile=f"newer cell {b_cell}" if b_cell is not None else "(no cell)",
+    )
     return tuple(lines)
 
 

@@ -88,8 +88,7 @@ def validate_trip_file(path: Path, color: str, name: str | None = None, *, actua
     missing = [column for column in required_columns(color, actuals) if column not in names]
     if missing:
         raise TripFileInvalid(
-            f"{name} lacks the column(s) {', '.join(missing)} that {color} trip files have; "
-            f"is it a {color} taxi file?"
+            f"{name} lacks the column(s) {', '.join(missing)} that {color} trip files have; is it a {color} taxi file?"
         )
     if metadata.num_rows == 0:
         raise TripFileInvalid(f"{name} has no rows: it is valid parquet with the right columns but holds no trips.")
@@ -200,9 +199,12 @@ class TripSource:
                 _log.warning("%s; moved aside as %s, downloading it again", error, aside)
         url = f"{self.location.rstrip('/')}/{name}"
         download_file(
-            url, cached, timeout_seconds=timeout_seconds,
+            url,
+            cached,
+            timeout_seconds=timeout_seconds,
             validate=lambda path: validate_trip_file(path, color, name=url, actuals=actuals),
-            attempts=attempts, backoff_seconds=backoff_seconds,
+            attempts=attempts,
+            backoff_seconds=backoff_seconds,
         )
         return cached
 

@@ -34,17 +34,19 @@ def log_trip_datasets(tracking_uri: str, run_id: str, datasets: Iterable[TripDat
     inputs = []
     for dataset in datasets:
         remote = dataset.source.startswith(("http://", "https://"))
-        inputs.append(DatasetInput(
-            dataset=Dataset(
-                name=dataset.name,
-                digest=dataset.sha256[:DATASET_DIGEST_LENGTH],
-                # The source JSON of MLflow's own HTTP and local-file dataset sources.
-                source_type="http" if remote else "local",
-                source=json.dumps({"url": dataset.source} if remote else {"uri": dataset.source}),
-                profile=json.dumps({"num_rows": dataset.rows, "sha256": dataset.sha256}),
-            ),
-            tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=dataset.context)],
-        ))
+        inputs.append(
+            DatasetInput(
+                dataset=Dataset(
+                    name=dataset.name,
+                    digest=dataset.sha256[:DATASET_DIGEST_LENGTH],
+                    # The source JSON of MLflow's own HTTP and local-file dataset sources.
+                    source_type="http" if remote else "local",
+                    source=json.dumps({"url": dataset.source} if remote else {"uri": dataset.source}),
+                    profile=json.dumps({"num_rows": dataset.rows, "sha256": dataset.sha256}),
+                ),
+                tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=dataset.context)],
+            )
+        )
     client = _client(tracking_uri)
     for attempt in range(3):
         try:

@@ -77,12 +77,15 @@ def download_file(
                     f"run again later, or use a data source folder that already holds {destination.name}."
                 ) from failure.__cause__
             delay = delays[attempt - 1]
-            _log.warning("download of %s failed (%s); attempt %d of %d, retrying in %g s",
-                         url, failure, attempt, attempts, delay)
+            _log.warning(
+                "download of %s failed (%s); attempt %d of %d, retrying in %g s", url, failure, attempt, attempts, delay
+            )
             time.sleep(delay)
 
 
-def _download_once(url: str, destination: Path, timeout_seconds: float, validate: Callable[[Path], object] | None) -> None:
+def _download_once(
+    url: str, destination: Path, timeout_seconds: float, validate: Callable[[Path], object] | None
+) -> None:
     """One attempt of download_file; raises _Transient for a failure worth another try."""
     import requests  # imported here: only downloads need it
 
@@ -119,8 +122,12 @@ def _download_once(url: str, destination: Path, timeout_seconds: float, validate
                 with os.fdopen(handle, "wb") as sink:
                     for chunk in response.iter_content(chunk_size=1 << 20):
                         sink.write(chunk)
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                    requests.exceptions.ContentDecodingError) as error:
+            except (
+                requests.ConnectionError,
+                requests.Timeout,
+                requests.exceptions.ChunkedEncodingError,
+                requests.exceptions.ContentDecodingError,
+            ) as error:
                 # urllib3 notices most short bodies itself (IncompleteRead); say it in the same words.
                 received = response.raw.tell()
                 of = f" of {expected}" if expected is not None else ""
@@ -130,7 +137,9 @@ def _download_once(url: str, destination: Path, timeout_seconds: float, validate
             # what Content-Length counts.
             received = response.raw.tell()
             if expected is not None and received != int(expected):
-                raise _Transient(f"the body was cut short: {received} bytes arrived, shorter than its Content-Length {expected}")
+                raise _Transient(
+                    f"the body was cut short: {received} bytes arrived, shorter than its Content-Length {expected}"
+                )
             if validate is not None:
                 try:
                     validate(temporary)
@@ -173,4 +182,3 @@ def _keep_rejected(temporary: Path, destination: Path) -> Path:
     os.chmod(temporary, 0o644)
     os.replace(temporary, target)
     return target
-

@@ -53,7 +53,9 @@ def population_stability_index(expected_shares: list[float], actual_shares: list
     expected = np.maximum(np.asarray(expected_shares, dtype="float64"), PSI_FLOOR)
     actual = np.maximum(np.asarray(actual_shares, dtype="float64"), PSI_FLOOR)
     if expected.shape != actual.shape:
-        raise ValueError(f"the two distributions have {expected.size} and {actual.size} bins; they must share their bins")
+        raise ValueError(
+            f"the two distributions have {expected.size} and {actual.size} bins; they must share their bins"
+        )
     return float(np.sum((actual - expected) * np.log(actual / expected)))
 
 
@@ -81,7 +83,9 @@ def drift_figures(training: dict[str, Any], scored: dict[str, Any], unseen_share
     }
     for feature in ("distance", "duration"):
         if training.get(feature) and scored.get(feature):
-            figures[f"{feature}_psi"] = population_stability_index(training[feature]["shares"], scored[feature]["shares"])
+            figures[f"{feature}_psi"] = population_stability_index(
+                training[feature]["shares"], scored[feature]["shares"]
+            )
             figures[f"{feature}_mean_training"] = training[feature]["mean"]
             figures[f"{feature}_mean_scored"] = scored[feature]["mean"]
     return figures
@@ -89,8 +93,14 @@ def drift_figures(training: dict[str, Any], scored: dict[str, Any], unseen_share
 
 def drift_table(training: dict[str, Any], scored: dict[str, Any], unseen_share: float) -> pd.DataFrame:
     """The report's drift table: each figure for the training month, the scored month, and the verdict."""
-    rows = [("trips (1-60 min)" if scored.get("duration") else "trips", training["trips"], scored["trips"],
-             f"{scored['trips'] / training['trips']:.2f}x" if training["trips"] else "")]
+    rows = [
+        (
+            "trips (1-60 min)" if scored.get("duration") else "trips",
+            training["trips"],
+            scored["trips"],
+            f"{scored['trips'] / training['trips']:.2f}x" if training["trips"] else "",
+        )
+    ]
     for feature, unit in (("distance", "mi"), ("duration", "min")):
         before, after = training.get(feature), scored.get(feature)
         if not (before and after):
@@ -103,11 +113,14 @@ def drift_table(training: dict[str, Any], scored: dict[str, Any], unseen_share: 
             rows.append((f"{feature} {statistic} ({unit})", before[statistic], after[statistic], ""))
         rows.append((f"{feature} PSI", "", round(psi, 4), shift_label(psi)))
     rows.append(("PU_DO pairs unseen in training (share of trips)", 0.0, round(unseen_share, 4), ""))
-    return pd.DataFrame(rows, columns=["figure", training["month"] + " (training)", scored["month"] + " (scored)", "note"])
+    return pd.DataFrame(
+        rows, columns=["figure", training["month"] + " (training)", scored["month"] + " (scored)", "note"]
+    )
 
 
 def bin_labels(edges: list[float]) -> list[str]:
     """'<0.5', '0.5-1', ..., '>=20': the labels of the bins `edges` makes."""
+
     def text(value: float) -> str:
         return f"{value:g}"
 

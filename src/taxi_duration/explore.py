@@ -37,8 +37,14 @@ def duration_filter_breakdown(duration: pd.Series) -> dict[str, float]:
 def busiest_zones(frame: pd.DataFrame, column: str, top: int = 10) -> pd.DataFrame:
     """The `top` zones by trip count for a location column: id, name (TLC's lookup), trips, share of trips."""
     counts = frame[column].value_counts().head(top)
-    return pd.DataFrame({"zone": counts.index.astype(str), "name": [zones.zone_label(zone) for zone in counts.index],
-                         "trips": counts.to_numpy(), "share": counts.to_numpy() / len(frame)})
+    return pd.DataFrame(
+        {
+            "zone": counts.index.astype(str),
+            "name": [zones.zone_label(zone) for zone in counts.index],
+            "trips": counts.to_numpy(),
+            "share": counts.to_numpy() / len(frame),
+        }
+    )
 
 
 DURATION_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
@@ -47,7 +53,9 @@ DURATION_QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 def duration_quantiles(duration: pd.Series) -> dict[str, float]:
     """Trip duration (minutes) at each of DURATION_QUANTILES, keyed 'p01' ... 'p99'."""
     values = duration.dropna()
-    return {f"p{round(q * 100):02d}": float(values.quantile(q)) if len(values) else float("nan") for q in DURATION_QUANTILES}
+    return {
+        f"p{round(q * 100):02d}": float(values.quantile(q)) if len(values) else float("nan") for q in DURATION_QUANTILES
+    }
 
 
 def zone_counts(zones: pd.DataFrame) -> list[dict[str, object]]:

@@ -193,7 +193,9 @@ def _fitted_vectorizer(names: list[str]) -> DictVectorizer:
     return vectorizer
 
 
-def _assemble(codes: np.ndarray, names: list[str], trips: pd.DataFrame, vectorizer: DictVectorizer) -> scipy.sparse.csr_matrix:
+def _assemble(
+    codes: np.ndarray, names: list[str], trips: pd.DataFrame, vectorizer: DictVectorizer
+) -> scipy.sparse.csr_matrix:
     """The CSR matrix DictVectorizer builds: per trip its pair's column (1.0) then the distance.
 
     Zero distances are stored, as DictVectorizer stores them (the pipeline reports nnz), and

@@ -64,8 +64,8 @@ def _period(record: dict[str, Any]) -> str:
     """'2023-03 → 2023-04' for a training run; 'scores 2023-05 with nyc-taxi-duration v3' for a scoring run."""
     e = html.escape
     if record.get("kind") == "score":
-        return f'scores {e(str(record.get("scored_month", "")))} with {e(str(record.get("model", "")))}'
-    return f'{e(str(record.get("train_month", "")))} → {e(str(record.get("validation_month", "")))}'
+        return f"scores {e(str(record.get('scored_month', '')))} with {e(str(record.get('model', '')))}"
+    return f"{e(str(record.get('train_month', '')))} → {e(str(record.get('validation_month', '')))}"
 
 
 def _row(record: dict[str, Any]) -> str:
@@ -81,8 +81,12 @@ def _row(record: dict[str, Any]) -> str:
         for label, key in (("review", "review_report"), ("full", "full_report")):
             if stage.get(key):
                 parts.append(f'<a href="{e(quote(f"{folder}/{stage[key]}"))}">{label}</a>')
-        status_mark = "" if stage.get("status") == "COMPLETED" else f' <span class="stage-{e(str(stage.get("status", "")).lower())}">({e(str(stage.get("status", "")).lower())})</span>'
-        links.append(f'<li>{e(stage["stage"])}{status_mark}: {" · ".join(parts) or "no report"}</li>')
+        status_mark = (
+            ""
+            if stage.get("status") == "COMPLETED"
+            else f' <span class="stage-{e(str(stage.get("status", "")).lower())}">({e(str(stage.get("status", "")).lower())})</span>'
+        )
+        links.append(f"<li>{e(stage['stage'])}{status_mark}: {' · '.join(parts) or 'no report'}</li>")
     comparison = record.get("comparison")
     if comparison:
         href = e(quote(f"{folder}/{comparison}"))
@@ -94,15 +98,15 @@ def _row(record: dict[str, Any]) -> str:
     error = record.get("error")
     return (
         f'<tr class="color-{e(str(record.get("color", "")))} status-{e(status.lower())}">'
-        f'<td>{e(str(record.get("started", ""))[:19].replace("T", " "))}</td>'
-        f'<td>{e(str(record.get("color", "")))}</td>'
+        f"<td>{e(str(record.get('started', ''))[:19].replace('T', ' '))}</td>"
+        f"<td>{e(str(record.get('color', '')))}</td>"
         f"<td>{_period(record)}</td>"
         f'<td><span class="status status-{e(status.lower())}">{e(status)}</span>'
         + (f'<div class="error">{e(str(error))}</div>' if error else "")
         + "</td>"
         f'<td class="num">{"" if rmse is None else f"{float(rmse):.3f}"}</td>'
         f'<td class="num">{e(_format_seconds(record.get("seconds")))}</td>'
-        f'<td><ul>{"".join(links)}</ul></td>'
+        f"<td><ul>{''.join(links)}</ul></td>"
         f"<td>{run_cell}</td>"
         "</tr>"
     )
@@ -110,7 +114,10 @@ def _row(record: dict[str, Any]) -> str:
 
 def render_gallery(records: list[dict[str, Any]], generated: dt.datetime | None = None) -> str:
     generated = generated or dt.datetime.now(dt.UTC)
-    rows = "\n".join(_row(record) for record in records) or '<tr><td colspan="8">No runs yet: <code>make run</code>.</td></tr>'
+    rows = (
+        "\n".join(_row(record) for record in records)
+        or '<tr><td colspan="8">No runs yet: <code>make run</code>.</td></tr>'
+    )
     colors = sorted({str(record.get("color", "")) for record in records})
     statuses = sorted({str(record.get("status", "UNKNOWN")).lower() for record in records})
     filters = _filters(colors, statuses)
@@ -164,8 +171,12 @@ def _filters(colors: list[str], statuses: list[str]) -> dict[str, str]:
     names = [f"color-{color}" for color in colors] + [f"status-{status}" for status in statuses]
     links = ['<a href="#">all</a>'] + [f'<a href="#only-{e(name)}">{e(name.split("-", 1)[1])}</a>' for name in names]
     css = "\n".join(f"#only-{name}:target tbody tr:not(.{name}) {{ display: none; }}" for name in names)
-    return {"links": " ".join(links), "css": css,
-            "open": "".join(f'<div id="only-{e(name)}">' for name in names), "close": "</div>" * len(names)}
+    return {
+        "links": " ".join(links),
+        "css": css,
+        "open": "".join(f'<div id="only-{e(name)}">' for name in names),
+        "close": "</div>" * len(names),
+    }
 
 
 def build_gallery(outputs_dir: Path) -> Path:

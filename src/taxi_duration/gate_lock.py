@@ -76,8 +76,10 @@ def _global_concurrency_slot(prefect_api: str, name: str) -> Iterator[str]:
     try:
         slot.__enter__()
     except TimeoutError as error:
-        raise GateLockError(f"waited {WAIT_SECONDS} s for the {held}: another gate holds it "
-                            f"(`prefect gcl inspect {name}` shows its active slots)") from error
+        raise GateLockError(
+            f"waited {WAIT_SECONDS} s for the {held}: another gate holds it "
+            f"(`prefect gcl inspect {name}` shows its active slots)"
+        ) from error
     try:
         yield held
     finally:
@@ -86,8 +88,11 @@ def _global_concurrency_slot(prefect_api: str, name: str) -> Iterator[str]:
         except Exception as error:  # noqa: BLE001 - the server went away after the gate decided
             # The decision is made and written: failing now would fail a run whose champion has
             # already moved. The slot's lease runs out on the server by itself.
-            logger.warning("could not release the %s (%s); its lease expires on the server within 300 s",
-                           held, str(error) or type(error).__name__)
+            logger.warning(
+                "could not release the %s (%s); its lease expires on the server within 300 s",
+                held,
+                str(error) or type(error).__name__,
+            )
 
 
 def _ensure_one_slot_limit(prefect_api: str, name: str) -> None:

@@ -122,14 +122,18 @@ def error_by_distance(distance: np.ndarray, actual: np.ndarray, predicted: np.nd
 def error_by_distance_records(by_distance: pd.DataFrame) -> list[dict[str, object]]:
     """`error_by_distance` rows as JSON-ready records ('miles' the bucket's label), for the manifest."""
     columns = zip(by_distance.index, by_distance["trips"], by_distance["rmse"], by_distance["mean_error"], strict=True)
-    return [{"miles": str(bucket), "trips": int(trips), "rmse": float(rmse), "mean_error": float(mean_error)}
-            for bucket, trips, rmse, mean_error in columns]
+    return [
+        {"miles": str(bucket), "trips": int(trips), "rmse": float(rmse), "mean_error": float(mean_error)}
+        for bucket, trips, rmse, mean_error in columns
+    ]
 
 
 def feature_importances(booster: xgb.Booster, feature_names: list[str], top: int = 15) -> pd.DataFrame:
     """The `top` features by total gain, with their names from the preprocessor."""
     gains = booster.get_score(importance_type="total_gain")
-    rows = [(feature_names[int(key.removeprefix("f"))] if key.startswith("f") else key, gain) for key, gain in gains.items()]
+    rows = [
+        (feature_names[int(key.removeprefix("f"))] if key.startswith("f") else key, gain) for key, gain in gains.items()
+    ]
     frame = pd.DataFrame(rows, columns=["feature", "total_gain"]).sort_values("total_gain", ascending=False)
     frame["share"] = frame["total_gain"] / frame["total_gain"].sum() if len(frame) else []
     return frame.head(top).reset_index(drop=True)

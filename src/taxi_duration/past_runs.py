@@ -58,7 +58,9 @@ def find_run(reference: str, outputs_dir: Path) -> PastRun:
             return PastRun(candidate.resolve(), gallery.read_run_record(candidate))
     text = reference.strip().lower()
     if len(text) < MIN_PREFIX:
-        raise RunNotFoundError(f"{reference!r} is neither a run folder nor an MLflow run id (give at least {MIN_PREFIX} characters)")
+        raise RunNotFoundError(
+            f"{reference!r} is neither a run folder nor an MLflow run id (give at least {MIN_PREFIX} characters)"
+        )
     records = gallery.read_run_records(outputs_dir)
     matches = [record for record in records if str(record.get("mlflow_run_id", "")).lower().startswith(text)]
     if not matches:
@@ -68,8 +70,11 @@ def find_run(reference: str, outputs_dir: Path) -> PastRun:
             + (f"; newest runs there: {known}" if known else "; no run has been recorded there yet")
         )
     if len(matches) > 1:
-        raise RunNotFoundError(f"{reference!r} matches {len(matches)} runs: "
-                               + ", ".join(str(record["mlflow_run_id"]) for record in matches) + "; give more characters")
+        raise RunNotFoundError(
+            f"{reference!r} matches {len(matches)} runs: "
+            + ", ".join(str(record["mlflow_run_id"]) for record in matches)
+            + "; give more characters"
+        )
     (record,) = matches
     return PastRun((outputs_dir / record["folder"]).resolve(), record)
 
@@ -80,7 +85,11 @@ def previous_month_run(run: PastRun, outputs_dir: Path) -> PastRun | None:
         return None
     previous = parse_month(run.month).previous().label()
     for record in gallery.read_run_records(outputs_dir):  # newest first
-        if (record.get("kind", "train") == "train" and record.get("status") == "FINISHED"
-                and record.get("color") == run.record.get("color") and record.get("train_month") == previous):
+        if (
+            record.get("kind", "train") == "train"
+            and record.get("status") == "FINISHED"
+            and record.get("color") == run.record.get("color")
+            and record.get("train_month") == previous
+        ):
             return PastRun((Path(outputs_dir) / record["folder"]).resolve(), record)
     return None

@@ -73,7 +73,9 @@ class PipelineParams:
     color: Color = "green"
 
     @classmethod
-    def parse(cls, year: object, month: object, color: object = "green", today: dt.date | None = None) -> PipelineParams:
+    def parse(
+        cls, year: object, month: object, color: object = "green", today: dt.date | None = None
+    ) -> PipelineParams:
         """Validate raw values (CLI strings or UI input) and name what is wrong."""
         year_int = _as_int("year", year)
         month_int = _as_int("month", month)
@@ -119,7 +121,9 @@ def scoring_month(year: object, month: object, color: object = "green") -> tuple
         raise InvalidParameterError(f"color must be one of {', '.join(COLORS)}, got {color!r}")
     first = Month(*FIRST_PUBLISHED[color_text])
     if Month(year_int, month_int) < first:
-        raise InvalidParameterError(f"TLC publishes {color_text} taxi trips from {first} on; {Month(year_int, month_int)} has no data")
+        raise InvalidParameterError(
+            f"TLC publishes {color_text} taxi trips from {first} on; {Month(year_int, month_int)} has no data"
+        )
     return Month(year_int, month_int), color_text
 
 

@@ -56,7 +56,9 @@ def duration_histogram(duration_minutes: pd.Series, upper: float = 120) -> Figur
     axes.hist(shown, bins=120, color="#4c72b0")
     axes.axvspan(MIN_DURATION_MINUTES, MAX_DURATION_MINUTES, color="#55a868", alpha=0.15, label="kept: 1-60 min")
     hidden = int(duration_minutes.size - shown.size)
-    axes.set(title=f"Trip duration ({hidden:,} trips outside -5..{upper:g} min not shown)", xlabel="minutes", ylabel="trips")
+    axes.set(
+        title=f"Trip duration ({hidden:,} trips outside -5..{upper:g} min not shown)", xlabel="minutes", ylabel="trips"
+    )
     axes.legend()
     return figure
 
@@ -71,7 +73,9 @@ def null_counts_bar(nulls: pd.Series) -> Figure:
 
 def top_zones_bar(pickup_zones: pd.DataFrame, dropoff_zones: pd.DataFrame) -> Figure:
     figure = ReportFigure(figsize=(10, 3.5), layout="constrained")
-    for axes, zones, title in zip(figure.subplots(1, 2), (pickup_zones, dropoff_zones), ("pickup", "dropoff"), strict=True):
+    for axes, zones, title in zip(
+        figure.subplots(1, 2), (pickup_zones, dropoff_zones), ("pickup", "dropoff"), strict=True
+    ):
         axes.barh(zones["name"], zones["trips"], color="#8172b2")
         axes.invert_yaxis()
         axes.set(title=f"Busiest {title} zones", xlabel="trips", ylabel="zone")

@@ -176,7 +176,13 @@ def register_and_gate(
             client, registered_model, logged_model, run_id, validation_month, challenger_rmse, train_month
         )
         decision = _decide(
-            registered_model, version, challenger_rmse, champion_rmse, champion_version, validation_month, not_servable,
+            registered_model,
+            version,
+            challenger_rmse,
+            champion_rmse,
+            champion_version,
+            validation_month,
+            not_servable,
             champion_train_month,
         )
         if decision.promoted:
@@ -266,16 +272,16 @@ def version_run_id(tracking_uri: str, registered_model: str, version: str) -> st
         source_run_id = client.get_logged_model(model_id).source_run_id
         if source_run_id:
             return source_run_id
-    raise RegistryError(
-        f"{registered_model} version {version} (source {model_version.source}) names no run"
-    )
+    raise RegistryError(f"{registered_model} version {version} (source {model_version.source}) names no run")
 
 
 def _frame(validation_records: Sequence[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
     """Validation trips as a frame, checked for the raw columns the servable model takes."""
     import pandas as pd
 
-    frame = validation_records if isinstance(validation_records, pd.DataFrame) else pd.DataFrame(list(validation_records))
+    frame = (
+        validation_records if isinstance(validation_records, pd.DataFrame) else pd.DataFrame(list(validation_records))
+    )
     missing = [column for column in serving.RAW_COLUMNS if column not in frame.columns]
     if missing:
         raise ValueError(f"validation trips lack the column(s) {missing}; they have {list(frame.columns)}")
@@ -324,7 +330,11 @@ def _train_month_of(client: MlflowClient, registered_model: str, version: str) -
 
 
 def _create_version(
-    client: MlflowClient, registered_model: str, logged_model: LoggedModel, run_id: str, validation_month: str,
+    client: MlflowClient,
+    registered_model: str,
+    logged_model: LoggedModel,
+    run_id: str,
+    validation_month: str,
     challenger_rmse: float,
     train_month: str | None = None,
 ) -> str:

@@ -63,8 +63,10 @@ def provenance_warnings(run: PastRun, stage: str) -> list[str]:
     if not recorded_commit:
         warnings.append("the run recorded no git commit: the checkout cannot be checked against it")
     elif recorded_commit != current_commit:
-        warnings.append(f"the run executed git commit {recorded_commit[:12]}; the checkout is at "
-                        f"{(current_commit or 'no commit')[:12]}")
+        warnings.append(
+            f"the run executed git commit {recorded_commit[:12]}; the checkout is at "
+            f"{(current_commit or 'no commit')[:12]}"
+        )
     recorded_notebook = (run.record.get("notebooks") or {}).get(stage)
     checkout_notebook = stages.notebook_path(stage)
     if not recorded_notebook:
@@ -72,8 +74,10 @@ def provenance_warnings(run: PastRun, stage: str) -> list[str]:
     elif not checkout_notebook.is_file():
         warnings.append(f"{checkout_notebook} is not in the checkout")
     elif stagecache.file_sha256(checkout_notebook) != recorded_notebook:
-        warnings.append(f"notebooks/{stage}.ipynb has changed since the run: the reopened copy is the run's "
-                        "version, not the checkout's")
+        warnings.append(
+            f"notebooks/{stage}.ipynb has changed since the run: the reopened copy is the run's "
+            "version, not the checkout's"
+        )
     return warnings
 
 
@@ -85,8 +89,10 @@ def reopen(run: PastRun, stage: str, notebooks_dir: Path | None = None) -> Reope
     executed = run.folder / f"{stage}.ipynb"
     if not executed.is_file():
         present = sorted(path.stem for path in run.folder.glob("*.ipynb"))
-        raise ReopenError(f"run {run.short_id} ({run.folder}) has no executed {stage}.ipynb; it has: "
-                          f"{', '.join(present) or 'no notebooks'}")
+        raise ReopenError(
+            f"run {run.short_id} ({run.folder}) has no executed {stage}.ipynb; it has: "
+            f"{', '.join(present) or 'no notebooks'}"
+        )
     notebook = nbformat.read(executed, as_version=4)
     parameters = dict((notebook.metadata.get("papermill") or {}).get("parameters") or {})
     if not parameters:
@@ -106,9 +112,14 @@ def reopen(run: PastRun, stage: str, notebooks_dir: Path | None = None) -> Reope
         cell.get("metadata", {}).pop("execution", None)
         cells.append(cell)
         if "parameters" in tags:
-            cell.source = translate_parameters("python", "python", parameters, f"Parameters of run {run.run_id} (as injected)").rstrip()
-            cells.append(nbformat.v4.new_code_cell(_redirect_source(run, redirected_parameters(parameters, scratch)),
-                                                   metadata={"tags": [REDIRECT_TAG]}))
+            cell.source = translate_parameters(
+                "python", "python", parameters, f"Parameters of run {run.run_id} (as injected)"
+            ).rstrip()
+            cells.append(
+                nbformat.v4.new_code_cell(
+                    _redirect_source(run, redirected_parameters(parameters, scratch)), metadata={"tags": [REDIRECT_TAG]}
+                )
+            )
     notebook.cells = cells
     notebook.metadata.pop("papermill", None)
     notebook.metadata["taxi_reopened"] = {"run_id": run.run_id, "run_dir": str(run.folder), "stage": stage}
@@ -138,8 +149,10 @@ def _copy_run_inputs(run_dir: Path, scratch: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m taxi_duration.reopen",
-                                     description="Reopen a past run's notebook in JupyterLab with the run's exact parameters.")
+    parser = argparse.ArgumentParser(
+        prog="python -m taxi_duration.reopen",
+        description="Reopen a past run's notebook in JupyterLab with the run's exact parameters.",
+    )
     parser.add_argument("run", help="the run: MLflow run id, a prefix of it (4+ characters), or the run's folder")
     parser.add_argument("--stage", help="01_explore, 02_features, 03_train (default for a pipeline run) or 04_score")
     args = parser.parse_args(argv)

@@ -54,7 +54,9 @@ def atomic_path(destination: Path) -> Iterator[Path]:
 _RUN_FOLDER_NAME = re.compile(r"^\d{8}T\d{6}Z-(?:score-)?(?P<run>[0-9a-f]{8})$")
 
 
-def run_folder(outputs_dir: Path, color: str, month: str, started: dt.datetime, run_id: str, scoring: bool = False) -> Path:
+def run_folder(
+    outputs_dir: Path, color: str, month: str, started: dt.datetime, run_id: str, scoring: bool = False
+) -> Path:
     """The folder of a pipeline run (month: its training month) or a scoring run (the scored month)."""
     return Path(outputs_dir) / color / month / f"{started:%Y%m%dT%H%M%SZ}-{'score-' if scoring else ''}{run_id[:8]}"
 

@@ -140,7 +140,9 @@ def _trainable(month: Month, color: str, today: dt.date) -> Month:
 
 def _newest_in_folder(folder: Path, color: str, today: dt.date, newest: Month, first: Month) -> Month:
     """The newest month of `folder` (listed) whose next month's file is there too."""
-    present = {month for path in folder.iterdir() if path.is_file() and (month := data.trip_file_month(color, path.name))}
+    present = {
+        month for path in folder.iterdir() if path.is_file() and (month := data.trip_file_month(color, path.name))
+    }
     trainable = [month for month in present if first <= month <= newest and month.next() in present]
     if trainable:
         return _trainable(max(trainable), color, today)

@@ -26,8 +26,16 @@ DEFAULT_MODEL_URI = f"models:/{registry.DEFAULT_REGISTERED_MODEL}@{registry.CHAM
 PREDICTIONS_DIR = "predictions"
 REFUSED_DIR = "refused"
 REFUSED_PREFIX = "refused."  # metrics "refused.<field>.<rule>": trips refused per reason (serving.REASONS)
-PREDICTION_COLUMNS = ["ride_id", "pickup_datetime", *LOCATION_COLUMNS, DISTANCE_COLUMN,
-                      "predicted_minutes", "actual_minutes", "model_name", "model_version"]
+PREDICTION_COLUMNS = [
+    "ride_id",
+    "pickup_datetime",
+    *LOCATION_COLUMNS,
+    DISTANCE_COLUMN,
+    "predicted_minutes",
+    "actual_minutes",
+    "model_name",
+    "model_version",
+]
 _REGISTERED = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))")
 
 
@@ -122,7 +130,9 @@ def trips_to_score(path: Path, color: str, month: Month) -> tuple[pd.DataFrame, 
     columns = [PICKUP_COLUMN[color], DROPOFF_COLUMN[color], *LOCATION_COLUMNS, DISTANCE_COLUMN]
     available = set(data.available_columns(path))
     frame = data.read_trips(path, color, [column for column in columns if column in available], actuals=False)
-    frame["ride_id"] = f"{month.year:04d}/{month.month:02d}_" + pd.Series(np.arange(len(frame)), index=frame.index).astype(str)
+    frame["ride_id"] = f"{month.year:04d}/{month.month:02d}_" + pd.Series(
+        np.arange(len(frame)), index=frame.index
+    ).astype(str)
     dropoff = DROPOFF_COLUMN[color]
     has_actuals = dropoff in frame.columns and bool(frame[dropoff].notna().any())
     if has_actuals:
@@ -131,7 +141,9 @@ def trips_to_score(path: Path, color: str, month: Month) -> tuple[pd.DataFrame, 
     else:
         frame["actual_minutes"] = np.nan
     trips = frame.rename(columns={PICKUP_COLUMN[color]: "pickup_datetime"})
-    return trips[["ride_id", "pickup_datetime", *LOCATION_COLUMNS, DISTANCE_COLUMN, "actual_minutes"]].reset_index(drop=True), has_actuals
+    return trips[["ride_id", "pickup_datetime", *LOCATION_COLUMNS, DISTANCE_COLUMN, "actual_minutes"]].reset_index(
+        drop=True
+    ), has_actuals
 
 
 def scorable_trips(trips: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -141,21 +153,30 @@ def scorable_trips(trips: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     reasons = serving.refusal_reasons(trips)
     refused = reasons.notna()
-    return (trips[~refused].reset_index(drop=True),
-            trips[refused].assign(reason=reasons[refused].astype(str)).reset_index(drop=True))
+    return (
+        trips[~refused].reset_index(drop=True),
+        trips[refused].assign(reason=reasons[refused].astype(str)).reset_index(drop=True),
+    )
 
 
 def refusal_metrics(refused: pd.DataFrame) -> dict[str, int]:
     """`refused_trips` and the count per reason, most first: {"refused.trip_distance.too_long": 44, ...}."""
     counts = refused["reason"].value_counts()
-    return {"refused_trips": len(refused), **{f"{REFUSED_PREFIX}{reason}": int(count) for reason, count in counts.items()}}
+    return {
+        "refused_trips": len(refused),
+        **{f"{REFUSED_PREFIX}{reason}": int(count) for reason, count in counts.items()},
+    }
 
 
 def refusal_lines(metrics: dict[str, Any]) -> list[str]:
     """'trip_distance over 100 miles: 44' per reason in `metrics` (refusal_metrics'), most first."""
-    counts = {key.removeprefix(REFUSED_PREFIX): value for key, value in metrics.items() if key.startswith(REFUSED_PREFIX)}
-    return [f"{serving.reason_text(reason)}: {int(count):,}"
-            for reason, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+    counts = {
+        key.removeprefix(REFUSED_PREFIX): value for key, value in metrics.items() if key.startswith(REFUSED_PREFIX)
+    }
+    return [
+        f"{serving.reason_text(reason)}: {int(count):,}"
+        for reason, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    ]
 
 
 def refusal_table(refused: pd.DataFrame, month_trips: int) -> pd.DataFrame:
@@ -163,12 +184,14 @@ def refusal_table(refused: pd.DataFrame, month_trips: int) -> pd.DataFrame:
     import pandas as pd
 
     counts = refused["reason"].value_counts()
-    return pd.DataFrame({
-        "refused because": [serving.reason_text(reason) for reason in counts.index],
-        "trips": counts.to_numpy(),
-        "share of the month": (counts.to_numpy() / month_trips).round(6) if month_trips else 0.0,
-        "the rule": [serving.rule_text(reason.split(".", 1)[0]) for reason in counts.index],
-    })
+    return pd.DataFrame(
+        {
+            "refused because": [serving.reason_text(reason) for reason in counts.index],
+            "trips": counts.to_numpy(),
+            "share of the month": (counts.to_numpy() / month_trips).round(6) if month_trips else 0.0,
+            "the rule": [serving.rule_text(reason.split(".", 1)[0]) for reason in counts.index],
+        }
+    )
 
 
 def refused_path(color: str, month: Month) -> str:

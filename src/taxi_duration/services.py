@@ -89,7 +89,8 @@ def _server_environment() -> dict[str, str]:
     # A server outlives the run that started it: it must not keep that run's settings (its
     # folders, or a client setting pointing at another server).
     environment = {
-        key: value for key, value in os.environ.items()
+        key: value
+        for key, value in os.environ.items()
         if not key.startswith("TAXI_") and key not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")
     }
     environment.update(settings.ENVIRONMENT_DEFAULTS)
@@ -110,14 +111,16 @@ def prefect_service(port: int | None = None) -> Service:
     port = port or configured_port("prefect")
     folder = services_dir()
     environment = _server_environment()
-    environment.update({
-        # The server's own database beside its state, so stopping and starting keeps history.
-        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}",
-        "PREFECT_HOME": str(folder / "prefect-home"),
-        "PREFECT_SERVER_API_HOST": HOST,
-        "PREFECT_SERVER_API_PORT": str(port),
-        "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api",
-    })
+    environment.update(
+        {
+            # The server's own database beside its state, so stopping and starting keeps history.
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{folder / 'prefect.db'}",
+            "PREFECT_HOME": str(folder / "prefect-home"),
+            "PREFECT_SERVER_API_HOST": HOST,
+            "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_UI_API_URL": f"http://{HOST}:{port}/api",
+        }
+    )
     return Service(
         name="prefect",
         port=port,
@@ -146,12 +149,24 @@ def mlflow_service(
         name="mlflow",
         port=port,
         command=[
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", backend_store_uri or mlflow_backend_store_uri(),
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            backend_store_uri or mlflow_backend_store_uri(),
             # Clients send artifacts through the server (mlflow-artifacts:/), which stores them here.
-            "--serve-artifacts", "--artifacts-destination", artifacts.as_uri(),
-            "--host", HOST, "--port", str(port), "--workers", str(workers),
-            "--allowed-hosts", f"{HOST}:{port},localhost:{port}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            artifacts.as_uri(),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+            "--allowed-hosts",
+            f"{HOST}:{port},localhost:{port}",
         ],
         environment=mlflow_server_environment(),
         health_path="/health",
@@ -165,6 +180,7 @@ SERVICE_FACTORIES = {"prefect": prefect_service, "mlflow": mlflow_service}
 
 
 # --- state on disk ---------------------------------------------------------------------------
+
 
 def _state_path(name: str) -> Path:
     return services_dir() / f"{name}.json"
@@ -184,9 +200,16 @@ def read_state(name: str) -> dict | None:
 
 def _write_state(service: Service, pid: int, log: Path, ready: bool) -> None:
     state = {  # recorded while it starts too (so `stop` finds it), ready once it is healthy
-        "name": service.name, "pid": pid, "port": service.port, "url": service.ui_url,
-        "env_var": service.env_var, "env_value": service.env_value, "log": str(log),
-        "command": service.command, "started_at": time.time(), "ready": ready,
+        "name": service.name,
+        "pid": pid,
+        "port": service.port,
+        "url": service.ui_url,
+        "env_var": service.env_var,
+        "env_value": service.env_value,
+        "log": str(log),
+        "command": service.command,
+        "started_at": time.time(),
+        "ready": ready,
     }
     path = _state_path(service.name)
     temporary = path.with_suffix(".json.tmp")
@@ -220,6 +243,7 @@ def _lock() -> Iterator[None]:
 
 
 # --- processes -------------------------------------------------------------------------------
+
 
 def _alive(pid: int) -> bool:
     try:
@@ -276,8 +300,13 @@ def start(service: Service, timeout_seconds: float = START_TIMEOUT_SECONDS) -> d
         log = folder / f"{service.name}.log"
         with open(log, "ab") as log_handle:
             process = subprocess.Popen(
-                service.command, env=service.environment, stdout=log_handle, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True, cwd=folder,
+                service.command,
+                env=service.environment,
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=folder,
             )
         _write_state(service, process.pid, log, ready=False)
         deadline = time.monotonic() + timeout_seconds
@@ -338,7 +367,9 @@ def _stop_recorded(state: dict) -> None:
             os.killpg(pgid, signal.SIGKILL)
         # SIGKILL is not instant: report stopped only when the group is really gone.
         if not _wait_for_empty_group(pgid, STOP_TIMEOUT_SECONDS):
-            raise ServiceError(f"the {state['name']} server's processes {_group_members(pgid)} did not exit after SIGKILL")
+            raise ServiceError(
+                f"the {state['name']} server's processes {_group_members(pgid)} did not exit after SIGKILL"
+            )
     _forget(state["name"])
 
 
@@ -356,6 +387,7 @@ def stop(name: str) -> bool:
 
 
 # --- command line ----------------------------------------------------------------------------
+
 
 def _describe(name: str) -> str:
     state = read_state(name)
@@ -378,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
             for name in names:
                 state = start(SERVICE_FACTORIES[name]())
                 print(f"{name:<8} up at {state['url']}  (log: {state['log']})")
-            print(f"Runs now use them (variables in {services_dir() / 'services.env'}); `make services-stop` stops them.")
+            print(
+                f"Runs now use them (variables in {services_dir() / 'services.env'}); `make services-stop` stops them."
+            )
         elif args.action == "stop":
             for name in names:
                 print(f"{name:<8} {'stopped' if stop(name) else 'was not running'}")

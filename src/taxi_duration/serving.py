@@ -105,10 +105,13 @@ def raw_trips(trips: Any) -> pd.DataFrame:
         raise ValueError(
             f"trip records lack the column(s) {', '.join(missing)}; the model takes {', '.join(RAW_COLUMNS)}"
         )
-    return pd.DataFrame({
-        **{column: frame[column].astype("Int64") for column in LOCATION_COLUMNS},
-        DISTANCE_COLUMN: frame[DISTANCE_COLUMN].astype("float64"),
-    }, index=frame.index)
+    return pd.DataFrame(
+        {
+            **{column: frame[column].astype("Int64") for column in LOCATION_COLUMNS},
+            DISTANCE_COLUMN: frame[DISTANCE_COLUMN].astype("float64"),
+        },
+        index=frame.index,
+    )
 
 
 def servable_model(vectorizer: DictVectorizer, booster: xgb.Booster) -> Pipeline:
@@ -180,7 +183,9 @@ def check_trips(trips: pd.DataFrame) -> pd.DataFrame:
         value = "" if key == "missing" else f" {_shown(trips[column].iloc[row])}"
         rows.append(f"row {row}: {column}{value} is {REASONS[key]}")
     more = f"; and {len(refused) - LISTED_ROWS} more" if len(refused) > LISTED_ROWS else ""
-    rules = dict.fromkeys(f"{column} is {rule_text(column)}" for column in (reason.split(".", 1)[0] for reason in refused))
+    rules = dict.fromkeys(
+        f"{column} is {rule_text(column)}" for column in (reason.split(".", 1)[0] for reason in refused)
+    )
     raise _refusal(
         f"refused the whole batch: {len(refused):,} of its {len(trips):,} trips break the model's input rules "
         f"(rows count from 0). {'; '.join(rows)}{more}. The rules: {'; '.join(rules)}."
@@ -210,10 +215,12 @@ def model_signature(predictions: np.ndarray) -> ModelSignature:
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import AnyType
 
-    inputs = Schema([
-        *(ColSpec(AnyType(), column, required=False) for column in LOCATION_COLUMNS),
-        ColSpec("double", DISTANCE_COLUMN, required=False),
-    ])
+    inputs = Schema(
+        [
+            *(ColSpec(AnyType(), column, required=False) for column in LOCATION_COLUMNS),
+            ColSpec("double", DISTANCE_COLUMN, required=False),
+        ]
+    )
     # The predictions' own schema: infer_signature(x) describes x as its "inputs".
     return ModelSignature(inputs=inputs, outputs=infer_signature(predictions).inputs)
 
@@ -221,18 +228,29 @@ def model_signature(predictions: np.ndarray) -> ModelSignature:
 def _zone_reasons(values: pd.Series) -> pd.Series:
     numbers, missing, not_a_number = _numbers(values)
     whole = np.isfinite(numbers) & (numbers % 1 == 0)
-    return _first(values.index, [
-        (missing, "missing"), (not_a_number, "not_a_number"), (~whole, "not_whole"),
-        (~numbers.isin(zones.zone_ids()), "not_a_zone"),
-    ])
+    return _first(
+        values.index,
+        [
+            (missing, "missing"),
+            (not_a_number, "not_a_number"),
+            (~whole, "not_whole"),
+            (~numbers.isin(zones.zone_ids()), "not_a_zone"),
+        ],
+    )
 
 
 def _distance_reasons(values: pd.Series) -> pd.Series:
     numbers, missing, not_a_number = _numbers(values)
-    return _first(values.index, [
-        (missing, "missing"), (not_a_number, "not_a_number"), (~np.isfinite(numbers), "not_finite"),
-        (numbers < 0, "negative"), (numbers > MAX_TRIP_MILES, "too_long"),
-    ])
+    return _first(
+        values.index,
+        [
+            (missing, "missing"),
+            (not_a_number, "not_a_number"),
+            (~np.isfinite(numbers), "not_finite"),
+            (numbers < 0, "negative"),
+            (numbers > MAX_TRIP_MILES, "too_long"),
+        ],
+    )
 
 
 def _numbers(values: pd.Series) -> tuple[pd.Series, pd.Series, pd.Series]:

@@ -15,9 +15,20 @@ STAGES = ("01_explore", "02_features", "03_train")
 KERNEL_PRELOAD = {
     "01_explore": ("matplotlib_inline.backend_inline", "matplotlib.pyplot"),
     "02_features": ("matplotlib_inline.backend_inline", "matplotlib.pyplot", "sklearn.feature_extraction"),
-    "03_train": ("matplotlib_inline.backend_inline", "matplotlib.pyplot", "sklearn.feature_extraction",
-                 "sklearn.metrics", "sklearn.pipeline", "xgboost", "mlflow", "mlflow.models", "mlflow.xgboost",
-                 "mlflow.sklearn", "prefect.concurrency.sync", "prefect.client.orchestration"),
+    "03_train": (
+        "matplotlib_inline.backend_inline",
+        "matplotlib.pyplot",
+        "sklearn.feature_extraction",
+        "sklearn.metrics",
+        "sklearn.pipeline",
+        "xgboost",
+        "mlflow",
+        "mlflow.models",
+        "mlflow.xgboost",
+        "mlflow.sklearn",
+        "prefect.concurrency.sync",
+        "prefect.client.orchestration",
+    ),
 }
 
 Runners = dict[str, runner.PreparedRunner]
@@ -41,8 +52,10 @@ def provenance(stages: tuple[str, ...]) -> dict[str, Any]:
     """
     from taxi_duration import tracking
 
-    return {"git_commit": tracking.git_commit(),
-            "notebooks": {stage: stagecache.file_sha256(notebook_path(stage)) for stage in stages}}
+    return {
+        "git_commit": tracking.git_commit(),
+        "notebooks": {stage: stagecache.file_sha256(notebook_path(stage)) for stage in stages},
+    }
 
 
 def trip_digests(trip_files: dict[str, str]) -> dict[str, str]:

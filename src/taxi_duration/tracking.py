@@ -105,9 +105,7 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
         return experiment.experiment_id
 
 
-def start_run(
-    tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]
-) -> str:
+def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Create a RUNNING run with its parameters and tags; return its id."""
     run = _client(tracking_uri).create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name, tags=tags)
     log_params(tracking_uri, run.info.run_id, params)
@@ -140,9 +138,7 @@ def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> No
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client.log_batch(
-        run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()]
-    )
+    client.log_batch(run_id, metrics=[Metric(key, float(value), now, 0) for key, value in metrics.items()])
 
 
 def log_files(tracking_uri: str, run_id: str, paths: Iterable[Path], artifact_path: str) -> None:
@@ -203,7 +199,10 @@ def model_pip_requirements() -> list[str]:
 
 
 def log_xgboost_model(
-    tracking_uri: str, run_id: str, booster: xgb.Booster, input_example_matrix: scipy.sparse.csr_matrix,
+    tracking_uri: str,
+    run_id: str,
+    booster: xgb.Booster,
+    input_example_matrix: scipy.sparse.csr_matrix,
     predictions: np.ndarray,
 ) -> str:
     """Log the booster as `model` with a signature on the given run; return the model URI."""
@@ -268,9 +267,7 @@ def experiment_id_of(tracking_uri: str, run_id: str) -> str:
     return _client(tracking_uri).get_run(run_id).info.experiment_id
 
 
-def previous_best(
-    tracking_uri: str, run_id: str, color: str, validation_month: str
-) -> dict[str, Any] | None:
+def previous_best(tracking_uri: str, run_id: str, color: str, validation_month: str) -> dict[str, Any] | None:
     """The best finished run of the same experiment, colour and validation month (not `run_id`).
 
     Same validation month means same data, so the RMSEs are comparable.
@@ -330,7 +327,11 @@ def process_tags() -> dict[str, str]:
     import os
     import socket
 
-    return {"taxi.host": socket.gethostname(), "taxi.pid": str(os.getpid()), "taxi.pid_started": str(_process_start(os.getpid()))}
+    return {
+        "taxi.host": socket.gethostname(),
+        "taxi.pid": str(os.getpid()),
+        "taxi.pid_started": str(_process_start(os.getpid())),
+    }
 
 
 def _process_start(pid: int) -> str | None:
@@ -358,7 +359,9 @@ def mark_orphaned_runs_killed(tracking_uri: str, experiment: str) -> list[str]:
         return []
     host = socket.gethostname()
     runs = client.search_runs(
-        [found.experiment_id], filter_string=f"attributes.status = 'RUNNING' and tags.`taxi.host` = '{host}'", max_results=200
+        [found.experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`taxi.host` = '{host}'",
+        max_results=200,
     )
     killed = []
     for run in runs:
@@ -367,8 +370,11 @@ def mark_orphaned_runs_killed(tracking_uri: str, experiment: str) -> list[str]:
         alive = pid.isdigit() and os.path.exists(f"/proc/{pid}") and str(_process_start(int(pid))) == str(started)
         if alive:
             continue
-        client.set_tag(run.info.run_id, "taxi.killed_reason",
-                       f"pipeline process {pid or '?'} on {host} was gone when a later pipeline started")
+        client.set_tag(
+            run.info.run_id,
+            "taxi.killed_reason",
+            f"pipeline process {pid or '?'} on {host} was gone when a later pipeline started",
+        )
         client.set_terminated(run.info.run_id, status="KILLED")
         killed.append(run.info.run_id)
     return killed

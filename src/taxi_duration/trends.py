@@ -39,9 +39,14 @@ def month_points(records: list[dict[str, Any]]) -> list[MonthPoint]:
         newest.setdefault((str(record.get("color")), str(record.get("train_month"))), record)
     champion_run = _champion_run(records)
     return [
-        MonthPoint(color=color, month=month, rmse=float(record["rmse"]),
-                   baseline_rmse=None if record.get("baseline_rmse") is None else float(record["baseline_rmse"]),
-                   train_rows=record.get("train_rows"), champion=record.get("mlflow_run_id") == champion_run)
+        MonthPoint(
+            color=color,
+            month=month,
+            rmse=float(record["rmse"]),
+            baseline_rmse=None if record.get("baseline_rmse") is None else float(record["baseline_rmse"]),
+            train_rows=record.get("train_rows"),
+            champion=record.get("mlflow_run_id") == champion_run,
+        )
         for (color, month), record in sorted(newest.items())
     ]
 
@@ -63,9 +68,13 @@ def _scale(values: list[float]) -> tuple[float, float]:
 
 
 def _svg(body: list[str], title: str) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" '
-            f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>'
-            f'<text x="{LEFT}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>' + "".join(body) + "</svg>")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" viewBox="0 0 {WIDTH} {HEIGHT}" '
+        f'font-family="sans-serif" font-size="11"><rect width="100%" height="100%" fill="white"/>'
+        f'<text x="{LEFT}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>'
+        + "".join(body)
+        + "</svg>"
+    )
 
 
 def _axes(months: list[str], bottom: float, top: float, unit: str) -> tuple[list[str], Any, Any]:
@@ -78,15 +87,23 @@ def _axes(months: list[str], bottom: float, top: float, unit: str) -> tuple[list
     def y(value: float) -> float:
         return TOP + plot_height * (1 - (value - bottom) / (top - bottom))
 
-    body = [f'<line x1="{LEFT}" y1="{TOP + plot_height}" x2="{WIDTH - RIGHT}" y2="{TOP + plot_height}" stroke="#888"/>',
-            f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_height}" stroke="#888"/>']
+    body = [
+        f'<line x1="{LEFT}" y1="{TOP + plot_height}" x2="{WIDTH - RIGHT}" y2="{TOP + plot_height}" stroke="#888"/>',
+        f'<line x1="{LEFT}" y1="{TOP}" x2="{LEFT}" y2="{TOP + plot_height}" stroke="#888"/>',
+    ]
     for fraction in (0.0, 0.5, 1.0):
         value = bottom + (top - bottom) * fraction
-        body.append(f'<text x="{LEFT - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:,.{1 if top < 100 else 0}f}</text>')
-    body.append(f'<text x="12" y="{TOP + plot_height / 2:.1f}" transform="rotate(-90 12 {TOP + plot_height / 2:.1f})" '
-                f'text-anchor="middle">{html.escape(unit)}</text>')
+        body.append(
+            f'<text x="{LEFT - 6}" y="{y(value) + 4:.1f}" text-anchor="end">{value:,.{1 if top < 100 else 0}f}</text>'
+        )
+    body.append(
+        f'<text x="12" y="{TOP + plot_height / 2:.1f}" transform="rotate(-90 12 {TOP + plot_height / 2:.1f})" '
+        f'text-anchor="middle">{html.escape(unit)}</text>'
+    )
     for index, month in enumerate(months):
-        body.append(f'<text x="{x(index):.1f}" y="{TOP + plot_height + 16}" text-anchor="middle">{html.escape(month)}</text>')
+        body.append(
+            f'<text x="{x(index):.1f}" y="{TOP + plot_height + 16}" text-anchor="middle">{html.escape(month)}</text>'
+        )
     return body, x, y
 
 
@@ -103,20 +120,32 @@ def rmse_chart(points: list[MonthPoint]) -> tuple[str, str] | None:
         series = [point for point in points if point.color == color]
         stroke = COLOURS.get(color, "#1565c0")
         coordinates = [(x(months.index(point.month)), y(point.rmse)) for point in series]
-        body.append(f'<polyline fill="none" stroke="{stroke}" stroke-width="2" points="'
-                    + " ".join(f"{cx:.1f},{cy:.1f}" for cx, cy in coordinates) + '"/>')
+        body.append(
+            f'<polyline fill="none" stroke="{stroke}" stroke-width="2" points="'
+            + " ".join(f"{cx:.1f},{cy:.1f}" for cx, cy in coordinates)
+            + '"/>'
+        )
         baseline = [(x(months.index(p.month)), y(p.baseline_rmse)) for p in series if p.baseline_rmse is not None]
         if baseline:
-            body.append(f'<polyline fill="none" stroke="{stroke}" stroke-dasharray="{BASELINE_DASH}" stroke-width="1.2" '
-                        'points="' + " ".join(f"{cx:.1f},{cy:.1f}" for cx, cy in baseline) + '"/>')
+            body.append(
+                f'<polyline fill="none" stroke="{stroke}" stroke-dasharray="{BASELINE_DASH}" stroke-width="1.2" '
+                'points="' + " ".join(f"{cx:.1f},{cy:.1f}" for cx, cy in baseline) + '"/>'
+            )
         for point, (cx, cy) in zip(series, coordinates, strict=True):
-            body.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{6 if point.champion else 3.5}" fill="{stroke}"'
-                        + (' stroke="black" stroke-width="2"' if point.champion else "") + "/>")
+            body.append(
+                f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="{6 if point.champion else 3.5}" fill="{stroke}"'
+                + (' stroke="black" stroke-width="2"' if point.champion else "")
+                + "/>"
+            )
             if point.champion:
-                body.append(f'<text x="{cx:.1f}" y="{cy - 10:.1f}" text-anchor="middle" font-weight="bold">champion</text>')
+                body.append(
+                    f'<text x="{cx:.1f}" y="{cy - 10:.1f}" text-anchor="middle" font-weight="bold">champion</text>'
+                )
         legend_y = TOP + 4 + row * 14
-        body.append(f'<line x1="{legend_x}" y1="{legend_y}" x2="{legend_x + 18}" y2="{legend_y}" stroke="{stroke}" stroke-width="2"/>'
-                    f'<text x="{legend_x + 22}" y="{legend_y + 4}">{html.escape(color)}: RMSE (dashed: baseline)</text>')
+        body.append(
+            f'<line x1="{legend_x}" y1="{legend_y}" x2="{legend_x + 18}" y2="{legend_y}" stroke="{stroke}" stroke-width="2"/>'
+            f'<text x="{legend_x + 22}" y="{legend_y + 4}">{html.escape(color)}: RMSE (dashed: baseline)</text>'
+        )
     alt = "Validation RMSE by training month: " + "; ".join(
         f"{point.color} {point.month} {point.rmse:.3f} min"
         + ("" if point.baseline_rmse is None else f" (baseline {point.baseline_rmse:.3f})")
@@ -139,10 +168,13 @@ def trips_chart(points: list[MonthPoint]) -> tuple[str, str] | None:
     for offset, color in enumerate(colors):
         for point in (p for p in counted if p.color == color):
             left = x(months.index(point.month)) - width * len(colors) / 2 + offset * width
-            body.append(f'<rect x="{left:.1f}" y="{y(point.train_rows):.1f}" width="{width:.1f}" '
-                        f'height="{y(0.0) - y(point.train_rows):.1f}" fill="{COLOURS.get(color, "#1565c0")}"/>')
+            body.append(
+                f'<rect x="{left:.1f}" y="{y(point.train_rows):.1f}" width="{width:.1f}" '
+                f'height="{y(0.0) - y(point.train_rows):.1f}" fill="{COLOURS.get(color, "#1565c0")}"/>'
+            )
     alt = "Training trips (1-60 min) by month: " + "; ".join(
-        f"{point.color} {point.month} {point.train_rows:,}" for point in counted)
+        f"{point.color} {point.month} {point.train_rows:,}" for point in counted
+    )
     return _svg(body, "Training trips (1-60 min) by month"), alt
 
 

@@ -27,4 +27,3 @@ class TripDownloadError(TripDataError):
     body cut short), or the server gave an answer no retry will change (e.g. HTTP 401).
     download_file has already retried; callers should not retry it again right away.
     """
-

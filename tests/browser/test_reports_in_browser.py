@@ -13,8 +13,13 @@ pytestmark = pytest.mark.browser
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # Flags for a closed network: without them Chromium keeps trying to reach Google's services.
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 
 
@@ -54,7 +59,10 @@ def _open(browser, url: str, screenshot: Path) -> tuple[object, list[str], list[
     remote: list[str] = []
     page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.on("request", lambda request: remote.append(request.url) if not request.url.startswith(("file:", "data:")) else None)
+    page.on(
+        "request",
+        lambda request: remote.append(request.url) if not request.url.startswith(("file:", "data:")) else None,
+    )
     page.goto(url, wait_until="load")
     page.screenshot(path=str(screenshot), full_page=True)
     return page, errors, remote
@@ -108,7 +116,9 @@ def test_full_report_shows_code_and_the_failure_banner_is_visible(browser, finis
 
 
 def test_comparison_page_opens_from_the_gallery_offline(browser, real_months, screenshots):
-    gallery, errors, remote = _open(browser, (real_months.outputs / "index.html").as_uri(), screenshots / "months-gallery.png")
+    gallery, errors, remote = _open(
+        browser, (real_months.outputs / "index.html").as_uri(), screenshots / "months-gallery.png"
+    )
     assert errors == [] and remote == []
     rmse_chart = gallery.locator("img.trend").nth(0)
     assert rmse_chart.get_attribute("alt").startswith("Validation RMSE by training month: green 2023-01 ")
@@ -137,11 +147,23 @@ def test_hostile_output_does_not_run_in_the_report(browser, tmp_path):
 
     from taxi_duration.reports import render_reports
 
-    notebook = new_notebook(cells=[new_code_cell("x", execution_count=1, outputs=[
-        new_output("display_data", {"text/html": '<img src="nope" onerror="window.pwned=1"><script>window.pwned=2</script>'}),
-        new_output("display_data", {"application/javascript": "window.pwned = 3"}),
-        new_output("error", ename="ValueError", evalue="bad month", traceback=[]),
-    ])], metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    notebook = new_notebook(
+        cells=[
+            new_code_cell(
+                "x",
+                execution_count=1,
+                outputs=[
+                    new_output(
+                        "display_data",
+                        {"text/html": '<img src="nope" onerror="window.pwned=1"><script>window.pwned=2</script>'},
+                    ),
+                    new_output("display_data", {"application/javascript": "window.pwned = 3"}),
+                    new_output("error", ename="ValueError", evalue="bad month", traceback=[]),
+                ],
+            )
+        ],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+    )
     path = tmp_path / "hostile.ipynb"
     nbformat.write(notebook, path)
     reports = render_reports(path)

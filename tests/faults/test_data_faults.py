@@ -96,13 +96,17 @@ def test_default_schedule_is_four_attempts_half_a_second_doubling():
 @pytest.mark.parametrize(
     "first, second", [("503", "502"), ("reset", "500"), ("429", "cut-short"), ("reset-mid-body", "504")]
 )
-def test_two_failures_then_success_gives_a_valid_file_after_three_requests(tmp_path, fault_server, trip_bytes, first, second):
+def test_two_failures_then_success_gives_a_valid_file_after_three_requests(
+    tmp_path, fault_server, trip_bytes, first, second
+):
     faults = {
         "reset": reset_before_headers(),
         "cut-short": cut_short(trip_bytes),
         "reset-mid-body": reset_mid_body(trip_bytes),
     }
-    fault_server.script(PATH, faults.get(first) or status(int(first)), faults.get(second) or status(int(second)), ok(trip_bytes))
+    fault_server.script(
+        PATH, faults.get(first) or status(int(first)), faults.get(second) or status(int(second)), ok(trip_bytes)
+    )
     cache = tmp_path / "cache"
 
     path = fetch(fault_server, cache)

@@ -34,7 +34,10 @@ def _processes_with(marker: str, command_part: str = "") -> list[int]:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if marker.encode() in (entry / "environ").read_bytes() and command_part.encode() in (entry / "cmdline").read_bytes():
+            if (
+                marker.encode() in (entry / "environ").read_bytes()
+                and command_part.encode() in (entry / "cmdline").read_bytes()
+            ):
                 state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
                 if state != "Z":
                     found.append(int(entry.name))
@@ -74,7 +77,11 @@ def _start(isolated_stores, prefect_home, source, project: Path | None = None, *
         env["TAXI_PROJECT_DIR"] = str(project)
     return subprocess.Popen(
         [sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), "--data-source", str(source), *args],
-        cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=PROJECT_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -107,7 +114,9 @@ def test_sigterm_mid_notebook_marks_the_run_killed_and_leaves_no_process(
     assert set(archived) <= {"notebooks/01_explore.ipynb", "notebooks/02_features.ipynb"}
     record = json.loads((executed.parent / "run.json").read_text())
     assert record["status"] == "KILLED"
-    _wait_for(lambda: not _processes_with(str(isolated_stores["outputs"])), 30, "the notebook process and kernel to exit")
+    _wait_for(
+        lambda: not _processes_with(str(isolated_stores["outputs"])), 30, "the notebook process and kernel to exit"
+    )
 
 
 def test_after_sigkill_the_next_start_marks_the_orphaned_run_killed(
@@ -124,8 +133,11 @@ def test_after_sigkill_the_next_start_marks_the_orphaned_run_killed(
     # persistent local Prefect server (shared by design, started without this run's
     # settings), so no temporary API server is left orphaned either.
     marker = str(isolated_stores["outputs"])
-    _wait_for(lambda: not (_processes_with(marker, "taxi_duration.runner.child") or _processes_with(marker, "ipykernel")),
-              60, "orphaned notebook processes to exit")
+    _wait_for(
+        lambda: not (_processes_with(marker, "taxi_duration.runner.child") or _processes_with(marker, "ipykernel")),
+        60,
+        "orphaned notebook processes to exit",
+    )
     assert not _processes_with(marker, "uvicorn"), "a Prefect API server of the killed run is still running"
 
     # Any next start marks it, before it looks for its data: here one whose source folder is
@@ -146,19 +158,25 @@ def test_unreachable_tracking_server_fails_early_and_clearly(isolated_stores, pi
         probe.bind(("127.0.0.1", 0))
         free_port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{free_port}"
-    completed = pipeline_cli("--data-source", str(synthetic_source), env={
-        "MLFLOW_TRACKING_URI": url, "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
+    completed = pipeline_cli(
+        "--data-source",
+        str(synthetic_source),
+        env={"MLFLOW_TRACKING_URI": url, "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])},
+    )
     assert completed.returncode == 1
-    assert_one_clear_failure(completed.stdout, completed.stderr, "error: the MLflow tracking server at",
-                             f"the MLflow tracking server at {url} did not answer its health check")
+    assert_one_clear_failure(
+        completed.stdout,
+        completed.stderr,
+        "error: the MLflow tracking server at",
+        f"the MLflow tracking server at {url} did not answer its health check",
+    )
     assert not isolated_stores["outputs"].exists()
 
 
 @pytest.mark.long
 def test_two_months_and_the_same_month_at_once_all_finish(isolated_stores, prefect_home, synthetic_source):
     processes = [
-        _start(isolated_stores, prefect_home, synthetic_source, None, "--month", month)
-        for month in ("3", "3", "4")
+        _start(isolated_stores, prefect_home, synthetic_source, None, "--month", month) for month in ("3", "3", "4")
     ]
     results = [process.communicate(timeout=900) for process in processes]
     for process, (stdout, stderr) in zip(processes, results, strict=True):
@@ -181,8 +199,13 @@ def test_two_months_and_the_same_month_at_once_all_finish(isolated_stores, prefe
     ],
 )
 def test_more_bad_input_rejected_before_anything(isolated_stores, pipeline_cli, args, message):
-    completed = pipeline_cli(*args, env={"MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"],
-                                          "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
+    completed = pipeline_cli(
+        *args,
+        env={
+            "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"],
+            "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"]),
+        },
+    )
     assert completed.returncode == 2
     assert len(completed.stderr.strip().splitlines()) == 1, completed.stderr
     assert_one_clear_failure(completed.stdout, completed.stderr, "error: ", message)
@@ -192,12 +215,24 @@ def test_more_bad_input_rejected_before_anything(isolated_stores, pipeline_cli, 
 def test_a_month_missing_from_the_folder_names_the_path(isolated_stores, pipeline_cli, tmp_path, synthetic_source):
     source = tmp_path / "only-march"
     source.mkdir()
-    (source / "green_tripdata_2023-03.parquet").write_bytes((synthetic_source / "green_tripdata_2023-03.parquet").read_bytes())
-    completed = pipeline_cli("--data-source", str(source), env={
-        "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"], "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
+    (source / "green_tripdata_2023-03.parquet").write_bytes(
+        (synthetic_source / "green_tripdata_2023-03.parquet").read_bytes()
+    )
+    completed = pipeline_cli(
+        "--data-source",
+        str(source),
+        env={
+            "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"],
+            "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"]),
+        },
+    )
     assert completed.returncode == 1
-    assert_one_clear_failure(completed.stdout, completed.stderr, "Pipeline failed: ",
-                             f"no green trip file for 2023-04 at {source / 'green_tripdata_2023-04.parquet'}")
+    assert_one_clear_failure(
+        completed.stdout,
+        completed.stderr,
+        "Pipeline failed: ",
+        f"no green trip file for 2023-04 at {source / 'green_tripdata_2023-04.parquet'}",
+    )
     assert completed.stderr.count("Retry") == 0 and "AwaitingRetry" not in completed.stdout + completed.stderr
     _, runs = _runs(isolated_stores["tracking_uri"])
     assert [run.info.status for run in runs] == ["FAILED"]
@@ -213,14 +248,20 @@ def test_a_month_missing_from_the_folder_names_the_path(isolated_stores, pipelin
     ("cell", "extra_env", "message"),
     [
         ("import sys\nsys.exit(0)", {}, "stopped early at cell 4: the cell called sys.exit(0) (SystemExit: 0)"),
-        ('raise ValueError("fare_amount has 3 negative values")', {}, "cell 4 raised ValueError: fare_amount has 3 negative values"),
+        (
+            'raise ValueError("fare_amount has 3 negative values")',
+            {},
+            "cell 4 raised ValueError: fare_amount has 3 negative values",
+        ),
         ("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", {}, "kernel died"),
         # Long enough for 02_features, running beside it, to finish on a busy machine.
         ("import time\ntime.sleep(600)", {"TAXI_NOTEBOOK_TIMEOUT": "25"}, "did not finish within 25 s"),
     ],
     ids=["sys-exit-0", "raises", "kernel-killed", "hung-cell"],
 )
-def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthetic_source, tmp_path, cell, extra_env, message):
+def test_notebook_faults_through_the_flow(
+    isolated_stores, pipeline_cli, synthetic_source, tmp_path, cell, extra_env, message
+):
     project = tmp_path / "project"
     (project / "notebooks").mkdir(parents=True)
     for source in (PROJECT_DIR / "notebooks").glob("*.ipynb"):
@@ -230,9 +271,16 @@ def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthet
     nbformat.write(explore, project / "notebooks" / "01_explore.ipynb")
 
     started = time.monotonic()
-    completed = pipeline_cli("--data-source", str(synthetic_source), env={
-        "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"], "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"]),
-        "TAXI_PROJECT_DIR": str(project), **extra_env})
+    completed = pipeline_cli(
+        "--data-source",
+        str(synthetic_source),
+        env={
+            "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"],
+            "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"]),
+            "TAXI_PROJECT_DIR": str(project),
+            **extra_env,
+        },
+    )
 
     assert completed.returncode == 1
     assert "01_explore.ipynb failed" in completed.stderr and message in completed.stderr
@@ -240,17 +288,23 @@ def test_notebook_faults_through_the_flow(isolated_stores, pipeline_cli, synthet
     lines = completed.stderr.strip().splitlines()
     first = next(index for index, line in enumerate(lines) if "01_explore" in line and "ERROR" in line)
     assert len(lines) - first <= 15, "\n".join(lines[first:])
-    assert_one_clear_failure(completed.stdout, completed.stderr, "Pipeline failed: notebook 01_explore.ipynb failed: ",
-                             message)
+    assert_one_clear_failure(
+        completed.stdout, completed.stderr, "Pipeline failed: notebook 01_explore.ipynb failed: ", message
+    )
     client, runs = _runs(isolated_stores["tracking_uri"])
     assert [run.info.status for run in runs] == ["FAILED"]
     run_id = runs[0].info.run_id
     # 02_features ran beside it and finished; 03_train never started.
     assert [a.path for a in client.list_artifacts(run_id, "notebooks")] == [
-        "notebooks/01_explore.ipynb", "notebooks/02_features.ipynb"]
+        "notebooks/01_explore.ipynb",
+        "notebooks/02_features.ipynb",
+    ]
     assert sorted(a.path for a in client.list_artifacts(run_id, "reports")) == [
-        "reports/01_explore.html", "reports/01_explore.review.html",
-        "reports/02_features.html", "reports/02_features.review.html"]
+        "reports/01_explore.html",
+        "reports/01_explore.review.html",
+        "reports/02_features.html",
+        "reports/02_features.review.html",
+    ]
     review = next(isolated_stores["outputs"].glob("green/2023-03/*/01_explore.review.html")).read_text()
     assert "This notebook failed" in review
     marker = str(isolated_stores["outputs"])
@@ -280,12 +334,21 @@ def test_a_bad_file_in_the_source_fails_the_run_naming_it(
 ):
     source = tmp_path / "source"
     source.mkdir()
-    (source / "green_tripdata_2023-03.parquet").write_bytes((synthetic_source / "green_tripdata_2023-03.parquet").read_bytes())
+    (source / "green_tripdata_2023-03.parquet").write_bytes(
+        (synthetic_source / "green_tripdata_2023-03.parquet").read_bytes()
+    )
     bad = source / "green_tripdata_2023-04.parquet"
     make_bad_file(bad)
     bad_bytes = bad.read_bytes()
-    completed = pipeline_cli("--data-source", str(source), *(["--verbose"] if verbose else []), env={
-        "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"], "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
+    completed = pipeline_cli(
+        "--data-source",
+        str(source),
+        *(["--verbose"] if verbose else []),
+        env={
+            "MLFLOW_TRACKING_URI": isolated_stores["tracking_uri"],
+            "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"]),
+        },
+    )
 
     assert completed.returncode == 1
     if verbose:

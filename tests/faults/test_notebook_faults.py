@@ -81,8 +81,12 @@ class FaultRun:
         """execute_notebook on fixture `name`; `retries_on_kernel_death` is passed on, the rest are parameters."""
         options = {key: parameters.pop(key) for key in ["retries_on_kernel_death"] if key in parameters}
         return execute_notebook(
-            FIXTURES / f"{name}.ipynb", self.folder / "run" / f"{name}.ipynb",
-            {"pid_file": str(self.pid_file), **parameters}, timeout, cwd=self.folder, **options,
+            FIXTURES / f"{name}.ipynb",
+            self.folder / "run" / f"{name}.ipynb",
+            {"pid_file": str(self.pid_file), **parameters},
+            timeout,
+            cwd=self.folder,
+            **options,
         )
 
     def fails(self, name: str, timeout: float = TIMEOUT, **parameters) -> NotebookExecutionError:
@@ -166,7 +170,8 @@ def test_sys_exit_is_an_early_stop_not_a_success(run, exit_code):
     error = run.fails("exits_early", exit_code=exit_code)
 
     executed = _assert_failure_shown(
-        error, f"stopped early at cell 5: the cell called sys.exit({exit_code})",
+        error,
+        f"stopped early at cell 5: the cell called sys.exit({exit_code})",
         "1 later code cell(s) did not run",
     )
     assert _cell(executed, "sys.exit").execution_count == 5
@@ -180,8 +185,10 @@ def test_a_failing_bang_command_fails_its_cell(run, form):
     error = run.fails("shell_fails", form=form)
 
     executed = _assert_failure_shown(
-        error, "stopped early at cell 4: a shell command",
-        "Command 'ls /nonexistent-taxi-folder' returned non-zero exit status 2", "|| true",
+        error,
+        "stopped early at cell 4: a shell command",
+        "Command 'ls /nonexistent-taxi-folder' returned non-zero exit status 2",
+        "|| true",
     )
     assert "after the shell command" not in _printed(executed)
 
@@ -211,7 +218,9 @@ def test_a_kernel_killed_every_time_fails_after_two_attempts(run):
     error = run.fails("kills_kernel")
 
     _assert_failure_shown(
-        error, "the kernel died while running cell 5 on every attempt (2 of 2", "out-of-memory",
+        error,
+        "the kernel died while running cell 5 on every attempt (2 of 2",
+        "out-of-memory",
     )
     assert error.result.attempts == 2
     assert len(run.kernels()) == 2, "one kernel per attempt"
@@ -247,7 +256,9 @@ def test_a_cell_that_never_finishes_is_stopped_and_its_kernel_reaped(run):
 
     assert time.monotonic() - started < SHORT_TIMEOUT + 30
     executed = _assert_failure_shown(
-        error, f"did not finish within {SHORT_TIMEOUT} s (TAXI_NOTEBOOK_TIMEOUT)", "while running cell 4",
+        error,
+        f"did not finish within {SHORT_TIMEOUT} s (TAXI_NOTEBOOK_TIMEOUT)",
+        "while running cell 4",
     )
     assert _cell(executed, "never printed").execution_count is None
 
@@ -267,7 +278,9 @@ def test_a_runner_killed_outright_leaves_no_kernel_nor_what_the_kernel_started(r
 
     assert time.monotonic() - started < SHORT_TIMEOUT + 30
     _assert_failure_shown(
-        error, f"did not finish within {SHORT_TIMEOUT} s", "while running cell 4",
+        error,
+        f"did not finish within {SHORT_TIMEOUT} s",
+        "while running cell 4",
         "process(es) the notebook left running were killed",
     )
     kernel, helper = run.kernels()
@@ -289,10 +302,16 @@ execute_notebook(Path(notebook), Path(executed), {"pid_file": pid_file, "spawn_c
 def test_when_the_caller_dies_the_runner_stops_its_kernel(run):
     # The flow process SIGKILLed mid-notebook: the runner lives in its own session, so only
     # its watch on its parent stops it (and its kernel, and what the kernel started).
-    caller = subprocess.Popen([
-        sys.executable, "-c", CALLER,
-        str(FIXTURES / "sleeps_forever.ipynb"), str(run.folder / "run" / "sleeps_forever.ipynb"), str(run.pid_file),
-    ])
+    caller = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            CALLER,
+            str(FIXTURES / "sleeps_forever.ipynb"),
+            str(run.folder / "run" / "sleeps_forever.ipynb"),
+            str(run.pid_file),
+        ]
+    )
     try:
         waited = time.monotonic()
         while len(run.kernels()) < 2:  # the kernel and its `sleep` are running
@@ -329,8 +348,10 @@ def test_a_lone_surrogate_is_refused_before_anything_runs(tmp_path):
     # papermill copies parameters into the notebook's metadata and cannot write them as UTF-8.
     with pytest.raises(NotebookParameterError, match="lone surrogate"):
         execute_notebook(
-            FIXTURES / "echo_text.ipynb", tmp_path / "echo_text.ipynb",
-            {"text": "half a pair: \ud800", "out_file": str(tmp_path / "out.txt")}, TIMEOUT,
+            FIXTURES / "echo_text.ipynb",
+            tmp_path / "echo_text.ipynb",
+            {"text": "half a pair: \ud800", "out_file": str(tmp_path / "out.txt")},
+            TIMEOUT,
         )
     assert not (tmp_path / "echo_text.ipynb").exists()
 
@@ -348,22 +369,41 @@ def test_fixture_notebooks_are_committed_without_outputs():
         assert all(not cell["outputs"] and cell["execution_count"] is None for cell in code), path.name
 
 
-@pytest.mark.parametrize(("source", "named"), [
-    ('raise ValueError("fare_amount has 3 negative values")', "cell 3 raised ValueError: fare_amount has 3 negative values."),
-    ("%nosuchmagic", "cell 3 raised UsageError: Line magic function `%nosuchmagic` not found."),
-    ("def broken(:\n    pass", "cell 3 raised SyntaxError: invalid syntax"),
-    ("!exit 3", "(CalledProcessError: Command 'exit 3' returned non-zero exit status 3.)"),
-    ('raise KeyboardInterrupt("stopped by hand")', "cell 3 raised KeyboardInterrupt: stopped by hand."),
-    ("raise KeyboardInterrupt", "cell 3 raised KeyboardInterrupt (with no message)."),
-    ("import sys\nsys.exit(3)", "the cell called sys.exit(3) (SystemExit: 3)"),
-], ids=["code", "ipython-magic", "syntax-error", "shell-escape", "keyboard-interrupt", "bare-interrupt", "system-exit"])
+@pytest.mark.parametrize(
+    ("source", "named"),
+    [
+        (
+            'raise ValueError("fare_amount has 3 negative values")',
+            "cell 3 raised ValueError: fare_amount has 3 negative values.",
+        ),
+        ("%nosuchmagic", "cell 3 raised UsageError: Line magic function `%nosuchmagic` not found."),
+        ("def broken(:\n    pass", "cell 3 raised SyntaxError: invalid syntax"),
+        ("!exit 3", "(CalledProcessError: Command 'exit 3' returned non-zero exit status 3.)"),
+        ('raise KeyboardInterrupt("stopped by hand")', "cell 3 raised KeyboardInterrupt: stopped by hand."),
+        ("raise KeyboardInterrupt", "cell 3 raised KeyboardInterrupt (with no message)."),
+        ("import sys\nsys.exit(3)", "the cell called sys.exit(3) (SystemExit: 3)"),
+    ],
+    ids=[
+        "code",
+        "ipython-magic",
+        "syntax-error",
+        "shell-escape",
+        "keyboard-interrupt",
+        "bare-interrupt",
+        "system-exit",
+    ],
+)
 def test_every_failure_kind_names_its_exception_and_the_cells_first_line(tmp_path, source, named):
     notebook = nbformat.v4.new_notebook()
     notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     parameters = nbformat.v4.new_code_cell("answer = 0")
     parameters.metadata["tags"] = ["parameters"]
-    notebook.cells = [parameters, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell(source),
-                      nbformat.v4.new_code_cell("y = 2")]
+    notebook.cells = [
+        parameters,
+        nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell(source),
+        nbformat.v4.new_code_cell("y = 2"),
+    ]
     path = tmp_path / "kind.ipynb"
     nbformat.write(notebook, path)
     with pytest.raises(NotebookExecutionError) as raised:

@@ -30,8 +30,11 @@ def doomed_prefect_server(tmp_path, monkeypatch, free_port) -> dict:
     API only: what the pipeline talks to, without the scheduler's services or the UI."""
     monkeypatch.setenv("TAXI_SERVICES_DIR", str(tmp_path / "services"))
     service = services.prefect_service(port=free_port())
-    service = dataclasses.replace(service, command=[*service.command, "--no-services"],
-                                  environment={**service.environment, "PREFECT_SERVER_UI_ENABLED": "false"})
+    service = dataclasses.replace(
+        service,
+        command=[*service.command, "--no-services"],
+        environment={**service.environment, "PREFECT_SERVER_UI_ENABLED": "false"},
+    )
     state = services.start(service)
     yield state
     services.stop("prefect")  # nothing left to stop once the test killed it
@@ -49,13 +52,20 @@ class _Pipeline:
     """`python flows/pipeline.py` as a user runs it, its output read line by line as it comes."""
 
     def __init__(self, args: list[str], env: dict[str, str]) -> None:
-        self.process = subprocess.Popen([sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), *args],
-                                        cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), *args],
+            cwd=PROJECT_DIR,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.stdout: list[str] = []
         self.stderr: list[str] = []
-        self._readers = [threading.Thread(target=self._read, args=(pipe, lines), daemon=True)
-                         for pipe, lines in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr))]
+        self._readers = [
+            threading.Thread(target=self._read, args=(pipe, lines), daemon=True)
+            for pipe, lines in ((self.process.stdout, self.stdout), (self.process.stderr, self.stderr))
+        ]
         for reader in self._readers:
             reader.start()
 

@@ -35,9 +35,25 @@ def mlflow_server(tmp_path, empty_tracking_store, free_port):
     port = free_port()
     shutil.copyfile(empty_tracking_store, tmp_path / "server.db")
     process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "server-artifacts")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **services.MLFLOW_SERVER_DEFAULTS},
     )
     url = f"http://127.0.0.1:{port}"
@@ -102,11 +118,16 @@ def test_failing_artifact_uploads_fail_the_run_clearly_and_keep_local_copies(
     failing_uploads_proxy, mlflow_server, pipeline_cli, synthetic_source, isolated_stores
 ):
     proxy_url, refused = failing_uploads_proxy
-    completed = pipeline_cli("--data-source", str(synthetic_source), env={
-        "MLFLOW_TRACKING_URI": proxy_url, "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])})
+    completed = pipeline_cli(
+        "--data-source",
+        str(synthetic_source),
+        env={"MLFLOW_TRACKING_URI": proxy_url, "TAXI_OUTPUTS_DIR": str(isolated_stores["outputs"])},
+    )
 
     assert completed.returncode == 1
-    paragraph = assert_one_clear_failure(completed.stdout, completed.stderr, "Pipeline failed: could not archive ", proxy_url)
+    paragraph = assert_one_clear_failure(
+        completed.stdout, completed.stderr, "Pipeline failed: could not archive ", proxy_url
+    )
     # 01_explore and 02_features run side by side: whichever archives first meets the failure.
     assert re.search(r"could not archive 0[12]_(explore|features)\.ipynb", paragraph), paragraph
     assert len(refused) >= 2, "MLflow retries an upload before giving up"

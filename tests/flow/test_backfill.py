@@ -23,7 +23,11 @@ def _backfill(prefect_home: Path, *args: str) -> subprocess.CompletedProcess:
     env.pop("PREFECT_API_URL", None)
     return subprocess.run(
         [sys.executable, str(PROJECT_DIR / "flows" / "backfill.py"), *args],
-        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=1800,
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
     )
 
 
@@ -37,7 +41,9 @@ def test_backfill_three_months_then_repeat_is_all_cached_and_a_failed_month_is_r
         write_trip_file(source, "green", month, 2000, seed=5)
         month = month.next()
 
-    first = _backfill(prefect_home, "--from", "2023-01", "--to", "2023-03", "--data-source", str(source), "--max-parallel", "2")
+    first = _backfill(
+        prefect_home, "--from", "2023-01", "--to", "2023-03", "--data-source", str(source), "--max-parallel", "2"
+    )
     # stdout holds the per-month summary that says which month failed and why.
     assert first.returncode == 0, first.stdout[-4000:] + "\n--- stderr ---\n" + first.stderr[-3000:]
     assert "3 of 3 months finished" in first.stdout

@@ -23,7 +23,9 @@ FLOWS_DIR = PROJECT_DIR / "flows"
 SRC_DIR = PROJECT_DIR / "src"  # where the editable install finds the package
 BACKFILL_TIMEOUT = 1800
 # A table row of a month run on Dask: month, status, RMSE, reused stages, worker, MLflow run id.
-DASK_ROW = re.compile(r"^(?P<month>\d{4}-\d\d)\s+FINISHED\s+[\d.]+\s+.*?(?P<address>tcp://[\d.:]+) pid (?P<pid>\d+)\s+(?P<run>[0-9a-f]{32})$")
+DASK_ROW = re.compile(
+    r"^(?P<month>\d{4}-\d\d)\s+FINISHED\s+[\d.]+\s+.*?(?P<address>tcp://[\d.:]+) pid (?P<pid>\d+)\s+(?P<run>[0-9a-f]{32})$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,11 @@ def _start_backfill(prefect_home: Path, *args: str, env: dict[str, str] | None =
     full_env.update(env or {})
     return subprocess.Popen(
         [sys.executable, str(FLOWS_DIR / "backfill.py"), *args],
-        cwd=PROJECT_DIR, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=PROJECT_DIR,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -72,8 +78,16 @@ def test_local_dask_cluster_runs_each_month_in_a_worker_process(tmp_path, isolat
     # backfill starts must serve its workers too. (With a server, see the --dask-address test.)
     prefect_home = tmp_path / "prefect-home"
     process = _start_backfill(
-        prefect_home, "--from", "2023-02", "--to", "2023-03", "--data-source", str(synthetic_source),
-        "--dask", "--max-parallel", "2",
+        prefect_home,
+        "--from",
+        "2023-02",
+        "--to",
+        "2023-03",
+        "--data-source",
+        str(synthetic_source),
+        "--dask",
+        "--max-parallel",
+        "2",
         env={"TAXI_PREFECT_SERVER": "ephemeral", "TAXI_SERVICES_DIR": str(tmp_path / "no-services")},
     )
     stdout, stderr = _finish(process)
@@ -117,8 +131,16 @@ def test_dask_address_sends_months_to_that_schedulers_workers(
     ) as cluster:
         cluster_workers = set(cluster.scheduler_info["workers"])
         process = _start_backfill(
-            tmp_path / "prefect-home", "--from", "2023-02", "--to", "2023-02", "--data-source", str(synthetic_source),
-            "--dask-address", cluster.scheduler_address, env={"PREFECT_API_URL": prefect_server},
+            tmp_path / "prefect-home",
+            "--from",
+            "2023-02",
+            "--to",
+            "2023-02",
+            "--data-source",
+            str(synthetic_source),
+            "--dask-address",
+            cluster.scheduler_address,
+            env={"PREFECT_API_URL": prefect_server},
         )
         stdout, stderr = _finish(process)
     assert process.returncode == 0, stdout[-4000:] + "\n--- stderr ---\n" + stderr[-3000:]
@@ -163,8 +185,15 @@ def test_unreachable_dask_scheduler_fails_fast_naming_it(tmp_path, isolated_stor
 
 def test_dask_address_without_a_prefect_server_is_refused(tmp_path, isolated_stores, synthetic_source):
     process = _start_backfill(
-        tmp_path / "prefect-home", "--from", "2023-02", "--to", "2023-02", "--data-source", str(synthetic_source),
-        "--dask-address", "tcp://127.0.0.1:8786",
+        tmp_path / "prefect-home",
+        "--from",
+        "2023-02",
+        "--to",
+        "2023-02",
+        "--data-source",
+        str(synthetic_source),
+        "--dask-address",
+        "tcp://127.0.0.1:8786",
         env={"TAXI_SERVICES_DIR": str(tmp_path / "no-services")},  # no local server to adopt either
     )
     _, stderr = _finish(process, timeout=120)
@@ -185,8 +214,16 @@ def test_workers_that_cannot_import_the_pipeline_are_named(
     ) as cluster:
         (worker,) = cluster.scheduler_info["workers"]
         process = _start_backfill(
-            tmp_path / "prefect-home", "--from", "2023-02", "--to", "2023-02", "--data-source", str(synthetic_source),
-            "--dask-address", cluster.scheduler_address, env={"PREFECT_API_URL": prefect_server},
+            tmp_path / "prefect-home",
+            "--from",
+            "2023-02",
+            "--to",
+            "2023-02",
+            "--data-source",
+            str(synthetic_source),
+            "--dask-address",
+            cluster.scheduler_address,
+            env={"PREFECT_API_URL": prefect_server},
         )
         _, stderr = _finish(process, timeout=300)
     assert process.returncode == 1

@@ -22,8 +22,16 @@ VARIANTS = ("plain", "plain, GC paused", "cold", "servers", "rerun", "first run"
 # What a benchmark must never write to: the project's own stores, and the default report
 # files (the test passes --output-dir). The rest of outputs/bench/ is left out: other
 # benchmarks (bench/scale.py...) write their reports there and may run meanwhile.
-USER_STORES = ("mlflow.db", "mlartifacts", "mlruns", "outputs", ".services", "data",
-               "outputs/bench/pipeline.md", "outputs/bench/pipeline.json")
+USER_STORES = (
+    "mlflow.db",
+    "mlartifacts",
+    "mlruns",
+    "outputs",
+    ".services",
+    "data",
+    "outputs/bench/pipeline.md",
+    "outputs/bench/pipeline.json",
+)
 SHARED_REPORTS = PROJECT_DIR / "outputs" / "bench"
 
 
@@ -59,14 +67,20 @@ def test_quick_bench_measures_every_variant_and_leaves_user_stores_alone(tmp_pat
 
     completed = subprocess.run(
         [sys.executable, str(PROJECT_DIR / "bench" / "run.py"), "--quick", "--output-dir", str(output_dir)],
-        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=900,
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
 
     table = (output_dir / "pipeline.md").read_text()
     assert table in completed.stdout, "the table is printed too"
-    assert ("| variant | median s | min | max | ratio to plain | target | within target? "
-            "| ratio to plain, GC paused | peak memory |") in table
+    assert (
+        "| variant | median s | min | max | ratio to plain | target | within target? "
+        "| ratio to plain, GC paused | peak memory |"
+    ) in table
     rows = {}
     for line in table.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]

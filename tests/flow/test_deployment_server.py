@@ -47,11 +47,14 @@ def test_the_deployment_form_is_typed_and_described(registered):
     assert properties["force"]["description"].startswith("Rerun every stage")
 
 
-@pytest.mark.parametrize(("parameters", "reason"), [
-    ({"color": "purple"}, "'purple' is not one of ['green', 'yellow']"),
-    ({"month": 13}, "13 is greater than the maximum of 12"),
-    ({"year": 1999, "month": 5}, "1999 is less than the minimum of 2009"),
-])
+@pytest.mark.parametrize(
+    ("parameters", "reason"),
+    [
+        ({"color": "purple"}, "'purple' is not one of ['green', 'yellow']"),
+        ({"month": 13}, "13 is greater than the maximum of 12"),
+        ({"year": 1999, "month": 5}, "1999 is less than the minimum of 2009"),
+    ],
+)
 def test_the_server_rejects_a_bad_value_before_a_run_is_created(registered, parameters, reason):
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId

@@ -21,8 +21,10 @@ def _registry(tracking_uri: str) -> dict[str, tuple[list[str], dict[str, str]]]:
     """Every registered model's versions and aliases."""
     client = MlflowClient(tracking_uri)
     return {
-        model.name: (sorted(str(v.version) for v in client.search_model_versions(f"name = '{model.name}'")),
-                     {alias: str(version) for alias, version in model.aliases.items()})
+        model.name: (
+            sorted(str(v.version) for v in client.search_model_versions(f"name = '{model.name}'")),
+            {alias: str(version) for alias, version in model.aliases.items()},
+        )
         for model in client.search_registered_models()
     }
 
@@ -43,10 +45,14 @@ def test_training_by_hand_registers_nothing_and_the_month_before_the_champion_ke
     # 03_train by hand on that run's matrices, with its own defaults (as in JupyterLab or with
     # papermill): its MLflow run is logged, the registry is not touched.
     lab = tmp_path / "lab"
-    shutil.copytree(_run_folder(isolated_stores["outputs"], "2023-03"), lab,
-                    ignore=shutil.ignore_patterns("*.ipynb", "*.html", "03_train.manifest.json", "run.json"))
-    result = execute_notebook(settings.notebooks_dir() / "03_train.ipynb", lab / "03_train.ipynb", {"run_dir": str(lab)},
-                              300)
+    shutil.copytree(
+        _run_folder(isolated_stores["outputs"], "2023-03"),
+        lab,
+        ignore=shutil.ignore_patterns("*.ipynb", "*.html", "03_train.manifest.json", "run.json"),
+    )
+    result = execute_notebook(
+        settings.notebooks_dir() / "03_train.ipynb", lab / "03_train.ipynb", {"run_dir": str(lab)}, 300
+    )
     by_hand = runfiles.read_manifest(lab, "03_train")
     run = MlflowClient(uri).get_run(by_hand["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["taxi.source"] == "notebook"
@@ -62,8 +68,10 @@ def test_training_by_hand_registers_nothing_and_the_month_before_the_champion_ke
     assert _registry(uri) == {MODEL: (["1", "2"], {"champion": "1"})}
     training = runfiles.read_manifest(_run_folder(isolated_stores["outputs"], "2023-02"), "03_train")
     rmse = training["metrics"]["rmse"]
-    reason = (f"champion v1 stays: no fair comparison, as it was trained on 2023-03, the validation month "
-              f"(challenger {rmse:.3f} is not compared with an in-sample score)")
+    reason = (
+        f"champion v1 stays: no fair comparison, as it was trained on 2023-03, the validation month "
+        f"(challenger {rmse:.3f} is not compared with an in-sample score)"
+    )
     # The decision line the run ends with.
     assert re.search(rf"^  model registry +{re.escape(reason)}$", second.stdout, re.MULTILINE), second.stdout[-2000:]
     tags = MlflowClient(uri).get_run(training["mlflow_run_id"]).data.tags

@@ -37,7 +37,7 @@ def _artifact_names(client, run_id, folder):
 @pytest.mark.realdata
 def test_real_green_2023_03_reproduces_the_reference_model(real_run):
     # The terminal ends with the figures users look for.
-    tail = real_run.training_stdout[real_run.training_stdout.index("Pipeline finished"):]
+    tail = real_run.training_stdout[real_run.training_stdout.index("Pipeline finished") :]
     assert re.search(r"train matrix\s+69,392 rows\s+138,784 non-zeros", tail)
     assert re.search(r"validation matrix\s+62,979 rows\s+122,674 non-zeros", tail)
     assert re.search(r"features\s+6,053", tail)
@@ -76,7 +76,9 @@ def test_real_green_2023_03_reproduces_the_reference_model(real_run):
     assert mlflow.models.get_model_info(manifest["booster_uri"]).signature is not None
     booster = mlflow.xgboost.load_model(manifest["booster_uri"])
     matrices = runfiles.load_matrices(run_dir)
-    assert model.rmse(matrices.y_val, model.predict(booster, matrices.X_val)) == pytest.approx(metrics["rmse"], rel=1e-6)
+    assert model.rmse(matrices.y_val, model.predict(booster, matrices.X_val)) == pytest.approx(
+        metrics["rmse"], rel=1e-6
+    )
     servable_info = mlflow.models.get_model_info(manifest["model_uri"])
     assert servable_info.signature.inputs.input_names() == ["PULocationID", "DOLocationID", "trip_distance"]
     servable = mlflow.sklearn.load_model(manifest["model_uri"])
@@ -95,7 +97,10 @@ def test_real_green_2023_03_reproduces_the_reference_model(real_run):
     # The run names its two input files, with their digests, in MLflow's Datasets tab.
     datasets = {entry.dataset.name: entry for entry in client.get_run(run_id).inputs.dataset_inputs}
     assert sorted(datasets) == ["green_tripdata_2023-03.parquet", "green_tripdata_2023-04.parquet"]
-    for name, context in (("green_tripdata_2023-03.parquet", "training"), ("green_tripdata_2023-04.parquet", "validation")):
+    for name, context in (
+        ("green_tripdata_2023-03.parquet", "training"),
+        ("green_tripdata_2023-04.parquet", "validation"),
+    ):
         sha256 = hashlib.sha256((real_run.data / name).read_bytes()).hexdigest()
         entry = datasets[name]
         assert entry.dataset.digest == sha256[:16] and json.loads(entry.dataset.profile)["sha256"] == sha256
@@ -120,8 +125,16 @@ def test_yellow_taxis_run_end_to_end_with_another_experiment_and_a_big_month_is_
 ):
     # Every month counts as big here (TAXI_OVERLAP_MAX_TRIPS=0): 01_explore runs before 02_features.
     completed = run_pipeline(
-        "--year", "2023", "--month", "4", "--color", "yellow",
-        "--data-source", str(synthetic_source), "--experiment", "yellow-check",
+        "--year",
+        "2023",
+        "--month",
+        "4",
+        "--color",
+        "yellow",
+        "--data-source",
+        str(synthetic_source),
+        "--experiment",
+        "yellow-check",
         extra_env={"TAXI_OVERLAP_MAX_TRIPS": "0"},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -136,8 +149,10 @@ def test_yellow_taxis_run_end_to_end_with_another_experiment_and_a_big_month_is_
     assert _artifact_names(client, run.info.run_id, "reports") == REPORTS
 
     # Read back as the Prefect UI shows them, from the tests' local server the run reported to.
-    artifacts = {artifact.key: artifact
-                 for artifact in prefect_reads.artifacts(prefect_reads.api(), run.data.tags["prefect.flow_run_id"])}
+    artifacts = {
+        artifact.key: artifact
+        for artifact in prefect_reads.artifacts(prefect_reads.api(), run.data.tags["prefect.flow_run_id"])
+    }
     summary = artifacts["taxi-duration-yellow-2023-04"]
     assert summary.type == "markdown" and f"{run.data.metrics['rmse']:.3f}" in summary.data
     timings = json.loads(artifacts["taxi-duration-yellow-2023-04-timings"].data)
@@ -172,7 +187,9 @@ def test_bad_parameters_are_rejected_before_anything_runs(run_pipeline, isolated
     assert not isolated_stores["data"].exists(), "nothing may be downloaded"
 
 
-def test_a_failing_notebook_marks_the_run_failed_and_archives_what_ran(run_pipeline, synthetic_source, isolated_stores, tmp_path):
+def test_a_failing_notebook_marks_the_run_failed_and_archives_what_ran(
+    run_pipeline, synthetic_source, isolated_stores, tmp_path
+):
     # A training month in which every trip lasts zero minutes: 02_features has nothing to fit.
     source = tmp_path / "broken-source"
     source.mkdir()
@@ -180,7 +197,9 @@ def test_a_failing_notebook_marks_the_run_failed_and_archives_what_ran(run_pipel
     frame = table.to_pandas()
     frame["lpep_dropoff_datetime"] = frame["lpep_pickup_datetime"]
     pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), source / "green_tripdata_2023-03.parquet")
-    (source / "green_tripdata_2023-04.parquet").write_bytes((synthetic_source / "green_tripdata_2023-04.parquet").read_bytes())
+    (source / "green_tripdata_2023-04.parquet").write_bytes(
+        (synthetic_source / "green_tripdata_2023-04.parquet").read_bytes()
+    )
 
     completed = run_pipeline("--data-source", str(source))
     assert completed.returncode == 1
@@ -196,7 +215,10 @@ def test_a_failing_notebook_marks_the_run_failed_and_archives_what_ran(run_pipel
     record = json.loads(next(isolated_stores["outputs"].glob("green/2023-03/*/run.json")).read_text())
     assert record["status"] == "FAILED" and "no training trips left" in record["error"]
     assert [(s["stage"], s["status"]) for s in record["stages"]] == [
-        ("fetch-trip-files", "COMPLETED"), ("01_explore", "COMPLETED"), ("02_features", "FAILED")]
+        ("fetch-trip-files", "COMPLETED"),
+        ("01_explore", "COMPLETED"),
+        ("02_features", "FAILED"),
+    ]
     assert "FAILED" in (isolated_stores["outputs"] / "index.html").read_text()
     review = next(isolated_stores["outputs"].glob("green/2023-03/*/02_features.review.html")).read_text()
     assert review.index("This notebook failed") < review.index("02 · Features")
@@ -220,7 +242,9 @@ def test_the_prefect_ui_shows_progress_links_and_the_summary(green_run, prefect_
     artifacts = prefect_reads.artifacts(prefect_reads.api(), record["prefect_flow_run_id"])
 
     # Each executed stage's task run has a progress artifact that reached all of its cells.
-    task_names = {run.id: run.name for run in prefect_reads.task_runs(prefect_reads.api(), record["prefect_flow_run_id"])}
+    task_names = {
+        run.id: run.name for run in prefect_reads.task_runs(prefect_reads.api(), record["prefect_flow_run_id"])
+    }
     progress = {task_names[artifact.task_run_id]: artifact for artifact in artifacts if artifact.type == "progress"}
     assert sorted(progress) == list(NOTEBOOKS)
     assert all(artifact.data == 100 for artifact in progress.values())
@@ -229,8 +253,11 @@ def test_the_prefect_ui_shows_progress_links_and_the_summary(green_run, prefect_
     assert running and any(re.search(r"running cell \d+ of \d+ for \d+ s", artifact.data) for artifact in running)
 
     # Links, not ids: every review report and the gallery, as file:// URLs that exist (MLflow is SQLite here).
-    links = {artifact.description: artifact.data for artifact in artifacts
-             if artifact.task_run_id is None and artifact.key is None and artifact.type == "markdown"}
+    links = {
+        artifact.description: artifact.data
+        for artifact in artifacts
+        if artifact.task_run_id is None and artifact.key is None and artifact.type == "markdown"
+    }
     assert set(links) == {f"{stage} review report" for stage in NOTEBOOKS} | {"all runs (gallery)"}
     for text, markdown in links.items():
         url = re.fullmatch(r"\[(.+)\]\((file://\S+)\)", markdown)

@@ -98,8 +98,11 @@ def test_reruns_resume_a_failure_reuse_what_is_unchanged_and_rerun_what_edits_ne
     assert rerun.info.status == "FINISHED"
     assert rerun.data.tags["taxi.reused_stages"] == "01_explore,02_features,03_train"
     # Each reused stage names the run that executed it: exploration and features ran in the failed run.
-    made_by = {"01_explore": failed_record["mlflow_run_id"], "02_features": failed_record["mlflow_run_id"],
-               "03_train": before["mlflow_run_id"]}
+    made_by = {
+        "01_explore": failed_record["mlflow_run_id"],
+        "02_features": failed_record["mlflow_run_id"],
+        "03_train": before["mlflow_run_id"],
+    }
     assert {stage: rerun.data.tags[f"taxi.stage.{stage}.reused_from_run"] for stage in STAGES} == made_by
     assert rerun.data.metrics["rmse"] == before["rmse"]
     assert sorted(a.path for a in client.list_artifacts(rerun.info.run_id, "notebooks")) == [
@@ -109,10 +112,14 @@ def test_reruns_resume_a_failure_reuse_what_is_unchanged_and_rerun_what_edits_ne
     run_dir = Path(rerun.data.tags["taxi.run_dir"])
     assert (run_dir / "features" / "X_train.npz").is_file() and (run_dir / "03_train.review.html").is_file()
     # In Prefect, the reused stages' task runs ended Cached, naming the run they came from.
-    states = {run.name: run.state for run in prefect_reads.task_runs(prefect_reads.api(), after["prefect_flow_run_id"])
-              if run.name in STAGES}
+    states = {
+        run.name: run.state
+        for run in prefect_reads.task_runs(prefect_reads.api(), after["prefect_flow_run_id"])
+        if run.name in STAGES
+    }
     assert {stage: (state.type.value, state.name) for stage, state in states.items()} == {
-        stage: ("COMPLETED", "Cached") for stage in STAGES}
+        stage: ("COMPLETED", "Cached") for stage in STAGES
+    }
     assert all(f"reused from MLflow run {made_by[stage]}" in state.message for stage, state in states.items())
 
     forced = _runs(run_pipeline, source, project, "--force")
@@ -126,10 +133,16 @@ def test_reruns_resume_a_failure_reuse_what_is_unchanged_and_rerun_what_edits_ne
     edited = client.get_run(_records(isolated_stores["outputs"])[-1]["mlflow_run_id"])
     assert edited.data.tags["taxi.stage.01_explore.reused_from_run"] == forced_record["mlflow_run_id"]
     assert _stage_status(_records(isolated_stores["outputs"])[-1]) == {
-        "01_explore": "CACHED", "02_features": "COMPLETED", "03_train": "COMPLETED"}
+        "01_explore": "CACHED",
+        "02_features": "COMPLETED",
+        "03_train": "COMPLETED",
+    }
 
     # New validation data: exploration reads only the training month, so it stays cached.
     write_trip_file(source, "green", Month(2023, 4), 2500, seed=99)
     assert _runs(run_pipeline, source, project).returncode == 0
     assert _stage_status(_records(isolated_stores["outputs"])[-1]) == {
-        "01_explore": "CACHED", "02_features": "COMPLETED", "03_train": "COMPLETED"}
+        "01_explore": "CACHED",
+        "02_features": "COMPLETED",
+        "03_train": "COMPLETED",
+    }

@@ -48,7 +48,7 @@ def _window_trips(path: Path) -> pd.DataFrame:
 
 @pytest.mark.realdata
 def test_real_2023_05_scored_with_the_2023_03_champion(real_run):
-    tail = real_run.scoring_stdout[real_run.scoring_stdout.index("Scoring finished"):]
+    tail = real_run.scoring_stdout[real_run.scoring_stdout.index("Scoring finished") :]
     assert "green taxis of 2023-05 with nyc-taxi-duration v1 (trained on 2023-03)" in tail
     (run,) = _scoring_runs(real_run.tracking_uri)
     assert run.info.status == "FINISHED"
@@ -70,8 +70,17 @@ def test_real_2023_05_scored_with_the_2023_03_champion(real_run):
     assert len(refused) == 44 and set(refused["reason"]) == {"trip_distance.too_long"}
     assert not set(refused["ride_id"]) & set(predictions["ride_id"])
     assert re.search(r"trips refused\s+44 \(trip_distance over 100 miles: 44\)", tail)
-    assert list(predictions.columns) == ["ride_id", "pickup_datetime", "PULocationID", "DOLocationID", "trip_distance",
-                                         "predicted_minutes", "actual_minutes", "model_name", "model_version"]
+    assert list(predictions.columns) == [
+        "ride_id",
+        "pickup_datetime",
+        "PULocationID",
+        "DOLocationID",
+        "trip_distance",
+        "predicted_minutes",
+        "actual_minutes",
+        "model_name",
+        "model_version",
+    ]
     assert predictions["ride_id"].is_unique and predictions["ride_id"].str.fullmatch(r"2023/05_\d+").all()
     assert set(predictions["model_name"]) == {"nyc-taxi-duration"} and set(predictions["model_version"]) == {"1"}
     np.testing.assert_allclose(predictions["actual_minutes"].to_numpy(), expected["duration"].to_numpy())
@@ -89,9 +98,18 @@ def test_real_2023_05_scored_with_the_2023_03_champion(real_run):
 
     # The report names the drift figures, and the run logs them.
     report = (run_dir / "04_score.review.html").read_text()
-    for figure in ("trips (1-60 min)", "distance mean (mi)", "distance PSI", "duration PSI",
-                   "PU_DO pairs unseen in training", "2023-03 (training)", "2023-05 (scored)",
-                   "Refused trips", "44 of 66,313 trips refused", "trip_distance over 100 miles"):
+    for figure in (
+        "trips (1-60 min)",
+        "distance mean (mi)",
+        "distance PSI",
+        "duration PSI",
+        "PU_DO pairs unseen in training",
+        "2023-03 (training)",
+        "2023-05 (scored)",
+        "Refused trips",
+        "44 of 66,313 trips refused",
+        "trip_distance over 100 miles",
+    ):
         assert figure in report, figure
     for key in ("distance_psi", "duration_psi", "unseen_pu_do_share", "trip_count_ratio"):
         assert np.isfinite(metrics[key]), key
@@ -105,8 +123,10 @@ def test_real_2023_05_scored_with_the_2023_03_champion(real_run):
     assert {tag.key: tag.value for tag in entry.tags}["mlflow.data.context"] == "scoring"
     assert json.loads(entry.dataset.source) == {"uri": str(source_file.resolve())}
     training_run = client.get_run(client.get_model_version("nyc-taxi-duration", "1").run_id)
-    contexts = {e.dataset.name: {t.key: t.value for t in e.tags}["mlflow.data.context"]
-                for e in training_run.inputs.dataset_inputs}
+    contexts = {
+        e.dataset.name: {t.key: t.value for t in e.tags}["mlflow.data.context"]
+        for e in training_run.inputs.dataset_inputs
+    }
     assert contexts == {"green_tripdata_2023-03.parquet": "training", "green_tripdata_2023-04.parquet": "validation"}
 
     index = (real_run.outputs / "index.html").read_text()
@@ -126,10 +146,13 @@ def test_a_reopened_scoring_notebook_reproduces_the_scoring_run(real_run, tmp_pa
     assert (past.kind, reopen.default_stage(past)) == ("score", "04_score")
     reopened = reopen.reopen(past, "04_score", notebooks_dir=tmp_path)
     assert reopened.parameters["model_uri"] == "models:/nyc-taxi-duration/1"  # pinned: the version it scored with
-    papermill.execute_notebook(str(reopened.notebook), str(tmp_path / "executed.ipynb"), cwd=str(reopened.notebook.parent),
-                               progress_bar=False)
+    papermill.execute_notebook(
+        str(reopened.notebook), str(tmp_path / "executed.ipynb"), cwd=str(reopened.notebook.parent), progress_bar=False
+    )
     scratch = reopened.notebook.parent / reopen.SCRATCH_RUN_FOLDER
-    assert runfiles.read_manifest(scratch, "04_score")["metrics"]["rmse"] == pytest.approx(run.data.metrics["rmse"], rel=1e-9)
+    assert runfiles.read_manifest(scratch, "04_score")["metrics"]["rmse"] == pytest.approx(
+        run.data.metrics["rmse"], rel=1e-9
+    )
     assert (scratch / "predictions" / "green_2023-05.parquet").is_file()
     assert "make reopen RUN=" + past.short_id + " STAGE=04_score" in (past.folder / "04_score.review.html").read_text()
 
@@ -162,12 +185,19 @@ def champion_files(tracking_uri: str, folder: Path) -> Path:
     import mlflow.artifacts
 
     mlflow.set_tracking_uri(tracking_uri)  # the registry's models:/ URIs resolve through it
-    return Path(mlflow.artifacts.download_artifacts(
-        artifact_uri="models:/nyc-taxi-duration@champion", dst_path=str(folder / "champion"), tracking_uri=tracking_uri))
+    return Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri="models:/nyc-taxi-duration@champion",
+            dst_path=str(folder / "champion"),
+            tracking_uri=tracking_uri,
+        )
+    )
 
 
 def _post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -185,10 +215,28 @@ def test_champion_served_over_http_answers_like_the_scoring_notebook(real_run, f
     # What the README shows: mlflow models serve on the champion, in this environment.
     with open(tmp_path / "serve.log", "wb") as log:  # the server holds its own copy of the file
         server = subprocess.Popen(
-            [str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/nyc-taxi-duration@champion", "--env-manager",
-             "local", "--host", "127.0.0.1", "--port", str(port)],
-            env={**os.environ, "MLFLOW_TRACKING_URI": real_run.tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"},
-            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(bin_dir / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                "models:/nyc-taxi-duration@champion",
+                "--env-manager",
+                "local",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env={
+                **os.environ,
+                "MLFLOW_TRACKING_URI": real_run.tracking_uri,
+                "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+            },
+            cwd=tmp_path,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         deadline = time.monotonic() + 180
@@ -209,7 +257,9 @@ def test_champion_served_over_http_answers_like_the_scoring_notebook(real_run, f
         # The README's request, as its curl sends it, and the registered model's input example.
         status, body = _post(invocations, readme_curl_payload())
         assert status == 200 and len(body["predictions"]) == 2, body
-        example = json.loads((champion_files(real_run.tracking_uri, tmp_path) / "serving_input_example.json").read_text())
+        example = json.loads(
+            (champion_files(real_run.tracking_uri, tmp_path) / "serving_input_example.json").read_text()
+        )
         status, body = _post(invocations, example)
         assert status == 200 and len(body["predictions"]) == len(example["dataframe_split"]["data"]) == 5, body
 
@@ -225,14 +275,23 @@ def test_champion_served_over_http_answers_like_the_scoring_notebook(real_run, f
         # What the rules let through: 74.0 is zone 74; TLC's zones 264 and 265; 0 and 100 miles.
         status, body = _post(invocations, {"dataframe_records": [VALID_TRIP, {**VALID_TRIP, "PULocationID": 74.0}]})
         assert status == 200 and body["predictions"][0] == body["predictions"][1], body
-        status, body = _post(invocations, {"dataframe_records": [
-            {"PULocationID": 264, "DOLocationID": 265, "trip_distance": 0.0},
-            {"PULocationID": 265, "DOLocationID": 264, "trip_distance": 100}]})
+        status, body = _post(
+            invocations,
+            {
+                "dataframe_records": [
+                    {"PULocationID": 264, "DOLocationID": 265, "trip_distance": 0.0},
+                    {"PULocationID": 265, "DOLocationID": 264, "trip_distance": 100},
+                ]
+            },
+        )
         assert status == 200 and len(body["predictions"]) == 2, body
 
         # An empty batch, however sent, gets an empty answer.
-        for empty in ({"dataframe_records": []}, {"dataframe_split": {"columns": RAW_COLUMNS, "data": []}},
-                      {"inputs": []}):
+        for empty in (
+            {"dataframe_records": []},
+            {"dataframe_split": {"columns": RAW_COLUMNS, "data": []}},
+            {"inputs": []},
+        ):
             status, body = _post(invocations, empty)
             assert (status, body) == (200, {"predictions": []}), (empty, body)
         assert server.poll() is None
@@ -244,14 +303,33 @@ def test_champion_served_over_http_answers_like_the_scoring_notebook(real_run, f
 @pytest.mark.realdata
 def test_mlflow_models_predict_refuses_a_bad_batch_too(real_run, tmp_path):
     bin_dir = Path(sys.executable).parent
-    env = {**os.environ, "MLFLOW_TRACKING_URI": real_run.tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": real_run.tracking_uri,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+    }
 
     def predict(payload: dict) -> subprocess.CompletedProcess:
         (tmp_path / "input.json").write_text(json.dumps(payload))
         return subprocess.run(
-            [str(bin_dir / "mlflow"), "models", "predict", "-m", "models:/nyc-taxi-duration@champion", "-i",
-             str(tmp_path / "input.json"), "-t", "json", "--env-manager", "local"],
-            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+            [
+                str(bin_dir / "mlflow"),
+                "models",
+                "predict",
+                "-m",
+                "models:/nyc-taxi-duration@champion",
+                "-i",
+                str(tmp_path / "input.json"),
+                "-t",
+                "json",
+                "--env-manager",
+                "local",
+            ],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
 
     refused = predict({"dataframe_records": [VALID_TRIP, {**VALID_TRIP, "PULocationID": 74.5}]})
@@ -268,8 +346,11 @@ def test_scoring_cli_reuses_refuses_and_scores_a_month_without_durations(
     # A copy of the green run's store: its champion (v1, trained on synthetic 2023-03) scores here.
     shutil.copyfile(green_run.tracking_uri.removeprefix("sqlite:///"), tmp_path / "mlflow.db")
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {"MLFLOW_TRACKING_URI": tracking_uri, "TAXI_OUTPUTS_DIR": str(tmp_path / "outputs"),
-           "TAXI_DATA_DIR": str(tmp_path / "data")}
+    env = {
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "TAXI_OUTPUTS_DIR": str(tmp_path / "outputs"),
+        "TAXI_DATA_DIR": str(tmp_path / "data"),
+    }
 
     def score(*args: str) -> subprocess.CompletedProcess:
         return pipeline_cli("--year", "2023", *args, env=env, script="score.py")

@@ -29,8 +29,17 @@ def cache_dir(tmp_path, monkeypatch):
 
 
 def _request(source: str, **changes) -> RunRequest:
-    return resolve_request(**{"year": 2023, "month": 3, "color": "green", "data_source": source,
-                              "experiment": "planned", "registered_model": None, **changes})
+    return resolve_request(
+        **{
+            "year": 2023,
+            "month": 3,
+            "color": "green",
+            "data_source": source,
+            "experiment": "planned",
+            "registered_model": None,
+            **changes,
+        }
+    )
 
 
 def _started(request: RunRequest) -> list[str]:
@@ -58,16 +67,23 @@ def test_a_request_is_resolved_once_into_a_frozen_value(synthetic_source, cache_
     assert (request.params.year, request.params.month, request.params.color) == (2023, 3, "green")
     assert request.source.location == str(synthetic_source)
     assert request.tracking_uri == f"sqlite:///{tmp_path / 'unused.db'}" and request.experiment == "planned"
-    assert request.training_parameters == {"tracking_uri": request.tracking_uri, "experiment_name": "planned",
-                                           "registered_model": None}
+    assert request.training_parameters == {
+        "tracking_uri": request.tracking_uri,
+        "experiment_name": "planned",
+        "registered_model": None,
+    }
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.force = True
 
 
-@pytest.mark.parametrize(("changes", "error"), [
-    ({"month": 13}, InvalidParameterError), ({"color": "purple"}, InvalidParameterError),
-    ({"data_source": "/no/such/folder"}, data.TripDataError),
-])
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"month": 13}, InvalidParameterError),
+        ({"color": "purple"}, InvalidParameterError),
+        ({"data_source": "/no/such/folder"}, data.TripDataError),
+    ],
+)
 def test_bad_input_fails_while_resolving(synthetic_source, cache_dir, changes, error):
     with pytest.raises(error):
         _request(str(synthetic_source), **changes)

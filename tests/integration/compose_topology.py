@@ -75,8 +75,10 @@ class Topology:
         """The service's environment, resolved; its names must be exactly `expected`."""
         names = set(service.get("environment", {}))
         if names != expected:
-            raise ComposeDrift(f"the service's environment names changed: now {sorted(names)}, the test expects "
-                               f"{sorted(expected)}; update tests/integration/test_team_deployment.py to match")
+            raise ComposeDrift(
+                f"the service's environment names changed: now {sorted(names)}, the test expects "
+                f"{sorted(expected)}; update tests/integration/test_team_deployment.py to match"
+            )
         resolved = {key: self.resolve(value) for key, value in service["environment"].items()}
         return {**resolved, **(overrides or {})}
 
@@ -91,8 +93,15 @@ class Processes:
     def start(self, name: str, command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "wb") as log:
-            process = subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                env=env,
+                cwd=cwd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.started[name] = process
         return process
 
@@ -118,7 +127,10 @@ class Processes:
         groups = {}
         for name, process in self.started.items():
             try:
-                groups[name] = [process.pid, *(child.pid for child in psutil.Process(process.pid).children(recursive=True))]
+                groups[name] = [
+                    process.pid,
+                    *(child.pid for child in psutil.Process(process.pid).children(recursive=True)),
+                ]
                 os.killpg(process.pid, signal.SIGTERM)
             except (ProcessLookupError, psutil.NoSuchProcess):
                 groups[name] = [process.pid]
@@ -130,5 +142,8 @@ class Processes:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=10)
         time.sleep(0.5)
-        return [name for name, pids in groups.items()
-                if any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)]
+        return [
+            name
+            for name, pids in groups.items()
+            if any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+        ]

@@ -60,8 +60,9 @@ def real_servers(tmp_path, monkeypatch, mlflow_backend, free_port):
     """Both servers up on free ports, in this test's own services folder; stopped afterwards."""
     monkeypatch.setenv("TAXI_SERVICES_DIR", str(tmp_path / "services"))
     artifacts = tmp_path / "artifact-store"
-    mlflow = services.start(services.mlflow_service(
-        port=free_port(), backend_store_uri=mlflow_backend[1], artifacts_destination=artifacts))
+    mlflow = services.start(
+        services.mlflow_service(port=free_port(), backend_store_uri=mlflow_backend[1], artifacts_destination=artifacts)
+    )
     try:
         prefect = services.start(services.prefect_service(port=free_port()))
     except BaseException:
@@ -78,18 +79,32 @@ def test_pipeline_on_real_mlflow_and_prefect_servers(real_servers, tmp_path, syn
     mlflow_url, prefect_api = real_servers["mlflow"]["env_value"], real_servers["prefect"]["env_value"]
     # As after `make services`: no server variables set; the run finds them in services.env.
     env = {
-        **os.environ, **settings.ENVIRONMENT_DEFAULTS,
-        "TAXI_OUTPUTS_DIR": str(tmp_path / "outputs"), "TAXI_DATA_DIR": str(tmp_path / "data"),
+        **os.environ,
+        **settings.ENVIRONMENT_DEFAULTS,
+        "TAXI_OUTPUTS_DIR": str(tmp_path / "outputs"),
+        "TAXI_DATA_DIR": str(tmp_path / "data"),
         "PREFECT_HOME": str(tmp_path / "prefect-home"),
     }
     for variable in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env.pop(variable, None)
     assert (services.services_dir() / "services.env").read_text().splitlines() == [
-        f"PREFECT_API_URL={prefect_api}", f"MLFLOW_TRACKING_URI={mlflow_url}"]
+        f"PREFECT_API_URL={prefect_api}",
+        f"MLFLOW_TRACKING_URI={mlflow_url}",
+    ]
     completed = subprocess.run(
-        [sys.executable, str(PROJECT_DIR / "flows" / "pipeline.py"), "--data-source", str(synthetic_source),
-         "--experiment", "real-servers"],
-        cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            str(PROJECT_DIR / "flows" / "pipeline.py"),
+            "--data-source",
+            str(synthetic_source),
+            "--experiment",
+            "real-servers",
+        ],
+        cwd=PROJECT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
     # MLflow's job runner and its huey workers stay off (services.MLFLOW_SERVER_DEFAULTS): the
@@ -154,10 +169,19 @@ def test_pipeline_on_real_mlflow_and_prefect_servers(real_servers, tmp_path, syn
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with SyncPrefectClient(prefect_api) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id])))
-    links = {artifact.description: re.fullmatch(r"\[.+\]\((\S+)\)", artifact.data)[1] for artifact in artifacts
-             if artifact.task_run_id is None and artifact.key is None}
-    assert set(links) == {f"MLflow run {run_id[:8]}", "all runs (gallery)", *(f"{stage} review report" for stage in STAGES)}
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]))
+        )
+    links = {
+        artifact.description: re.fullmatch(r"\[.+\]\((\S+)\)", artifact.data)[1]
+        for artifact in artifacts
+        if artifact.task_run_id is None and artifact.key is None
+    }
+    assert set(links) == {
+        f"MLflow run {run_id[:8]}",
+        "all runs (gallery)",
+        *(f"{stage} review report" for stage in STAGES),
+    }
     assert links[f"MLflow run {run_id[:8]}"].startswith(f"{mlflow_url}/#/experiments/")
     for text, url in links.items():
         if url.startswith("file://"):
@@ -166,4 +190,6 @@ def test_pipeline_on_real_mlflow_and_prefect_servers(real_servers, tmp_path, syn
         response = requests.get(url, timeout=30)
         assert response.status_code == 200, (text, url)
         if "review report" in text:
-            assert url.startswith(f"{mlflow_url}/get-artifact?path=reports/") and "taxi-report-header" in response.text, url
+            assert (
+                url.startswith(f"{mlflow_url}/get-artifact?path=reports/") and "taxi-report-header" in response.text
+            ), url

@@ -34,16 +34,37 @@ STAGES = ("01_explore", "02_features", "03_train")
 BIN = Path(sys.executable).parent
 RUN_TIMEOUT = 600
 # What the compose services' environments hold; a name added or removed there fails the test.
-MLFLOW_ENVIRONMENT = {"PGPASSWORD", "MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                      "AWS_DEFAULT_REGION", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"}
-PREFECT_ENVIRONMENT = {"PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_SERVER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING",
-                       "PREFECT_UI_API_URL", "PREFECT_SERVER_ANALYTICS_ENABLED", "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT"}
-PIPELINE_ENVIRONMENT = {"PREFECT_API_URL", "PREFECT_API_AUTH_STRING", "MLFLOW_TRACKING_URI", "TAXI_DATA_SOURCE",
-                        "PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "DO_NOT_TRACK"}
+MLFLOW_ENVIRONMENT = {
+    "PGPASSWORD",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION",
+}
+PREFECT_ENVIRONMENT = {
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL",
+    "PREFECT_SERVER_API_AUTH_STRING",
+    "PREFECT_API_AUTH_STRING",
+    "PREFECT_UI_API_URL",
+    "PREFECT_SERVER_ANALYTICS_ENABLED",
+    "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT",
+}
+PIPELINE_ENVIRONMENT = {
+    "PREFECT_API_URL",
+    "PREFECT_API_AUTH_STRING",
+    "MLFLOW_TRACKING_URI",
+    "TAXI_DATA_SOURCE",
+    "PREFECT_SERVER_ANALYTICS_ENABLED",
+    "MLFLOW_DISABLE_TELEMETRY",
+    "DO_NOT_TRACK",
+}
 WORKER_ENVIRONMENT = PIPELINE_ENVIRONMENT | {"PREFECT_WORKER_WEBSERVER_HOST", "PREFECT_WORKER_WEBSERVER_PORT"}
 # The Dockerfile's install steps the worker's environment stands for: the runtime lock, exactly, then the project.
-DOCKERFILE_INSTALL = ("python -m venv /app/.venv && uv pip sync --require-hashes requirements/runtime.txt",
-                      "uv pip install --no-deps -e .")
+DOCKERFILE_INSTALL = (
+    "python -m venv /app/.venv && uv pip sync --require-hashes requirements/runtime.txt",
+    "uv pip install --no-deps -e .",
+)
 TEST_MARK = "taxi-duration team-deployment test"
 
 
@@ -59,8 +80,12 @@ def image_copy(app: Path) -> None:
         assert destination.endswith("/"), f"the Dockerfile copies into {destination!r}; the test copies into folders"
         for source in sources:
             if source.endswith("/"):
-                shutil.copytree(PROJECT_DIR / source, app / destination, dirs_exist_ok=True,
-                                ignore=shutil.ignore_patterns("__pycache__", "reopened", ".ipynb_checkpoints"))
+                shutil.copytree(
+                    PROJECT_DIR / source,
+                    app / destination,
+                    dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "reopened", ".ipynb_checkpoints"),
+                )
             else:
                 (app / destination).mkdir(parents=True, exist_ok=True)
                 shutil.copy(PROJECT_DIR / source, app / destination)
@@ -75,10 +100,14 @@ def test_the_worker_image_installs_what_the_test_environment_has():
 
     from packaging.markers import Marker
 
-    pins = re.findall(r"^([A-Za-z0-9_.-]+)==([^\s;]+)(?: ; ([^\\\n]+))?", (PROJECT_DIR / "requirements/runtime.txt").read_text(), re.M)
-    wrong = [f"{name}=={pinned} (here {installed})" for name, pinned, marker in pins
-             if (not marker or Marker(marker.strip()).evaluate())
-             and (installed := _installed(version, name)) != pinned]
+    pins = re.findall(
+        r"^([A-Za-z0-9_.-]+)==([^\s;]+)(?: ; ([^\\\n]+))?", (PROJECT_DIR / "requirements/runtime.txt").read_text(), re.M
+    )
+    wrong = [
+        f"{name}=={pinned} (here {installed})"
+        for name, pinned, marker in pins
+        if (not marker or Marker(marker.strip()).evaluate()) and (installed := _installed(version, name)) != pinned
+    ]
     assert not wrong, f"the worker here does not run the image's runtime lock: {wrong}"
 
 
@@ -104,9 +133,18 @@ def postgres_databases():
     parts = urlparse(admin_uri)
     passwords = {"MLFLOW_DB_PASSWORD": "mlflowtest", "PREFECT_DB_PASSWORD": "prefecttest"}
     subprocess.run(
-        ["bash", str(PROJECT_DIR / "deploy/postgres/init-databases.sh")], check=True, capture_output=True, text=True,
-        env={**os.environ, **passwords, "POSTGRES_USER": parts.username, "PGPASSWORD": parts.password or "",
-             "PGHOST": parts.hostname, "PGPORT": str(parts.port or 5432)},
+        ["bash", str(PROJECT_DIR / "deploy/postgres/init-databases.sh")],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={
+            **os.environ,
+            **passwords,
+            "POSTGRES_USER": parts.username,
+            "PGPASSWORD": parts.password or "",
+            "PGHOST": parts.hostname,
+            "PGPORT": str(parts.port or 5432),
+        },
     )
     for database in ("mlflow", "prefect"):
         admin.execute(f"COMMENT ON DATABASE {database} IS '{TEST_MARK}'")
@@ -119,7 +157,8 @@ def _drop_test_databases(admin) -> None:
     """Drop the mlflow and prefect databases and roles, only if this test made them."""
     for database in ("mlflow", "prefect"):
         comment = admin.execute(
-            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (database,)).fetchone()
+            "SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = %s", (database,)
+        ).fetchone()
         if comment is not None and comment[0] != TEST_MARK:
             pytest.fail(f"the PostgreSQL of TAXI_TEST_POSTGRES_URI has a {database!r} database this test did not make")
         admin.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
@@ -135,17 +174,26 @@ def test_the_compose_deployment_runs_here(postgres_databases, tmp_path, free_por
     variables = {
         "MLFLOW_DB_PASSWORD": postgres_databases["MLFLOW_DB_PASSWORD"],
         "PREFECT_DB_PASSWORD": postgres_databases["PREFECT_DB_PASSWORD"],
-        "MINIO_ROOT_USER": "team-test", "MINIO_ROOT_PASSWORD": "team-test-secret", "MLFLOW_BUCKET": "taxi-team-test",
+        "MINIO_ROOT_USER": "team-test",
+        "MINIO_ROOT_PASSWORD": "team-test-secret",
+        "MLFLOW_BUCKET": "taxi-team-test",
         "MLFLOW_ALLOWED_HOSTS": f"127.0.0.1:{ports['mlflow']},localhost:{ports['mlflow']}",
         "MLFLOW_CORS_ALLOWED_ORIGINS": f"http://127.0.0.1:{ports['mlflow']}",
-        "PREFECT_AUTH_USER": "admin", "PREFECT_AUTH_PASSWORD": "team-test-password",
+        "PREFECT_AUTH_USER": "admin",
+        "PREFECT_AUTH_PASSWORD": "team-test-password",
         "PREFECT_UI_API_URL": f"http://127.0.0.1:{ports['prefect-server']}/api",
         "TAXI_DATA_SOURCE": str(synthetic_source),
     }
-    topology = Topology(variables, hosts={
-        "postgres:5432": postgres_databases["host"], "minio:9000": f"127.0.0.1:{ports['minio']}",
-        "mlflow:5000": f"127.0.0.1:{ports['mlflow']}", "prefect-server:4200": f"127.0.0.1:{ports['prefect-server']}",
-    }, ports={"mlflow": ports["mlflow"], "prefect-server": ports["prefect-server"]})
+    topology = Topology(
+        variables,
+        hosts={
+            "postgres:5432": postgres_databases["host"],
+            "minio:9000": f"127.0.0.1:{ports['minio']}",
+            "mlflow:5000": f"127.0.0.1:{ports['mlflow']}",
+            "prefect-server:4200": f"127.0.0.1:{ports['prefect-server']}",
+        },
+        ports={"mlflow": ports["mlflow"], "prefect-server": ports["prefect-server"]},
+    )
     app = tmp_path / "app"
     image_copy(app)
     base = {"PATH": f"{BIN}:{os.environ['PATH']}", "HOME": str(tmp_path / "home"), "LANG": "C.UTF-8"}
@@ -155,34 +203,62 @@ def test_the_compose_deployment_runs_here(postgres_databases, tmp_path, free_por
         s3 = f"http://127.0.0.1:{ports['minio']}"
         processes.start("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(ports["minio"])], base, tmp_path)
         processes.wait_healthy("s3", f"{s3}/moto-api/data.json")
-        bucket = boto3.client("s3", endpoint_url=s3, aws_access_key_id="team-test", aws_secret_access_key="team-test-secret",
-                              region_name="us-east-1")
+        bucket = boto3.client(
+            "s3",
+            endpoint_url=s3,
+            aws_access_key_id="team-test",
+            aws_secret_access_key="team-test-secret",
+            region_name="us-east-1",
+        )
         bucket.create_bucket(Bucket=variables["MLFLOW_BUCKET"])  # what minio-init's `mc mb` does
 
         mlflow_env = topology.environment(services["mlflow"], MLFLOW_ENVIRONMENT)
         processes.start("mlflow", topology.command(services["mlflow"], "mlflow"), {**base, **mlflow_env}, tmp_path)
-        prefect_env = topology.environment(services["prefect-server"], PREFECT_ENVIRONMENT,
-                                           {"PREFECT_HOME": str(tmp_path / "prefect-server-home")})
-        processes.start("prefect-server", topology.command(services["prefect-server"], "prefect-server"),
-                        {**base, **prefect_env}, tmp_path)
+        prefect_env = topology.environment(
+            services["prefect-server"], PREFECT_ENVIRONMENT, {"PREFECT_HOME": str(tmp_path / "prefect-server-home")}
+        )
+        processes.start(
+            "prefect-server",
+            topology.command(services["prefect-server"], "prefect-server"),
+            {**base, **prefect_env},
+            tmp_path,
+        )
         mlflow_url, prefect_api = f"http://127.0.0.1:{ports['mlflow']}", variables["PREFECT_UI_API_URL"]
         processes.wait_healthy("mlflow", f"{mlflow_url}/health")
         processes.wait_healthy("prefect-server", f"{prefect_api}/health")
 
         # The pipeline containers' environment; PREFECT_HOME and TAXI_PROJECT_DIR are the image's home and /app.
-        pipeline_env = {**base, **topology.environment(services["prefect-deploy"], PIPELINE_ENVIRONMENT),
-                        "PREFECT_HOME": str(tmp_path / "pipeline-home"), "TAXI_PROJECT_DIR": str(app),
-                        "PYTHONPATH": str(app / "src")}  # the image's editable install of /app/src
-        deploy = subprocess.run(topology.command(services["prefect-deploy"], "prefect-deploy"), env=pipeline_env,
-                                cwd=app, capture_output=True, text=True, timeout=300)
+        pipeline_env = {
+            **base,
+            **topology.environment(services["prefect-deploy"], PIPELINE_ENVIRONMENT),
+            "PREFECT_HOME": str(tmp_path / "pipeline-home"),
+            "TAXI_PROJECT_DIR": str(app),
+            "PYTHONPATH": str(app / "src"),
+        }  # the image's editable install of /app/src
+        deploy = subprocess.run(
+            topology.command(services["prefect-deploy"], "prefect-deploy"),
+            env=pipeline_env,
+            cwd=app,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert deploy.returncode == 0, deploy.stdout[-3000:] + deploy.stderr[-3000:]
-        worker_env = topology.environment(services["prefect-worker"], WORKER_ENVIRONMENT, {
-            "PREFECT_WORKER_WEBSERVER_PORT": str(ports["prefect-worker"]),
-            # Test-only: poll every 2 s rather than Prefect's 10, so runs start sooner.
-            "PREFECT_WORKER_QUERY_SECONDS": "2",
-        })
-        processes.start("prefect-worker", topology.command(services["prefect-worker"], "prefect-worker"),
-                        {**pipeline_env, **worker_env}, app)
+        worker_env = topology.environment(
+            services["prefect-worker"],
+            WORKER_ENVIRONMENT,
+            {
+                "PREFECT_WORKER_WEBSERVER_PORT": str(ports["prefect-worker"]),
+                # Test-only: poll every 2 s rather than Prefect's 10, so runs start sooner.
+                "PREFECT_WORKER_QUERY_SECONDS": "2",
+            },
+        )
+        processes.start(
+            "prefect-worker",
+            topology.command(services["prefect-worker"], "prefect-worker"),
+            {**pipeline_env, **worker_env},
+            app,
+        )
         processes.wait_healthy("prefect-worker", f"http://127.0.0.1:{ports['prefect-worker']}/health")
 
         runs = start_deployment_runs(prefect_api, variables)
@@ -228,7 +304,8 @@ def wait_for_runs(prefect_api, variables, runs: dict[str, uuid.UUID], processes:
                 break
             assert time.monotonic() < deadline, (
                 f"deployment runs not done in {RUN_TIMEOUT} s: {[r.state for r in flow_runs.values()]}\n"
-                f"{processes.log('prefect-worker')}")
+                f"{processes.log('prefect-worker')}"
+            )
             time.sleep(2)
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -245,11 +322,15 @@ def wait_for_runs(prefect_api, variables, runs: dict[str, uuid.UUID], processes:
 
 def read_back(flow_runs, mlflow_url, bucket, bucket_name, postgres, prefect_api, variables) -> None:
     api = f"{mlflow_url}/api/2.0/mlflow"
-    experiment = requests.get(f"{api}/experiments/get-by-name", params={"experiment_name": "nyc-taxi-duration"},
-                              timeout=30).json()["experiment"]
-    found = requests.post(f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]]}, timeout=30).json()
-    by_flow_run = {tag["value"]: run for run in found["runs"] for tag in run["data"]["tags"]
-                   if tag["key"] == "prefect.flow_run_id"}
+    experiment = requests.get(
+        f"{api}/experiments/get-by-name", params={"experiment_name": "nyc-taxi-duration"}, timeout=30
+    ).json()["experiment"]
+    found = requests.post(
+        f"{api}/runs/search", json={"experiment_ids": [experiment["experiment_id"]]}, timeout=30
+    ).json()
+    by_flow_run = {
+        tag["value"]: run for run in found["runs"] for tag in run["data"]["tags"] if tag["key"] == "prefect.flow_run_id"
+    }
     keys = [entry["Key"] for entry in bucket.list_objects_v2(Bucket=bucket_name).get("Contents", [])]
     mlflow_ids = []
     for month, flow_run in flow_runs.items():
@@ -263,18 +344,22 @@ def read_back(flow_runs, mlflow_url, bucket, bucket_name, postgres, prefect_api,
         for path in ("notebooks/03_train.ipynb", "reports/03_train.html"):
             response = requests.get(f"{root}/{path}", timeout=30)
             assert response.status_code == 200 and len(response.content) > 1000, (path, response.status_code)
-            assert any(key.endswith(f"{run_id}/artifacts/{path}") for key in keys), f"{path} of {run_id} not in the bucket"
+            assert any(key.endswith(f"{run_id}/artifacts/{path}") for key in keys), (
+                f"{path} of {run_id} not in the bucket"
+            )
         assert tags["taxi.promotion.decision"] in ("promoted", "kept") and tags["taxi.promotion.champion_version"]
 
     import psycopg
 
     host, port = postgres["host"].split(":")
-    with psycopg.connect(host=host, port=port, dbname="mlflow", user="mlflow",
-                         password=postgres["MLFLOW_DB_PASSWORD"]) as connection:
+    with psycopg.connect(
+        host=host, port=port, dbname="mlflow", user="mlflow", password=postgres["MLFLOW_DB_PASSWORD"]
+    ) as connection:
         rows = dict(connection.execute("SELECT run_uuid, status FROM runs").fetchall())
     assert all(rows.get(run_id) == "FINISHED" for run_id in mlflow_ids), rows
-    with psycopg.connect(host=host, port=port, dbname="prefect", user="prefect",
-                         password=postgres["PREFECT_DB_PASSWORD"]) as connection:
+    with psycopg.connect(
+        host=host, port=port, dbname="prefect", user="prefect", password=postgres["PREFECT_DB_PASSWORD"]
+    ) as connection:
         rows = dict(connection.execute("SELECT id::text, state_type::text FROM flow_run").fetchall())
     assert {str(run.id): "COMPLETED" for run in flow_runs.values()}.items() <= rows.items(), rows
 

@@ -21,7 +21,9 @@ TIMEOUT = 300
 
 
 def _run(stage, run_dir, parameters):
-    return execute_notebook(settings.notebooks_dir() / f"{stage}.ipynb", run_dir / f"{stage}.ipynb", parameters, TIMEOUT)
+    return execute_notebook(
+        settings.notebooks_dir() / f"{stage}.ipynb", run_dir / f"{stage}.ipynb", parameters, TIMEOUT
+    )
 
 
 def _outputs(executed_notebook):
@@ -30,7 +32,14 @@ def _outputs(executed_notebook):
 
 
 def _data_parameters(source, run_dir, data_dir, color="green"):
-    return {"year": 2023, "month": 3, "color": color, "data_source": str(source), "data_dir": str(data_dir), "run_dir": str(run_dir)}
+    return {
+        "year": 2023,
+        "month": 3,
+        "color": color,
+        "data_source": str(source),
+        "data_dir": str(data_dir),
+        "run_dir": str(run_dir),
+    }
 
 
 @pytest.mark.parametrize("color", ["green", "yellow"])
@@ -58,10 +67,23 @@ def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_sto
 
     # Artifacts beside the test's store, as the flow files them (never in the checkout's ./mlruns).
     # Tagged as the flow tags its runs: scoring reads the training month from there.
-    run_id = tracking.start_run(isolated_stores["tracking_uri"], "notebook-test", "notebook-test", params={},
-                                tags={"taxi.train_month": "2023-03"})
-    _run("03_train", run_dir, {"run_dir": str(run_dir), "tracking_uri": isolated_stores["tracking_uri"], "mlflow_run_id": run_id,
-                               "registered_model": "nyc-taxi-duration"})  # as the flow asks
+    run_id = tracking.start_run(
+        isolated_stores["tracking_uri"],
+        "notebook-test",
+        "notebook-test",
+        params={},
+        tags={"taxi.train_month": "2023-03"},
+    )
+    _run(
+        "03_train",
+        run_dir,
+        {
+            "run_dir": str(run_dir),
+            "tracking_uri": isolated_stores["tracking_uri"],
+            "mlflow_run_id": run_id,
+            "registered_model": "nyc-taxi-duration",
+        },
+    )  # as the flow asks
 
     client = MlflowClient(isolated_stores["tracking_uri"])
     run = client.get_run(run_id)
@@ -80,29 +102,45 @@ def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_sto
     records = runfiles.load_validation_records(run_dir)
     assert list(records.columns) == ["PULocationID", "DOLocationID", "trip_distance"]
     assert model.rmse(runfiles.load_matrices(run_dir).y_val, servable.predict(records)) == pytest.approx(
-        run.data.metrics["rmse"], rel=1e-6)
+        run.data.metrics["rmse"], rel=1e-6
+    )
 
     # 04_score scores the next month with that champion, into its own folder: a month holding trips
     # the served model refuses, as TLC's files do, which are set aside and counted.
     source, bad = month_with_bad_trips(synthetic_source, tmp_path / "source")
     score_dir = tmp_path / "score"
-    result = _run("04_score", score_dir, {
-        "year": 2023, "month": 5, "color": "green", "data_source": str(source),
-        "data_dir": str(tmp_path / "score-cache"), "run_dir": str(score_dir), "tracking_uri": isolated_stores["tracking_uri"],
-    })
+    result = _run(
+        "04_score",
+        score_dir,
+        {
+            "year": 2023,
+            "month": 5,
+            "color": "green",
+            "data_source": str(source),
+            "data_dir": str(tmp_path / "score-cache"),
+            "run_dir": str(score_dir),
+            "tracking_uri": isolated_stores["tracking_uri"],
+        },
+    )
     scored = runfiles.read_manifest(score_dir, "04_score")
     assert scored["model"]["uri"] == f"models:/nyc-taxi-duration/{champion.version}"
     assert scored["model"]["train_month"] == "2023-03" and scored["has_actuals"] is True
     predictions = pd.read_parquet(score_dir / scored["files"]["predictions"])
     assert len(predictions) == scored["metrics"]["scored_trips"]
     refused = pd.read_parquet(score_dir / scored["files"]["refused"])
-    assert refused["reason"].tolist() == list(bad.values()) and not set(refused["ride_id"]) & set(predictions["ride_id"])
+    assert refused["reason"].tolist() == list(bad.values()) and not set(refused["ride_id"]) & set(
+        predictions["ride_id"]
+    )
     assert {key: value for key, value in scored["metrics"].items() if key.startswith("refused")} == {
-        "refused_trips": 3, "refused.trip_distance.too_long": 1, "refused.trip_distance.negative": 1,
-        "refused.PULocationID.not_a_zone": 1}
+        "refused_trips": 3,
+        "refused.trip_distance.too_long": 1,
+        "refused.trip_distance.negative": 1,
+        "refused.PULocationID.not_a_zone": 1,
+    }
     assert scored["metrics"]["month_trips"] == len(predictions) + 3  # drift covers every trip of the month
     assert scored["metrics"]["rmse"] == pytest.approx(
-        model.rmse(predictions["actual_minutes"].to_numpy(), predictions["predicted_minutes"].to_numpy()))
+        model.rmse(predictions["actual_minutes"].to_numpy(), predictions["predicted_minutes"].to_numpy())
+    )
     assert scored["metrics"]["training_trips"] == features["train_rows"]
     assert 0 <= scored["metrics"]["unseen_pu_do_share"] <= 1 and scored["metrics"]["distance_psi"] >= 0
     review = result.reports.review.read_text()

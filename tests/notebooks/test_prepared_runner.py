@@ -144,7 +144,12 @@ def test_notebook_imports_reads_top_level_imports_and_skips_magics(tmp_path):
         "this is not python(",
     )
     assert notebook_runner.notebook_imports(notebook) == [
-        "os.path", "json", "collections", "collections.abc", "collections.OrderedDict", "typing",
+        "os.path",
+        "json",
+        "collections",
+        "collections.abc",
+        "collections.OrderedDict",
+        "typing",
     ]
 
 

@@ -30,15 +30,28 @@ def main(spec_path: str, index: str) -> None:
         while not start.exists():
             time.sleep(0.002)
         decision = registry.register_and_gate(
-            spec["tracking_uri"], me["run_id"], me["model_uri"], records, targets, me["rmse"],
-            spec["validation_month"], registered_model,
+            spec["tracking_uri"],
+            me["run_id"],
+            me["model_uri"],
+            records,
+            targets,
+            me["rmse"],
+            spec["validation_month"],
+            registered_model,
         )
         result = folder / f"round-{round_number}-challenger-{index}.json"
         partial = result.with_suffix(".partial")
-        partial.write_text(json.dumps({
-            "version": decision.version, "promoted": decision.promoted, "rmse": decision.challenger_rmse,
-            "champion_version": decision.champion_version, "champion_rmse": decision.champion_rmse,
-        }))
+        partial.write_text(
+            json.dumps(
+                {
+                    "version": decision.version,
+                    "promoted": decision.promoted,
+                    "rmse": decision.challenger_rmse,
+                    "champion_version": decision.champion_version,
+                    "champion_rmse": decision.champion_rmse,
+                }
+            )
+        )
         partial.replace(result)  # the test reads it as soon as it exists: never half-written
 
 

@@ -211,7 +211,13 @@ def test_required_secrets_fail_clearly_when_missing():
     # `${VAR:?message}`: docker compose stops naming the variable, instead of starting a
     # database with an empty password.
     text = compose_text_without_comments()
-    for variable in ("POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "PREFECT_DB_PASSWORD", "MINIO_ROOT_PASSWORD", "PREFECT_AUTH_PASSWORD"):
+    for variable in (
+        "POSTGRES_PASSWORD",
+        "MLFLOW_DB_PASSWORD",
+        "PREFECT_DB_PASSWORD",
+        "MINIO_ROOT_PASSWORD",
+        "PREFECT_AUTH_PASSWORD",
+    ):
         uses = re.findall(rf"(?<!\$)\$\{{{variable}([^}}]*)\}}", text)
         assert uses, f"{variable} is not used"
         assert all(use.startswith(":?") for use in uses), f"{variable}: every use must be ${{{variable}:?...}}"
@@ -370,12 +376,17 @@ def run_compose_config(env_file: Path) -> subprocess.CompletedProcess:
     clean = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(Path.home())}
     return subprocess.run(
         ["docker", "compose", "--env-file", str(env_file), "-f", str(COMPOSE_FILE), "config", "-q"],
-        cwd=PROJECT_DIR, env=clean, capture_output=True, text=True, timeout=120,
+        cwd=PROJECT_DIR,
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
 needs_docker_compose = pytest.mark.skipif(
-    not docker_compose_available(), reason="the docker compose CLI plugin is not installed (`docker compose version` fails)"
+    not docker_compose_available(),
+    reason="the docker compose CLI plugin is not installed (`docker compose version` fails)",
 )
 
 
@@ -388,7 +399,9 @@ def test_docker_compose_accepts_the_file_with_env_example():
 @needs_docker_compose
 def test_docker_compose_refuses_to_run_without_the_secrets(tmp_path):
     partial = tmp_path / "partial.env"
-    partial.write_text("".join(f"{key}={value}\n" for key, value in env_example().items() if key != "POSTGRES_PASSWORD"))
+    partial.write_text(
+        "".join(f"{key}={value}\n" for key, value in env_example().items() if key != "POSTGRES_PASSWORD")
+    )
     completed = run_compose_config(partial)
     assert completed.returncode != 0
     assert "POSTGRES_PASSWORD" in completed.stderr

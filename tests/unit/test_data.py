@@ -53,7 +53,11 @@ def test_trip_filename_follows_tlc_naming():
 
 def test_required_columns_per_colour():
     assert required_columns("green") == (
-        "lpep_pickup_datetime", "lpep_dropoff_datetime", "PULocationID", "DOLocationID", "trip_distance"
+        "lpep_pickup_datetime",
+        "lpep_dropoff_datetime",
+        "PULocationID",
+        "DOLocationID",
+        "trip_distance",
     )
     assert required_columns("yellow")[:2] == ("tpep_pickup_datetime", "tpep_dropoff_datetime")
 
@@ -315,7 +319,9 @@ def test_server_error_is_retried_then_raises_and_leaves_nothing(tmp_path, server
 def test_other_client_error_is_not_retried(tmp_path, server):
     server.serve(f"/{NAME}", b"who are you", status=401)
     with pytest.raises(TripDownloadError, match="HTTP 401") as info:
-        TripSource(server.url, tmp_path / "cache").ensure_local("green", MONTH, timeout_seconds=5, backoff_seconds=0.001)
+        TripSource(server.url, tmp_path / "cache").ensure_local(
+            "green", MONTH, timeout_seconds=5, backoff_seconds=0.001
+        )
     assert f"{server.url}/{NAME}" in str(info.value)
     assert len(server.hits) == 1
     assert files_in(tmp_path / "cache") == []
@@ -350,8 +356,9 @@ def test_download_file_without_validation_writes_the_body(tmp_path, server):
 
 
 def test_non_parquet_body_is_rejected_and_kept_only_as_invalid(tmp_path, server):
-    server.serve(f"/{NAME}", b"<!DOCTYPE html><html><body>Maintenance</body></html>",
-                 headers={"Content-Type": "text/html"})
+    server.serve(
+        f"/{NAME}", b"<!DOCTYPE html><html><body>Maintenance</body></html>", headers={"Content-Type": "text/html"}
+    )
     cache = tmp_path / "cache"
     with pytest.raises(TripFileInvalid) as info:
         TripSource(server.url, cache).ensure_local("green", MONTH, timeout_seconds=5)

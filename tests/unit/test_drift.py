@@ -24,6 +24,7 @@ def gamma_trips(seed: int, rows: int = 4000, scale: float = 1.8) -> tuple[np.nda
 
 # --- trip_profile -------------------------------------------------------------------------
 
+
 def test_profile_shares_sum_to_one_over_the_fixed_bins():
     distance, duration = gamma_trips(seed=1)
 
@@ -77,6 +78,7 @@ def test_profile_is_plain_json():
 
 # --- PSI and its verdict -------------------------------------------------------------------
 
+
 def test_psi_is_zero_for_identical_distributions():
     shares = profile("a", gamma_trips(seed=3)[0])["distance"]["shares"]
     assert drift.population_stability_index(shares, shares) == 0.0
@@ -111,14 +113,21 @@ def test_psi_refuses_distributions_with_different_bins():
 
 @pytest.mark.parametrize(
     ("psi", "label"),
-    [(0.0, "stable"), (0.0999, "stable"), (0.1, "moderate shift"), (0.2499, "moderate shift"),
-     (0.25, "large shift"), (3.0, "large shift")],
+    [
+        (0.0, "stable"),
+        (0.0999, "stable"),
+        (0.1, "moderate shift"),
+        (0.2499, "moderate shift"),
+        (0.25, "large shift"),
+        (3.0, "large shift"),
+    ],
 )
 def test_shift_label_thresholds(psi, label):
     assert drift.shift_label(psi) == label
 
 
 # --- unseen pairs ---------------------------------------------------------------------------
+
 
 def test_unseen_pair_share():
     pairs = pd.Series(["1_2", "3_4", "1_2", "5_6"])
@@ -129,6 +138,7 @@ def test_unseen_pair_share():
 
 
 # --- figures and table ---------------------------------------------------------------------
+
 
 @pytest.fixture
 def months() -> tuple[dict, dict]:
@@ -180,8 +190,14 @@ def test_drift_table(months):
     rows = table.set_index("figure")
     assert list(rows.index) == [
         "trips (1-60 min)",
-        "distance mean (mi)", "distance median (mi)", "distance p95 (mi)", "distance PSI",
-        "duration mean (min)", "duration median (min)", "duration p95 (min)", "duration PSI",
+        "distance mean (mi)",
+        "distance median (mi)",
+        "distance p95 (mi)",
+        "distance PSI",
+        "duration mean (min)",
+        "duration median (min)",
+        "duration p95 (min)",
+        "duration PSI",
         "PU_DO pairs unseen in training (share of trips)",
     ]
     assert rows.loc["trips (1-60 min)"].tolist() == [4000, 2000, "0.50x"]
@@ -222,5 +238,13 @@ def test_bin_labels():
     assert labels[0] == "<0.5" and labels[-1] == ">=20" and "10-15" in labels
     assert len(labels) == len(drift.DISTANCE_EDGES) + 1
     assert drift.bin_labels(list(drift.DURATION_EDGES)) == [
-        "<5", "5-10", "10-15", "15-20", "20-25", "25-30", "30-40", "40-50", ">=50"
+        "<5",
+        "5-10",
+        "10-15",
+        "15-20",
+        "20-25",
+        "25-30",
+        "30-40",
+        "40-50",
+        ">=50",
     ]

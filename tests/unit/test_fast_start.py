@@ -60,8 +60,14 @@ def _garbage_cycle_finalized_at_exit(freeze_before_exit: bool, switch: str = "1"
         if {freeze_before_exit}:
             exit_without_final_collection()
     """)
-    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True,
-                               env={**os.environ, fast_start.SWITCH: switch})
+    completed = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        env={**os.environ, fast_start.SWITCH: switch},
+    )
     return "finalized" in completed.stdout
 
 
@@ -113,8 +119,9 @@ def test_a_real_kernel_is_ready_through_the_quick_client_and_runs_code():
         # With the manager as parent, as nbclient makes its clients: "alive" then means the kernel
         # process runs. A parentless client goes by heartbeats, and a busy machine can miss the
         # first one, which reads as a dead kernel.
-        client = fast_start.kernel_client_class(AsyncKernelClient)(connection_file=manager.connection_file,
-                                                                   parent=manager)
+        client = fast_start.kernel_client_class(AsyncKernelClient)(
+            connection_file=manager.connection_file, parent=manager
+        )
         client.load_connection_file()
         client.start_channels()
         try:

@@ -30,7 +30,9 @@ START = pd.Timestamp("2023-03-10 08:00:00")
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def reference(train: pd.DataFrame, validation: pd.DataFrame) -> tuple[scipy.sparse.spmatrix, scipy.sparse.spmatrix, DictVectorizer]:
+def reference(
+    train: pd.DataFrame, validation: pd.DataFrame
+) -> tuple[scipy.sparse.spmatrix, scipy.sparse.spmatrix, DictVectorizer]:
     """The recipe being replaced: to_dict records through sklearn's DictVectorizer."""
     vectorizer = DictVectorizer()
     X_train = vectorizer.fit_transform(feature_records(train))
@@ -140,7 +142,9 @@ def test_any_pu_do_text_gives_dictvectorizers_matrices(train, validation):
 
 
 @PROPERTY_SETTINGS
-@given(train=frames(), unseen=st.lists(st.text(alphabet="0123456789_", min_size=1, max_size=7), min_size=1, max_size=10))
+@given(
+    train=frames(), unseen=st.lists(st.text(alphabet="0123456789_", min_size=1, max_size=7), min_size=1, max_size=10)
+)
 def test_validation_pairs_unseen_in_training_are_dropped_like_dictvectorizer(train, unseen):
     unseen = [pair for pair in unseen if pair not in set(train["PU_DO"])] or ["never_seen"]
     validation = feature_frame(unseen + list(train["PU_DO"][:3]), [1.5] * (len(unseen) + min(3, len(train))))
@@ -235,7 +239,9 @@ def test_saved_vectorizer_transforms_records_like_the_fast_matrix(tmp_path):
 
 def test_real_green_2023_03_to_04_matches_dictvectorizer(real_tlc_dir):
     columns = list(data.required_columns("green"))
-    train_path, validation_path = (real_tlc_dir / data.trip_filename("green", month) for month in (Month(2023, 3), Month(2023, 4)))
+    train_path, validation_path = (
+        real_tlc_dir / data.trip_filename("green", month) for month in (Month(2023, 3), Month(2023, 4))
+    )
     train = prepare_trips(data.read_trips(train_path, "green", columns), "green")
     validation = prepare_trips(data.read_trips(validation_path, "green", columns), "green")
     assert_like_dictvectorizer(train, validation)
@@ -273,9 +279,15 @@ def test_a_bounded_histogram_cache_trains_the_very_same_model():
     assert min(len(tree.splitlines()) for tree in unbounded.get_dump()) > 2 * 256
     assert bounded.save_raw() == unbounded.save_raw()
     # train_booster (which sets the bound) gives the model the reference parameters give.
-    trained = train_booster(matrices.X_train, matrices.y_train, matrices.X_val, matrices.y_val, num_boost_round=3,
-                            early_stopping_rounds=50)
-    reference = xgb.train(XGB_PARAMS, dtrain, num_boost_round=3,
-                          evals=[(xgb.DMatrix(matrices.X_val, label=matrices.y_val), "validation")],
-                          early_stopping_rounds=50, verbose_eval=False)
+    trained = train_booster(
+        matrices.X_train, matrices.y_train, matrices.X_val, matrices.y_val, num_boost_round=3, early_stopping_rounds=50
+    )
+    reference = xgb.train(
+        XGB_PARAMS,
+        dtrain,
+        num_boost_round=3,
+        evals=[(xgb.DMatrix(matrices.X_val, label=matrices.y_val), "validation")],
+        early_stopping_rounds=50,
+        verbose_eval=False,
+    )
     assert trained.save_raw() == reference.save_raw()

@@ -7,13 +7,26 @@ from taxi_duration.gallery import build_gallery, mlflow_run_url, read_run_record
 
 def _record(started: str, status: str = "FINISHED", rmse: float | None = 5.4709, color: str = "green", **extra):
     return {
-        "color": color, "train_month": "2023-03", "validation_month": "2023-04", "status": status,
-        "started": started, "seconds": 75.4, "rmse": rmse, "mlflow_run_id": "abcdef1234567890",
-        "experiment_id": "1", "mlflow_url": None, "error": None,
+        "color": color,
+        "train_month": "2023-03",
+        "validation_month": "2023-04",
+        "status": status,
+        "started": started,
+        "seconds": 75.4,
+        "rmse": rmse,
+        "mlflow_run_id": "abcdef1234567890",
+        "experiment_id": "1",
+        "mlflow_url": None,
+        "error": None,
         "stages": [
             {"stage": "fetch-trip-files", "status": "COMPLETED", "seconds": 0.1},
-            {"stage": "01_explore", "status": "COMPLETED", "seconds": 4.2,
-             "full_report": "01_explore.html", "review_report": "01_explore.review.html"},
+            {
+                "stage": "01_explore",
+                "status": "COMPLETED",
+                "seconds": 4.2,
+                "full_report": "01_explore.html",
+                "review_report": "01_explore.review.html",
+            },
         ],
         **extra,
     }
@@ -27,7 +40,7 @@ def test_runs_are_listed_newest_first_with_relative_links(tmp_path):
 
     page = build_gallery(tmp_path).read_text()
 
-    table = page[page.index("<tbody>"):]  # the trend charts above name the runs too, in month order
+    table = page[page.index("<tbody>") :]  # the trend charts above name the runs too, in month order
     assert table.index("6.250") < table.index("5.471"), "newest first"
     assert 'href="green/2023-03/20260101T000000Z-aaaaaaaa/01_explore.review.html"' in page
     assert 'href="yellow/2023-03/20260202T000000Z-bbbbbbbb/01_explore.html"' in page
@@ -65,15 +78,22 @@ def test_mlflow_link_only_for_a_server():
 
 
 def test_gallery_link_to_mlflow_when_known(tmp_path):
-    write_run_record(tmp_path / "green" / "2023-03" / "r1",
-                     _record("2026-01-01T00:00:00+00:00", mlflow_url="http://mlflow.example:5000/#/experiments/1/runs/abcdef1234567890"))
-    assert 'href="http://mlflow.example:5000/#/experiments/1/runs/abcdef1234567890"' in build_gallery(tmp_path).read_text()
+    write_run_record(
+        tmp_path / "green" / "2023-03" / "r1",
+        _record(
+            "2026-01-01T00:00:00+00:00", mlflow_url="http://mlflow.example:5000/#/experiments/1/runs/abcdef1234567890"
+        ),
+    )
+    assert (
+        'href="http://mlflow.example:5000/#/experiments/1/runs/abcdef1234567890"' in build_gallery(tmp_path).read_text()
+    )
 
 
 def test_colour_and_status_filters_work_without_script(tmp_path):
     write_run_record(tmp_path / "green" / "2023-03" / "a", _record("2026-01-01T00:00:00+00:00"))
-    write_run_record(tmp_path / "yellow" / "2023-03" / "b", _record("2026-01-02T00:00:00+00:00", color="yellow",
-                                                                      status="FAILED"))
+    write_run_record(
+        tmp_path / "yellow" / "2023-03" / "b", _record("2026-01-02T00:00:00+00:00", color="yellow", status="FAILED")
+    )
     page = build_gallery(tmp_path).read_text()
     assert "<script" not in page
     for name in ("color-green", "color-yellow", "status-finished", "status-failed"):

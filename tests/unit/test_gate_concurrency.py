@@ -48,18 +48,24 @@ def check_decisions(first_champion: str, rmse_of: dict[str, float], decisions: l
     assert len(chain) == len(promoted) + 1, f"the promotions do not form one chain from v{first_champion}: {decisions}"
     assert champion == current, f"champion is v{champion}, but the last promotion was to v{current}"
     for decision in decisions:
-        assert decision["champion_version"] in chain, f"a gate compared with v{decision['champion_version']}, never champion"
+        assert decision["champion_version"] in chain, (
+            f"a gate compared with v{decision['champion_version']}, never champion"
+        )
         assert decision["champion_rmse"] == pytest.approx(rmse_of[decision["champion_version"]], rel=1e-9)
         assert decision["promoted"] == (decision["rmse"] < decision["champion_rmse"]), decision
     best = min(rmse_of, key=rmse_of.get)
-    assert champion == best, f"champion is v{champion} ({rmse_of[champion]:.4f}), not the best v{best} ({rmse_of[best]:.4f})"
+    assert champion == best, (
+        f"champion is v{champion} ({rmse_of[champion]:.4f}), not the best v{best} ({rmse_of[best]:.4f})"
+    )
 
 
 def test_the_decision_check_sees_a_stale_read():
     rmse_of = {"1": 9.0, "2": 8.0, "3": 7.0, "4": 6.0}
     # All three read v1 before any alias moved, and v2 wrote last.
-    racing = [{"version": v, "promoted": True, "rmse": rmse_of[v], "champion_version": "1", "champion_rmse": 9.0}
-              for v in ("2", "3", "4")]
+    racing = [
+        {"version": v, "promoted": True, "rmse": rmse_of[v], "champion_version": "1", "champion_rmse": 9.0}
+        for v in ("2", "3", "4")
+    ]
     with pytest.raises(AssertionError, match="stale read"):
         check_decisions("1", rmse_of, racing, "2")
     serial = [
@@ -78,9 +84,13 @@ def race(uri: str, folder: Path, environment: dict[str, str]) -> None:  # noqa: 
     champion = train_and_log(uri, "champion", train, validation, month, rounds=1)
     challengers = [train_and_log(uri, f"challenger-{n}", train, validation, month, rounds=n) for n in CHALLENGER_ROUNDS]
     records, targets = validation[RAW_FEATURES].reset_index(drop=True), champion.matrices.y_val
-    rmses = [registry.servable_rmse(registry.load_servable_uri(uri, run.model_uri)[0], records, targets)
-             for run in (champion, *challengers)]
-    assert rmses == sorted(rmses, reverse=True) and len(set(rmses)) == len(rmses), f"challengers not ever better: {rmses}"
+    rmses = [
+        registry.servable_rmse(registry.load_servable_uri(uri, run.model_uri)[0], records, targets)
+        for run in (champion, *challengers)
+    ]
+    assert rmses == sorted(rmses, reverse=True) and len(set(rmses)) == len(rmses), (
+        f"challengers not ever better: {rmses}"
+    )
 
     records.to_parquet(folder / "records.parquet")
     import numpy as np
@@ -88,22 +98,34 @@ def race(uri: str, folder: Path, environment: dict[str, str]) -> None:  # noqa: 
     np.save(folder / "targets.npy", targets)
     models = [f"race-{folder.name}-{number}" for number in range(ROUNDS)]
     spec = {
-        "folder": str(folder), "tracking_uri": uri, "validation_month": month, "registered_models": models,
-        "records": str(folder / "records.parquet"), "targets": str(folder / "targets.npy"),
-        "challengers": [{"run_id": run.run_id, "model_uri": run.model_uri, "rmse": rmse}
-                        for run, rmse in zip(challengers, rmses[1:], strict=True)],
+        "folder": str(folder),
+        "tracking_uri": uri,
+        "validation_month": month,
+        "registered_models": models,
+        "records": str(folder / "records.parquet"),
+        "targets": str(folder / "targets.npy"),
+        "challengers": [
+            {"run_id": run.run_id, "model_uri": run.model_uri, "rmse": rmse}
+            for run, rmse in zip(challengers, rmses[1:], strict=True)
+        ],
     }
     (folder / "spec.json").write_text(json.dumps(spec))
     children = [
-        subprocess.Popen([sys.executable, str(CHILD), str(folder / "spec.json"), str(index)], env=environment,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, str(CHILD), str(folder / "spec.json"), str(index)],
+            env=environment,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for index in range(len(challengers))
     ]
     try:
         wait_for(folder, [f"ready-{index}" for index in range(len(children))], children)
         for number, model in enumerate(models):
-            first = registry.register_and_gate(uri, champion.run_id, champion.model_uri, records, targets, rmses[0],
-                                               month, model)
+            first = registry.register_and_gate(
+                uri, champion.run_id, champion.model_uri, records, targets, rmses[0], month, model
+            )
             (folder / f"start-{number}").touch()
             results = [f"round-{number}-challenger-{index}.json" for index in range(len(children))]
             wait_for(folder, results, children)

@@ -25,10 +25,27 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 RUNTIME_LOCK = PROJECT_DIR / "requirements" / "runtime.txt"
 DEV_LOCK = PROJECT_DIR / "requirements" / "dev.txt"
 PYPROJECT = tomllib.loads((PROJECT_DIR / "pyproject.toml").read_text())
-DEV_ONLY = {"jupyterlab", "pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "nbstripout", "playwright", "uv",
-            "ruff", "mypy", "pandas-stubs", "scipy-stubs", "pre-commit", "check-jsonschema"}
+DEV_ONLY = {
+    "jupyterlab",
+    "pytest",
+    "pytest-timeout",
+    "pytest-xdist",
+    "hypothesis",
+    "nbstripout",
+    "playwright",
+    "uv",
+    "ruff",
+    "mypy",
+    "pandas-stubs",
+    "scipy-stubs",
+    "pre-commit",
+    "check-jsonschema",
+}
 # uv's words when it cannot reach the package index (and only then).
-UNREACHABLE_INDEX = re.compile(r"dns error|tcp connect error|Could not connect|error sending request|Network is unreachable|timed out", re.IGNORECASE)
+UNREACHABLE_INDEX = re.compile(
+    r"dns error|tcp connect error|Could not connect|error sending request|Network is unreachable|timed out",
+    re.IGNORECASE,
+)
 LOCK_LINE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)")
 
 
@@ -43,7 +60,9 @@ def locked_versions(lock: Path) -> dict[str, str]:
 
 
 def declared(extra: str | None = None) -> set[str]:
-    requirements = PYPROJECT["project"]["dependencies"] if extra is None else PYPROJECT["project"]["optional-dependencies"][extra]
+    requirements = (
+        PYPROJECT["project"]["dependencies"] if extra is None else PYPROJECT["project"]["optional-dependencies"][extra]
+    )
     return {canonicalize_name(Requirement(text).name) for text in requirements}
 
 
@@ -55,7 +74,10 @@ def imported_top_level_modules(paths: list[Path]) -> set[str]:
             cells = json.loads(path.read_text())["cells"]
             sources = ["".join(cell["source"]) for cell in cells if cell["cell_type"] == "code"]
             # Shell escapes and magics are not Python.
-            sources = ["\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("!", "%"))) for source in sources]
+            sources = [
+                "\n".join(line for line in source.splitlines() if not line.lstrip().startswith(("!", "%")))
+                for source in sources
+            ]
         else:
             sources = [path.read_text()]
         for source in sources:
@@ -83,9 +105,13 @@ def project_files(*folders: str, suffixes=(".py",)) -> list[Path]:
 
 
 def test_every_package_the_pipeline_imports_is_a_declared_runtime_dependency():
-    modules = imported_top_level_modules(project_files("src", "flows") + project_files("notebooks", suffixes=(".ipynb",)))
+    modules = imported_top_level_modules(
+        project_files("src", "flows") + project_files("notebooks", suffixes=(".ipynb",))
+    )
     runtime = declared()
-    undeclared = {module: owners for module, owners in third_party_distributions(modules).items() if not owners & runtime}
+    undeclared = {
+        module: owners for module, owners in third_party_distributions(modules).items() if not owners & runtime
+    }
     assert not undeclared, f"imported by the pipeline but not in [project].dependencies: {undeclared}"
 
 
@@ -141,14 +167,20 @@ def test_lock_files_are_current_against_pyproject(tmp_path):
     uv = Path(sys.executable).with_name("uv")
     completed = subprocess.run(
         ["make", "--no-print-directory", "-C", str(copy), "lock", f"UV={uv}"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     if completed.returncode != 0 and UNREACHABLE_INDEX.search(completed.stderr):
-        pytest.skip(f"the package index is unreachable, so the locks cannot be re-resolved: {completed.stderr.strip()[-300:]}")
+        pytest.skip(
+            f"the package index is unreachable, so the locks cannot be re-resolved: {completed.stderr.strip()[-300:]}"
+        )
     assert completed.returncode == 0, completed.stderr[-3000:]
     for lock in (RUNTIME_LOCK, DEV_LOCK):
         regenerated = (copy / "requirements" / lock.name).read_text()
-        assert regenerated == lock.read_text(), f"{lock.relative_to(PROJECT_DIR)} is stale: run `make lock` and commit it"
+        assert regenerated == lock.read_text(), (
+            f"{lock.relative_to(PROJECT_DIR)} is stale: run `make lock` and commit it"
+        )
 
 
 def test_make_lab_lets_root_start_jupyterlab():

@@ -17,8 +17,12 @@ MAX_PIPELINE_SCRIPT_LINES = 250
 
 
 def _is_main_guard(node: ast.stmt) -> bool:
-    return (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)
-            and isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__")
+    return (
+        isinstance(node, ast.If)
+        and isinstance(node.test, ast.Compare)
+        and isinstance(node.test.left, ast.Name)
+        and node.test.left.id == "__name__"
+    )
 
 
 @pytest.mark.parametrize("script", FLOW_SCRIPTS, ids=lambda path: path.name)
@@ -31,7 +35,9 @@ def test_flow_scripts_are_imports_then_a_main_guard_at_the_end(script):
     allowed = (ast.Import, ast.ImportFrom)
     for node in body:
         is_all = isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["__all__"]
-        assert isinstance(node, allowed) or is_all, f"{script.name} line {node.lineno}: only imports before the main guard"
+        assert isinstance(node, allowed) or is_all, (
+            f"{script.name} line {node.lineno}: only imports before the main guard"
+        )
     assert not any(_is_main_guard(node) for node in body), f"{script.name}: the main guard comes last"
 
 
@@ -49,15 +55,20 @@ def test_the_flows_import_without_path_edits_and_load_as_prefect_loads_the_entry
         "print(flow.name, backfill.name, flow.fn is taxi_duration_pipeline.fn)\n"
     )
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    completed = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_DIR, env=env, capture_output=True,
-                               text=True, timeout=120)
+    completed = subprocess.run(
+        [sys.executable, "-c", code], cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=120
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.split("\n")[-2] == "nyc-taxi-duration nyc-taxi-duration-backfill True"
 
 
 def test_no_module_is_longer_than_400_lines():
     modules = [*(PROJECT_DIR / "src").rglob("*.py"), *FLOW_SCRIPTS]
-    long = {str(path.relative_to(PROJECT_DIR)): n for path in modules if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES}
+    long = {
+        str(path.relative_to(PROJECT_DIR)): n
+        for path in modules
+        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
+    }
     assert long == {}, f"split these modules (more than {MAX_MODULE_LINES} lines): {long}"
     pipeline = PROJECT_DIR / "flows" / "pipeline.py"
     assert len(pipeline.read_text().splitlines()) <= MAX_PIPELINE_SCRIPT_LINES

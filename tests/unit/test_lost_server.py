@@ -41,8 +41,12 @@ def test_only_a_request_to_prefects_api_that_got_no_real_answer_is_a_lost_server
     except RuntimeError as wrapped:
         assert lost_server.unreachable(wrapped), "what an error arose from counts"
     gateway = httpx.Request("GET", f"{API}/hello")
-    assert lost_server.unreachable(httpx.HTTPStatusError("502", request=gateway, response=httpx.Response(502, request=gateway)))
-    assert not lost_server.unreachable(httpx.HTTPStatusError("404", request=gateway, response=httpx.Response(404, request=gateway)))
+    assert lost_server.unreachable(
+        httpx.HTTPStatusError("502", request=gateway, response=httpx.Response(502, request=gateway))
+    )
+    assert not lost_server.unreachable(
+        httpx.HTTPStatusError("404", request=gateway, response=httpx.Response(404, request=gateway))
+    )
     assert not lost_server.unreachable(_refused("https://d37ci6vzurychx.cloudfront.net/trip-data/x.parquet"))
     assert not lost_server.unreachable(ValueError("a cell raised"))
     assert not lost_server.unreachable(None)
@@ -83,12 +87,19 @@ def test_a_run_that_did_not_finish_exits_1_with_its_own_failure_then_the_server(
     run = lost_server.OwnedRun("abc123", Path("/runs/abc"), "FAILED", failure)
     code, lines = lost_server.outcome_lines(lost_server.PrefectServerLost(API, _refused(), run), "Pipeline")
     assert code == 1
-    assert lines == ["\nPipeline failed: notebook 03_train.ipynb failed: cell 7 raised ...",
-                     f"error: the Prefect server at {API} could not be reached ([Errno 111] Connection refused); "
-                     "MLflow run abc123 is FAILED, not FINISHED (what it did is in /runs/abc)"]
+    assert lines == [
+        "\nPipeline failed: notebook 03_train.ipynb failed: cell 7 raised ...",
+        f"error: the Prefect server at {API} could not be reached ([Errno 111] Connection refused); "
+        "MLflow run abc123 is FAILED, not FINISHED (what it did is in /runs/abc)",
+    ]
     code, lines = lost_server.outcome_lines(lost_server.PrefectServerLost(API, _refused()), "Scoring")
-    assert (code, lines) == (1, [f"error: the Prefect server at {API} could not be reached "
-                                 "([Errno 111] Connection refused); no MLflow run was recorded"])
+    assert (code, lines) == (
+        1,
+        [
+            f"error: the Prefect server at {API} could not be reached "
+            "([Errno 111] Connection refused); no MLflow run was recorded"
+        ],
+    )
 
 
 def test_the_lost_requests_own_tracebacks_are_not_shown_and_later_logs_stay_local():

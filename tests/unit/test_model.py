@@ -63,8 +63,10 @@ def synthetic_problem(rows: int, seed: int):
     zone = rng.integers(0, 8, rows)
     distance = rng.gamma(2.0, 1.5, rows)
     X = scipy.sparse.csr_matrix(
-        (np.concatenate([np.ones(rows), distance]),
-         (np.concatenate([np.arange(rows), np.arange(rows)]), np.concatenate([zone, np.full(rows, 8)]))),
+        (
+            np.concatenate([np.ones(rows), distance]),
+            (np.concatenate([np.arange(rows), np.arange(rows)]), np.concatenate([zone, np.full(rows, 8)])),
+        ),
         shape=(rows, 9),
     )
     y = 3.0 + distance * (2.0 + zone * 0.5) + rng.normal(0, 0.5, rows)

@@ -19,9 +19,23 @@ SCORE = NOTEBOOKS / "04_score.ipynb"
 def test_real_notebooks_declare_the_expected_parameters():
     assert set(declared_parameters(EXPLORE)) == {"year", "month", "color", "data_source", "data_dir", "run_dir"}
     assert set(declared_parameters(FEATURES)) == {"year", "month", "color", "data_source", "data_dir", "run_dir"}
-    assert set(declared_parameters(TRAIN)) == {"run_dir", "tracking_uri", "experiment_name", "mlflow_run_id", "registered_model"}
-    assert set(declared_parameters(SCORE)) == {"year", "month", "color", "model_uri", "data_source", "data_dir",
-                                               "run_dir", "tracking_uri"}
+    assert set(declared_parameters(TRAIN)) == {
+        "run_dir",
+        "tracking_uri",
+        "experiment_name",
+        "mlflow_run_id",
+        "registered_model",
+    }
+    assert set(declared_parameters(SCORE)) == {
+        "year",
+        "month",
+        "color",
+        "model_uri",
+        "data_source",
+        "data_dir",
+        "run_dir",
+        "tracking_uri",
+    }
 
 
 def test_valid_explore_parameters_pass():
@@ -38,7 +52,8 @@ def test_a_subset_of_declared_parameters_passes():
 
 def test_valid_train_parameters_pass():
     check_parameters(
-        TRAIN, {"run_dir": "/tmp/r", "tracking_uri": "sqlite:////tmp/m.db", "experiment_name": "x", "mlflow_run_id": None}
+        TRAIN,
+        {"run_dir": "/tmp/r", "tracking_uri": "sqlite:////tmp/m.db", "experiment_name": "x", "mlflow_run_id": None},
     )
 
 

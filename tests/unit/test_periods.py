@@ -33,7 +33,11 @@ def test_month_label_is_zero_padded():
 
 def test_months_order_by_year_then_month():
     assert Month(2023, 12) < Month(2024, 1) < Month(2024, 2)
-    assert sorted([Month(2024, 2), Month(2023, 12), Month(2024, 1)]) == [Month(2023, 12), Month(2024, 1), Month(2024, 2)]
+    assert sorted([Month(2024, 2), Month(2023, 12), Month(2024, 1)]) == [
+        Month(2023, 12),
+        Month(2024, 1),
+        Month(2024, 2),
+    ]
 
 
 @pytest.mark.parametrize("month", [0, 13, -1])

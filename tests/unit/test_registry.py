@@ -99,7 +99,10 @@ def train_and_log(
     predictions = predict(booster, matrices.X_val)
     train_month = parse_month(validation_month).previous().label()
     run_id = tracking.start_run(  # tagged as the flow tags its runs
-        uri, EXPERIMENT, name, params={"num_boost_round": rounds},
+        uri,
+        EXPERIMENT,
+        name,
+        params={"num_boost_round": rounds},
         tags={"taxi.train_month": train_month, "taxi.validation_month": validation_month},
     )
     booster_uri = None
@@ -111,7 +114,13 @@ def train_and_log(
         pipeline = serving.servable_model(matrices.vectorizer, booster)
         model_uri = tracking.log_servable_model(uri, run_id, pipeline, serving.input_example(validation), profile)
     return LoggedRun(
-        run_id, model_uri, booster_uri, booster, matrices, validation, validation_month,
+        run_id,
+        model_uri,
+        booster_uri,
+        booster,
+        matrices,
+        validation,
+        validation_month,
         rmse(matrices.y_val, predictions),
     )
 
@@ -128,7 +137,13 @@ def gate(uri: str, run: LoggedRun, as_frame: bool = False, with_train_month: boo
     tracking.import_mlflow().set_tracking_uri(decoy_uri(Path(uri.removeprefix("sqlite:///")).parent))
     records = run.validation if as_frame else raw_records(run)
     return registry.register_and_gate(
-        uri, run.run_id, run.model_uri, records, run.matrices.y_val, run.rmse, run.validation_month,
+        uri,
+        run.run_id,
+        run.model_uri,
+        records,
+        run.matrices.y_val,
+        run.rmse,
+        run.validation_month,
         train_month=run.train_month if with_train_month else None,
     )
 
@@ -282,14 +297,17 @@ def test_champion_is_scored_in_its_own_feature_space(uri, tmp_path, champion_voc
 
 
 @pytest.mark.parametrize("champion_month_from", ["version tag", "run tag"])
-def test_champion_trained_on_the_validation_month_stays_without_an_in_sample_comparison(uri, tmp_path, champion_month_from):
+def test_champion_trained_on_the_validation_month_stays_without_an_in_sample_comparison(
+    uri, tmp_path, champion_month_from
+):
     # A backfill of the month before the champion's: champion trained on March, challenger validated on March.
     champion = train_and_log(uri, "champion", *challenger_data(), rounds=1)
     # Versions registered before the version tag existed: the month comes from the champion's run.
     gate(uri, champion, with_train_month=champion_month_from == "version tag")
     client = tracking._client(uri)
     assert (registry.VERSION_TAG_TRAIN_MONTH in client.get_model_version(MODEL, "1").tags) == (
-        champion_month_from == "version tag")
+        champion_month_from == "version tag"
+    )
     earlier = train_and_log(uri, "earlier", *champion_data(), rounds=30)
     assert earlier.validation_month == "2023-03" and champion.train_month == "2023-03"
 
@@ -359,8 +377,9 @@ def test_bare_booster_champion_is_replaced_by_a_servable_challenger_and_the_gate
 
     # The servable champion is now re-scored as usual: a worse challenger keeps it.
     # Validated on May: v2 was trained on March, so the comparison is a fair one.
-    worse = train_and_log(uri, "worse", trips(Month(2023, 4), 400, seed=5), trips(Month(2023, 5), 300, seed=5), "2023-05",
-                          rounds=1)
+    worse = train_and_log(
+        uri, "worse", trips(Month(2023, 4), 400, seed=5), trips(Month(2023, 5), 300, seed=5), "2023-05", rounds=1
+    )
     # Gated with an RMSE far above anything v2 can score on these trips: it must be kept out.
     worse.rmse = decision.challenger_rmse + 100.0
     after = gate(uri, worse)
@@ -396,7 +415,13 @@ def test_a_model_of_another_run_is_refused(uri, tmp_path):
     other_run = tracking.start_run(uri, EXPERIMENT, "other", params={}, tags={})
     with pytest.raises(ValueError, match=f"logged by run {first.run_id}, not run {other_run}"):
         registry.register_and_gate(
-            uri, other_run, first.model_uri, raw_records(first), first.matrices.y_val, first.rmse, "2023-03",
+            uri,
+            other_run,
+            first.model_uri,
+            raw_records(first),
+            first.matrices.y_val,
+            first.rmse,
+            "2023-03",
         )
     assert version_numbers(uri) == []
     assert not any(key.startswith("taxi.promotion.") for key in run_of(uri, other_run).data.tags)
@@ -413,8 +438,12 @@ def gate_inputs(tmp_path):
 
     def call(**overrides):
         arguments = {
-            "tracking_uri": f"sqlite:///{store}", "run_id": "run", "model_uri": "models:/m-1",
-            "validation_records": ONE_TRIP, "y_val": np.array([5.0]), "challenger_rmse": 5.0,
+            "tracking_uri": f"sqlite:///{store}",
+            "run_id": "run",
+            "model_uri": "models:/m-1",
+            "validation_records": ONE_TRIP,
+            "y_val": np.array([5.0]),
+            "challenger_rmse": 5.0,
             "validation_month": "2023-04",
         }
         return registry.register_and_gate(**{**arguments, **overrides})
@@ -485,8 +514,10 @@ def test_not_servable_champion_is_replaced_whatever_the_rmse():
 def test_no_fair_comparison_when_the_champion_trained_on_the_validation_month():
     unfair = registry._decide(MODEL, "4", 5.464, None, "3", "2023-03", champion_train_month="2023-03")
     assert not unfair.promoted and unfair.comparison == registry.NO_FAIR_COMPARISON
-    assert unfair.reason == ("champion v3 stays: no fair comparison, as it was trained on 2023-03, the validation month "
-                             "(challenger 5.464 is not compared with an in-sample score)")
+    assert unfair.reason == (
+        "champion v3 stays: no fair comparison, as it was trained on 2023-03, the validation month "
+        "(challenger 5.464 is not compared with an in-sample score)"
+    )
     assert unfair.tags()["taxi.promotion.decision"] == "kept"
     assert unfair.tags()["taxi.promotion.comparison"] == "unfair"
     # Trained on another month (earlier or later), or on one nobody recorded: compared as usual.
@@ -494,8 +525,9 @@ def test_no_fair_comparison_when_the_champion_trained_on_the_validation_month():
         fair = registry._decide(MODEL, "4", 5.0, 5.5, "3", "2023-03", champion_train_month=month)
         assert fair.promoted and fair.comparison == registry.COMPARED and "beats champion v3" in fair.reason
     # A champion that cannot score raw trips is replaced, whatever month it was trained on.
-    replaced = registry._decide(MODEL, "4", 5.0, None, "3", "2023-03", not_servable="v3 is a booster",
-                                champion_train_month="2023-03")
+    replaced = registry._decide(
+        MODEL, "4", 5.0, None, "3", "2023-03", not_servable="v3 is a booster", champion_train_month="2023-03"
+    )
     assert replaced.promoted and replaced.comparison == registry.NOT_COMPARED
 
 

@@ -30,25 +30,51 @@ def _png() -> str:
 def _executed_notebook(tmp_path, *, error: bool = False, hostile: bool = False):
     cells = [
         new_markdown_cell("# A report\nSome words."),
-        new_code_cell("secret_code_marker = 1 + 1", execution_count=1,
-                      outputs=[new_output("execute_result", {"text/plain": "2"}, execution_count=1)]),
-        new_code_cell("plot()", execution_count=2,
-                      outputs=[new_output("display_data", {"image/png": _png(), "text/plain": "<Figure>"})]),
+        new_code_cell(
+            "secret_code_marker = 1 + 1",
+            execution_count=1,
+            outputs=[new_output("execute_result", {"text/plain": "2"}, execution_count=1)],
+        ),
+        new_code_cell(
+            "plot()",
+            execution_count=2,
+            outputs=[new_output("display_data", {"image/png": _png(), "text/plain": "<Figure>"})],
+        ),
     ]
     if hostile:
-        cells.append(new_code_cell("hostile()", execution_count=3, outputs=[
-            new_output("display_data", {
-                "text/html": '<b>bold</b><script>window.pwned = 1</script><img src="x" onerror="window.pwned = 2">'
-                             '<a href="javascript:alert(1)">link</a><style>body {display: none}</style>'
-                             "<table><thead><tr><th>col</th></tr></thead><tbody><tr><td>42</td></tr></tbody></table>",
-                "text/plain": "hostile",
-            }),
-            new_output("display_data", {"application/javascript": "window.pwned = 3"}),
-        ]))
+        cells.append(
+            new_code_cell(
+                "hostile()",
+                execution_count=3,
+                outputs=[
+                    new_output(
+                        "display_data",
+                        {
+                            "text/html": '<b>bold</b><script>window.pwned = 1</script><img src="x" onerror="window.pwned = 2">'
+                            '<a href="javascript:alert(1)">link</a><style>body {display: none}</style>'
+                            "<table><thead><tr><th>col</th></tr></thead><tbody><tr><td>42</td></tr></tbody></table>",
+                            "text/plain": "hostile",
+                        },
+                    ),
+                    new_output("display_data", {"application/javascript": "window.pwned = 3"}),
+                ],
+            )
+        )
     if error:
-        cells.append(new_code_cell("boom()", execution_count=4, outputs=[
-            new_output("error", ename="ZeroDivisionError", evalue="division by zero", traceback=["Traceback..."])]))
-    notebook = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+        cells.append(
+            new_code_cell(
+                "boom()",
+                execution_count=4,
+                outputs=[
+                    new_output(
+                        "error", ename="ZeroDivisionError", evalue="division by zero", traceback=["Traceback..."]
+                    )
+                ],
+            )
+        )
+    notebook = new_notebook(
+        cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}}
+    )
     path = tmp_path / "07_demo.ipynb"
     nbformat.write(notebook, path)
     return path
@@ -88,7 +114,7 @@ def test_a_failed_notebook_says_so_at_the_top(tmp_path):
         page = path.read_text()
         banner = page.index("This notebook failed")
         assert banner < page.index("A report"), "the failure comes before the first cell"
-        assert "ZeroDivisionError: division by zero" in page[banner:banner + 500]
+        assert "ZeroDivisionError: division by zero" in page[banner : banner + 500]
 
 
 def test_runner_failure_without_an_error_output_is_shown(tmp_path):
@@ -117,7 +143,7 @@ def test_sanitize_outputs_leaves_the_original_alone_and_explains_dropped_widgets
         '<a href="javascript:alert(1)">x</a>',
         '<iframe src="https://example.com"></iframe>',
         '<div onclick="alert(1)">x</div>',
-        '<svg><script>alert(1)</script></svg>',
+        "<svg><script>alert(1)</script></svg>",
     ],
 )
 def test_sanitize_html_removes_active_content(fragment):
@@ -160,8 +186,9 @@ def test_report_plots_carry_their_figures_alt_text(tmp_path):
     _, metadata = figure._repr_mimebundle_()
     notebook = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("plots.residual_histogram(...)")
-    cell.outputs = [nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(b"png").decode()},
-                                           metadata=metadata)]
+    cell.outputs = [
+        nbformat.v4.new_output("display_data", data={"image/png": base64.b64encode(b"png").decode()}, metadata=metadata)
+    ]
     notebook.cells = [cell]
     path = tmp_path / "plotted.ipynb"
     nbformat.write(notebook, path)

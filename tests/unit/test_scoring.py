@@ -27,8 +27,10 @@ TRIP_COLUMNS = ["ride_id", "pickup_datetime", "PULocationID", "DOLocationID", "t
 
 # --- trips_to_score ------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("color", "month", "prefix"), [("green", Month(2023, 3), "2023/03_"),
-                                                         ("yellow", Month(2022, 11), "2022/11_")])
+
+@pytest.mark.parametrize(
+    ("color", "month", "prefix"), [("green", Month(2023, 3), "2023/03_"), ("yellow", Month(2022, 11), "2022/11_")]
+)
 def test_trips_with_dropoffs_keep_the_one_to_sixty_minute_window(tmp_path, color, month, prefix):
     path = write_trip_file(tmp_path, color, month, 600, seed=3)
     raw = pd.read_parquet(path)
@@ -89,9 +91,18 @@ def test_a_month_without_dropoffs_is_scored_whole(tmp_path, how):
 
 # --- predictions file ----------------------------------------------------------------------
 
+
 def a_scoring_model(**overrides) -> scoring.ScoringModel:
-    fields = {"requested_uri": "models:/m@champion", "name": "m", "version": "3", "model_id": None,
-              "source_run_id": "r", "train_month": "2023-02", "validation_month": "2023-03", "validation_rmse": 5.5}
+    fields = {
+        "requested_uri": "models:/m@champion",
+        "name": "m",
+        "version": "3",
+        "model_id": None,
+        "source_run_id": "r",
+        "train_month": "2023-02",
+        "validation_month": "2023-03",
+        "validation_rmse": 5.5,
+    }
     return scoring.ScoringModel(**{**fields, **overrides})
 
 
@@ -124,13 +135,24 @@ def test_trips_the_model_refuses_are_set_aside_and_counted(tmp_path: Path) -> No
     assert len(trips) == len(month) - 4 and serving.refusal_reasons(trips).isna().all()
     assert set(trips["ride_id"]) == set(month["ride_id"].drop([3, 7, 9, 11]))
     assert refused["ride_id"].tolist() == month["ride_id"].iloc[[3, 7, 9, 11]].tolist()
-    assert refused["reason"].tolist() == ["trip_distance.too_long", "trip_distance.too_long", "trip_distance.negative",
-                                          "PULocationID.missing"]
+    assert refused["reason"].tolist() == [
+        "trip_distance.too_long",
+        "trip_distance.too_long",
+        "trip_distance.negative",
+        "PULocationID.missing",
+    ]
     metrics = scoring.refusal_metrics(refused)
-    assert metrics == {"refused_trips": 4, "refused.trip_distance.too_long": 2, "refused.trip_distance.negative": 1,
-                       "refused.PULocationID.missing": 1}
-    assert scoring.refusal_lines(metrics) == ["trip_distance over 100 miles: 2", "PULocationID missing: 1",
-                                              "trip_distance negative: 1"]
+    assert metrics == {
+        "refused_trips": 4,
+        "refused.trip_distance.too_long": 2,
+        "refused.trip_distance.negative": 1,
+        "refused.PULocationID.missing": 1,
+    }
+    assert scoring.refusal_lines(metrics) == [
+        "trip_distance over 100 miles: 2",
+        "PULocationID missing: 1",
+        "trip_distance negative: 1",
+    ]
     table = scoring.refusal_table(refused, len(month))
     assert table["refused because"].tolist()[0] == "trip_distance over 100 miles" and table["trips"].sum() == 4
     assert table["the rule"].tolist()[0] == "a finite number of miles from 0 to 100"
@@ -171,8 +193,15 @@ def trips(month: Month, rows: int, seed: int) -> pd.DataFrame:
     return prepare_trips(generate_trips_table("green", month, rows, seed=seed).to_pandas(), "green")
 
 
-def register(uri: str, name: str, train: pd.DataFrame, validation: pd.DataFrame, validation_month: str,
-             tags: dict[str, str], rmse_penalty: float = 0.0) -> tuple[str, float, str]:
+def register(
+    uri: str,
+    name: str,
+    train: pd.DataFrame,
+    validation: pd.DataFrame,
+    validation_month: str,
+    tags: dict[str, str],
+    rmse_penalty: float = 0.0,
+) -> tuple[str, float, str]:
     """Train, log and gate one run's servable model; return its run id, the RMSE it was gated with, its URI."""
     matrices = build_matrices(train, validation)
     booster = train_booster(matrices.X_train, matrices.y_train, matrices.X_val, matrices.y_val, num_boost_round=3)
@@ -182,8 +211,9 @@ def register(uri: str, name: str, train: pd.DataFrame, validation: pd.DataFrame,
     model_uri = tracking.log_servable_model(
         uri, run_id, serving.servable_model(matrices.vectorizer, booster), serving.input_example(validation), profile
     )
-    registry.register_and_gate(uri, run_id, model_uri, validation[RAW_FEATURES], matrices.y_val, run_rmse,
-                               validation_month)
+    registry.register_and_gate(
+        uri, run_id, model_uri, validation[RAW_FEATURES], matrices.y_val, run_rmse, validation_month
+    )
     return run_id, run_rmse, model_uri
 
 
@@ -200,11 +230,24 @@ def registered(tmp_path_factory, empty_tracking_store) -> Registered:
         patch.setenv("MLFLOW_TRACKING_URI", uri)
         patch.setenv("MLFLOW_EXPERIMENT_ID", "")
         patch.delenv("MLFLOW_EXPERIMENT_ID")
-        first = register(uri, "first", trips(Month(2023, 2), 300, 1), trips(Month(2023, 3), 200, 1), "2023-03",
-                         {"taxi.train_month": "2023-02"})
+        first = register(
+            uri,
+            "first",
+            trips(Month(2023, 2), 300, 1),
+            trips(Month(2023, 3), 200, 1),
+            "2023-03",
+            {"taxi.train_month": "2023-02"},
+        )
         # Gated with an RMSE far worse than v1 can score on its month: v1 stays champion.
-        second = register(uri, "second", trips(Month(2023, 3), 300, 2), trips(Month(2023, 4), 200, 2), "2023-04",
-                          {}, rmse_penalty=100.0)
+        second = register(
+            uri,
+            "second",
+            trips(Month(2023, 3), 300, 2),
+            trips(Month(2023, 4), 200, 2),
+            "2023-04",
+            {},
+            rmse_penalty=100.0,
+        )
         tracking.import_mlflow().set_tracking_uri(None)
     return Registered(uri, [first[0], second[0]], [first[1], second[1]], [first[2], second[2]])
 
@@ -239,7 +282,9 @@ def test_the_version_names_its_logged_model(registered):
     assert model.model_id == registered.model_uris[1].removeprefix("models:/")
 
 
-@pytest.mark.parametrize("model_uri", [f"models:/{MODEL}@challenger", f"models:/{MODEL}/99", "models:/no-such-model@champion"])
+@pytest.mark.parametrize(
+    "model_uri", [f"models:/{MODEL}@challenger", f"models:/{MODEL}/99", "models:/no-such-model@champion"]
+)
 def test_an_unknown_alias_or_version_is_not_found(registered, model_uri):
     with pytest.raises(scoring.ModelNotFoundError) as raised:
         scoring.resolve_model(registered.uri, model_uri)
@@ -248,8 +293,15 @@ def test_an_unknown_alias_or_version_is_not_found(registered, model_uri):
 
 
 @pytest.mark.parametrize(
-    "model_uri", ["runs:/abc/model", "models:/m-0123456789abcdef", f"models:/{MODEL}/latest", f"models:/{MODEL}",
-                  "/some/folder/model", f"models:/{MODEL}@champion/1"],
+    "model_uri",
+    [
+        "runs:/abc/model",
+        "models:/m-0123456789abcdef",
+        f"models:/{MODEL}/latest",
+        f"models:/{MODEL}",
+        "/some/folder/model",
+        f"models:/{MODEL}@champion/1",
+    ],
 )
 def test_a_uri_that_names_no_registered_version_is_refused(model_uri, tmp_path):
     store = tmp_path / "never-opened.db"
@@ -260,6 +312,7 @@ def test_a_uri_that_names_no_registered_version_is_refused(model_uri, tmp_path):
 
 
 # --- log_trip_datasets ---------------------------------------------------------------------
+
 
 def test_trip_datasets_are_recorded_as_run_inputs(tmp_path, empty_tracking_store, monkeypatch):
     for key, value in ENVIRONMENT_DEFAULTS.items():
@@ -272,10 +325,14 @@ def test_trip_datasets_are_recorded_as_run_inputs(tmp_path, empty_tracking_store
     url = "https://d37ci6vzurychx.cloudfront.net/trip-data/green_tripdata_2023-02.parquet"
     folder_file = str(tmp_path / "green_tripdata_2023-05.parquet")
 
-    datasets.log_trip_datasets(uri, run_id, [
-        datasets.TripDataset("green_tripdata_2023-02.parquet", url, sha_train, 64_809, "training"),
-        datasets.TripDataset("green_tripdata_2023-05.parquet", folder_file, sha_score, 1_234, "scoring"),
-    ])
+    datasets.log_trip_datasets(
+        uri,
+        run_id,
+        [
+            datasets.TripDataset("green_tripdata_2023-02.parquet", url, sha_train, 64_809, "training"),
+            datasets.TripDataset("green_tripdata_2023-05.parquet", folder_file, sha_score, 1_234, "scoring"),
+        ],
+    )
 
     inputs = tracking._client(uri).get_run(run_id).inputs.dataset_inputs
     by_name = {entry.dataset.name: entry for entry in inputs}
@@ -294,14 +351,31 @@ def test_trip_datasets_are_recorded_as_run_inputs(tmp_path, empty_tracking_store
 def test_the_closing_lines_name_the_refused_trips_per_reason() -> None:
     from taxi_duration.orchestration.scoring import format_score_summary
 
-    result = {"color": "green", "scored_month": "2023-05", "model": "m v1", "model_train_month": "2023-03",
-              "has_actuals": True, "model_validation_rmse": 5.471, "predictions": "p", "report": "r",
-              "mlflow_run_id": "abc", "experiment": "e", "tracking_uri": "u", "reused_from": None, "gallery": "g",
-              "metrics": {"scored_trips": 66_269, "rmse": 5.6, "unseen_pu_do_share": 0.05, "refused_trips": 45,
-                          "refused.trip_distance.too_long": 44, "refused.DOLocationID.not_a_zone": 1}}
+    result = {
+        "color": "green",
+        "scored_month": "2023-05",
+        "model": "m v1",
+        "model_train_month": "2023-03",
+        "has_actuals": True,
+        "model_validation_rmse": 5.471,
+        "predictions": "p",
+        "report": "r",
+        "mlflow_run_id": "abc",
+        "experiment": "e",
+        "tracking_uri": "u",
+        "reused_from": None,
+        "gallery": "g",
+        "metrics": {
+            "scored_trips": 66_269,
+            "rmse": 5.6,
+            "unseen_pu_do_share": 0.05,
+            "refused_trips": 45,
+            "refused.trip_distance.too_long": 44,
+            "refused.DOLocationID.not_a_zone": 1,
+        },
+    }
 
     lines = format_score_summary(result).splitlines()
 
     assert "  trips scored          66,269" in lines
-    assert ("  trips refused             45 (trip_distance over 100 miles: 44; DOLocationID not a TLC zone: 1)"
-            in lines)
+    assert "  trips refused             45 (trip_distance over 100 miles: 44; DOLocationID not a TLC zone: 1)" in lines

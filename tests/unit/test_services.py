@@ -43,9 +43,14 @@ def stand_in(name: str, port: int, spawn_child: bool = False) -> services.Servic
         )
         command = [sys.executable, "-c", script]
     return services.Service(
-        name=name, port=port, command=command, environment=dict(os.environ), health_path="/",
+        name=name,
+        port=port,
+        command=command,
+        environment=dict(os.environ),
+        health_path="/",
         env_var="MLFLOW_TRACKING_URI" if name == "mlflow" else "PREFECT_API_URL",
-        env_value=f"http://{services.HOST}:{port}", ui_url=f"http://{services.HOST}:{port}",
+        env_value=f"http://{services.HOST}:{port}",
+        ui_url=f"http://{services.HOST}:{port}",
     )
 
 
@@ -58,7 +63,10 @@ def test_start_records_the_server_and_the_variables_a_run_picks_up(services_fold
         environ: dict[str, str] = {}
         assert run_servers.adopt_running_services(environ) == {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
         chosen = {"MLFLOW_TRACKING_URI": "http://elsewhere:5000"}
-        assert run_servers.adopt_running_services(chosen) == {} and chosen["MLFLOW_TRACKING_URI"] == "http://elsewhere:5000"
+        assert (
+            run_servers.adopt_running_services(chosen) == {}
+            and chosen["MLFLOW_TRACKING_URI"] == "http://elsewhere:5000"
+        )
         again = services.start(stand_in("mlflow", port), timeout_seconds=30)
         assert again["pid"] == state["pid"], "a healthy running server is reused, not started twice"
     finally:
@@ -72,9 +80,17 @@ def test_a_server_still_starting_is_not_adopted_until_it_answers(services_folder
     # pointed at it (it would be refused a connection), and is once the start has finished.
     port = free_port()
     slow = stand_in("prefect", port)
-    slow = services.Service(**{**slow.__dict__, "command": [sys.executable, "-c",
-                                                            f"import time, runpy, sys; time.sleep(3); sys.argv = {slow.command[2:]!r}; "
-                                                            "runpy.run_module('http.server', run_name='__main__')"]})
+    slow = services.Service(
+        **{
+            **slow.__dict__,
+            "command": [
+                sys.executable,
+                "-c",
+                f"import time, runpy, sys; time.sleep(3); sys.argv = {slow.command[2:]!r}; "
+                "runpy.run_module('http.server', run_name='__main__')",
+            ],
+        }
+    )
     import threading
 
     started = threading.Thread(target=services.start, args=(slow,), kwargs={"timeout_seconds": 30})
@@ -120,9 +136,14 @@ def test_a_port_used_by_another_program_is_refused_by_name(services_folder):
 
 def test_a_server_that_exits_while_starting_reports_its_log(services_folder):
     broken = services.Service(
-        name="mlflow", port=free_port(),
+        name="mlflow",
+        port=free_port(),
         command=[sys.executable, "-c", "import sys; print('no such backend: bogus://'); sys.exit(3)"],
-        environment=dict(os.environ), health_path="/", env_var="MLFLOW_TRACKING_URI", env_value="x", ui_url="x",
+        environment=dict(os.environ),
+        health_path="/",
+        env_var="MLFLOW_TRACKING_URI",
+        env_value="x",
+        ui_url="x",
     )
     with pytest.raises(services.ServiceError, match=r"(?s)exited with code 3.*no such backend"):
         services.start(broken, timeout_seconds=30)
@@ -153,7 +174,9 @@ def test_the_server_does_not_inherit_the_starting_runs_settings(services_folder,
 
 
 def test_mlflow_server_command_binds_loopback_and_proxies_artifacts(services_folder, tmp_path):
-    service = services.mlflow_service(port=5123, backend_store_uri="postgresql://u:p@127.0.0.1/db", artifacts_destination=tmp_path)
+    service = services.mlflow_service(
+        port=5123, backend_store_uri="postgresql://u:p@127.0.0.1/db", artifacts_destination=tmp_path
+    )
     command = service.command
     assert command[command.index("--backend-store-uri") + 1] == "postgresql://u:p@127.0.0.1/db"
     assert command[command.index("--host") + 1] == "127.0.0.1"
@@ -174,11 +197,19 @@ def test_the_local_mlflow_server_runs_one_worker_unless_told(services_folder, mo
 def test_the_local_mlflow_server_starts_no_job_workers_unless_told(services_folder, monkeypatch, tmp_path):
     # The pipeline submits no MLflow server jobs; their huey workers would cost CPU at every start.
     monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
-    assert services.mlflow_service(port=5123, artifacts_destination=tmp_path).environment[
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    assert (
+        services.mlflow_service(port=5123, artifacts_destination=tmp_path).environment[
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+        ]
+        == "false"
+    )
     monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
-    assert services.mlflow_service(port=5123, artifacts_destination=tmp_path).environment[
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
+    assert (
+        services.mlflow_service(port=5123, artifacts_destination=tmp_path).environment[
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION"
+        ]
+        == "true"
+    )
 
 
 @pytest.mark.parametrize("raw", ["abc", "0", "-2", "1.5"])
@@ -206,10 +237,14 @@ def test_cli_reports_status_and_urls(services_folder):
     services.start(stand_in("mlflow", port), timeout_seconds=30)
     try:
         env = {**os.environ, "TAXI_SERVICES_DIR": str(services_folder)}
-        urls = subprocess.run([sys.executable, "-m", "taxi_duration.services", "urls"], env=env, capture_output=True, text=True)
+        urls = subprocess.run(
+            [sys.executable, "-m", "taxi_duration.services", "urls"], env=env, capture_output=True, text=True
+        )
         assert urls.returncode == 0
         assert f"MLflow UI   http://127.0.0.1:{port}" in urls.stdout and "Prefect UI  not running" in urls.stdout
-        bad = subprocess.run([sys.executable, "-m", "taxi_duration.services", "start", "redis"], env=env, capture_output=True, text=True)
+        bad = subprocess.run(
+            [sys.executable, "-m", "taxi_duration.services", "start", "redis"], env=env, capture_output=True, text=True
+        )
         assert bad.returncode == 2 and "unknown service redis" in bad.stderr
     finally:
         services.stop("mlflow")
@@ -235,7 +270,9 @@ def test_command_line_runs_send_no_flow_heartbeats_unless_configured(configured,
         "    print(get_current_settings().flows.heartbeat_frequency)\n"
         "print(get_current_settings().flows.heartbeat_frequency)\n"
     )
-    shown = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    shown = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    ).stdout.split()
     assert shown == [inside, configured or "180"]  # and Prefect's own default is back afterwards
 
 

@@ -98,8 +98,9 @@ def test_records_give_the_same_predictions_as_a_frame(trained):
 
 def test_extra_columns_and_column_order_do_not_matter(trained):
     raw = trained.raw()
-    shuffled = trained.validation.reset_index(drop=True)[["duration", "trip_distance", "DOLocationID", "PU_DO",
-                                                          "PULocationID"]]
+    shuffled = trained.validation.reset_index(drop=True)[
+        ["duration", "trip_distance", "DOLocationID", "PU_DO", "PULocationID"]
+    ]
     shuffled = shuffled.assign(PU_DO="1_1")  # a stale pair column is recomputed from the zone ids
 
     np.testing.assert_array_equal(trained.pipeline.predict(shuffled), trained.pipeline.predict(raw))
@@ -127,11 +128,13 @@ def unseen_valid_pairs(seen: set[str], count: int) -> list[tuple[int, int]]:
 def test_unseen_zone_pairs_still_get_a_prediction(trained: Trained) -> None:
     seen = trained.pipeline.named_steps[serving.FEATURIZER_STEP].seen_pairs()
     pairs = unseen_valid_pairs(seen, 3)
-    request = pd.DataFrame({
-        "PULocationID": [pickup for pickup, _ in pairs],
-        "DOLocationID": [dropoff for _, dropoff in pairs],
-        "trip_distance": [3.0, 3.0, 7.5],
-    })
+    request = pd.DataFrame(
+        {
+            "PULocationID": [pickup for pickup, _ in pairs],
+            "DOLocationID": [dropoff for _, dropoff in pairs],
+            "trip_distance": [3.0, 3.0, 7.5],
+        }
+    )
 
     minutes = trained.pipeline.predict(request)
 
@@ -146,29 +149,35 @@ def valid_trip() -> dict[str, object]:
     return {"PULocationID": 74, "DOLocationID": 75, "trip_distance": 1.2}
 
 
-@pytest.mark.parametrize(("field", "value", "words"), [
-    ("PULocationID", 0, "PULocationID 0 is not a TLC zone"),
-    ("DOLocationID", 266, "DOLocationID 266 is not a TLC zone"),
-    ("PULocationID", -74, "PULocationID -74 is not a TLC zone"),
-    ("PULocationID", 74.5, "PULocationID 74.5 is not a whole number"),
-    ("DOLocationID", float("inf"), "DOLocationID inf is not a whole number"),
-    ("PULocationID", None, "PULocationID is missing"),
-    ("DOLocationID", "74", "DOLocationID '74' is not a number"),
-    ("PULocationID", True, "PULocationID True is not a number"),
-    ("trip_distance", -0.1, "trip_distance -0.1 is negative"),
-    ("trip_distance", None, "trip_distance is missing"),
-    ("trip_distance", float("nan"), "trip_distance is missing"),
-    ("trip_distance", float("inf"), "trip_distance inf is not finite"),
-    ("trip_distance", 100.01, "trip_distance 100.01 is over 100 miles"),
-    ("trip_distance", 1e12, "trip_distance 1000000000000.0 is over 100 miles"),
-    ("trip_distance", "far", "trip_distance 'far' is not a number"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "words"),
+    [
+        ("PULocationID", 0, "PULocationID 0 is not a TLC zone"),
+        ("DOLocationID", 266, "DOLocationID 266 is not a TLC zone"),
+        ("PULocationID", -74, "PULocationID -74 is not a TLC zone"),
+        ("PULocationID", 74.5, "PULocationID 74.5 is not a whole number"),
+        ("DOLocationID", float("inf"), "DOLocationID inf is not a whole number"),
+        ("PULocationID", None, "PULocationID is missing"),
+        ("DOLocationID", "74", "DOLocationID '74' is not a number"),
+        ("PULocationID", True, "PULocationID True is not a number"),
+        ("trip_distance", -0.1, "trip_distance -0.1 is negative"),
+        ("trip_distance", None, "trip_distance is missing"),
+        ("trip_distance", float("nan"), "trip_distance is missing"),
+        ("trip_distance", float("inf"), "trip_distance inf is not finite"),
+        ("trip_distance", 100.01, "trip_distance 100.01 is over 100 miles"),
+        ("trip_distance", 1e12, "trip_distance 1000000000000.0 is over 100 miles"),
+        ("trip_distance", "far", "trip_distance 'far' is not a number"),
+    ],
+)
 def test_a_batch_with_one_bad_trip_is_refused_whole_naming_row_field_and_rule(
     trained: Trained, field: str, value: object, words: str
 ) -> None:
     batch = [valid_trip(), valid_trip(), {**valid_trip(), field: value}]
-    rule = f"{field} is " + ("a whole number among TLC's zones 1-265" if field != "trip_distance" else
-                             "a finite number of miles from 0 to 100")
+    rule = f"{field} is " + (
+        "a whole number among TLC's zones 1-265"
+        if field != "trip_distance"
+        else "a finite number of miles from 0 to 100"
+    )
 
     with pytest.raises(MlflowException) as refused:
         trained.pipeline.predict(batch)
@@ -180,12 +189,15 @@ def test_a_batch_with_one_bad_trip_is_refused_whole_naming_row_field_and_rule(
     assert serving.refusal_reasons(pd.DataFrame(batch)).iloc[:2].isna().all()
 
 
-@pytest.mark.parametrize("trip", [
-    {"PULocationID": 74.0, "DOLocationID": 75, "trip_distance": 1.2},  # 74.0 is zone 74
-    {"PULocationID": 264, "DOLocationID": 265, "trip_distance": 1.2},  # TLC's "Unknown" and "Outside of NYC"
-    {"PULocationID": 1, "DOLocationID": 1, "trip_distance": 0.0},
-    {"PULocationID": 74, "DOLocationID": 75, "trip_distance": 100.0},
-])
+@pytest.mark.parametrize(
+    "trip",
+    [
+        {"PULocationID": 74.0, "DOLocationID": 75, "trip_distance": 1.2},  # 74.0 is zone 74
+        {"PULocationID": 264, "DOLocationID": 265, "trip_distance": 1.2},  # TLC's "Unknown" and "Outside of NYC"
+        {"PULocationID": 1, "DOLocationID": 1, "trip_distance": 0.0},
+        {"PULocationID": 74, "DOLocationID": 75, "trip_distance": 100.0},
+    ],
+)
 def test_trips_at_the_rules_edges_are_scored(trained: Trained, trip: dict[str, object]) -> None:
     assert serving.refusal_reasons(pd.DataFrame([trip])).isna().all()
     assert np.isfinite(trained.pipeline.predict([trip])).all()
@@ -213,11 +225,21 @@ def test_the_refusal_lists_ten_rows_and_counts_the_rest(trained: Trained) -> Non
 
 
 def test_the_first_broken_rule_of_a_trip_is_its_reason() -> None:
-    trips = pd.DataFrame({"PULocationID": [999, 74, 74, 74], "DOLocationID": [None, 5.5, 75, 75],
-                          "trip_distance": [-1.0, -1.0, np.nan, 2.0]}, index=[5, 5, 2, 9])  # any index, even repeated
+    trips = pd.DataFrame(
+        {
+            "PULocationID": [999, 74, 74, 74],
+            "DOLocationID": [None, 5.5, 75, 75],
+            "trip_distance": [-1.0, -1.0, np.nan, 2.0],
+        },
+        index=[5, 5, 2, 9],
+    )  # any index, even repeated
     assert serving.refusal_reasons(trips).index.tolist() == [5, 5, 2, 9]
     assert serving.refusal_reasons(trips).tolist() == [
-        "PULocationID.not_a_zone", "DOLocationID.not_whole", "trip_distance.missing", None]
+        "PULocationID.not_a_zone",
+        "DOLocationID.not_whole",
+        "trip_distance.missing",
+        None,
+    ]
     assert serving.reason_text("trip_distance.too_long") == "trip_distance over 100 miles"
 
 
@@ -232,7 +254,10 @@ def test_predict_every_trip_scores_the_refused_ones_too(trained: Trained) -> Non
     raw.loc[0, "trip_distance"] = 5000.0  # as TLC's files have a few
     raw.loc[1, "PULocationID"] = pd.NA
 
-    with pytest.raises(MlflowException, match=re.escape("row 0: trip_distance 5000.0 is over 100 miles; row 1: PULocationID is missing")):
+    with pytest.raises(
+        MlflowException,
+        match=re.escape("row 0: trip_distance 5000.0 is over 100 miles; row 1: PULocationID is missing"),
+    ):
         trained.pipeline.predict(raw)
     minutes = serving.predict_every_trip(trained.pipeline, raw)
 
@@ -272,7 +297,9 @@ def test_input_example_has_plain_int_zones_and_no_missing_values(trained):
     assert not example.isna().any().any()
     assert list(example.index) == list(range(len(example)))
     # The first five trips without a gap: the two with one are skipped, not left out of the count.
-    expected = raw.iloc[[0, 2, 4, 5, 6]].reset_index(drop=True).astype({"PULocationID": "int64", "DOLocationID": "int64"})
+    expected = (
+        raw.iloc[[0, 2, 4, 5, 6]].reset_index(drop=True).astype({"PULocationID": "int64", "DOLocationID": "int64"})
+    )
     pd.testing.assert_frame_equal(example, expected)
 
 
@@ -353,7 +380,9 @@ def test_logged_servable_model_loads_back_with_its_profile_and_signature(trained
     served = mlflow.pyfunc.load_model(local)
     np.testing.assert_array_equal(served.predict(raw), trained.pipeline.predict(raw))
     with pytest.raises(MlflowException, match=re.escape("row 1: PULocationID 74.5 is not a whole number")):
-        served.predict(pd.DataFrame({"PULocationID": [74.0, 74.5], "DOLocationID": [75, 75], "trip_distance": [1.2, 1.2]}))
+        served.predict(
+            pd.DataFrame({"PULocationID": [74.0, 74.5], "DOLocationID": [75, 75], "trip_distance": [1.2, 1.2]})
+        )
     assert served.predict(pd.DataFrame()).shape == (0,)
     # And by its URI, as a user would (through MLflow's process-wide tracking URI).
     mlflow.set_tracking_uri(uri)

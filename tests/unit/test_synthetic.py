@@ -13,15 +13,46 @@ from taxi_duration.periods import Month
 from taxi_duration.synthetic import generate_trips_table, main, write_trip_file
 
 GREEN_COLUMNS = [
-    "VendorID", "lpep_pickup_datetime", "lpep_dropoff_datetime", "store_and_fwd_flag", "RatecodeID",
-    "PULocationID", "DOLocationID", "passenger_count", "trip_distance", "fare_amount", "extra", "mta_tax",
-    "tip_amount", "tolls_amount", "ehail_fee", "improvement_surcharge", "total_amount", "payment_type",
-    "trip_type", "congestion_surcharge",
+    "VendorID",
+    "lpep_pickup_datetime",
+    "lpep_dropoff_datetime",
+    "store_and_fwd_flag",
+    "RatecodeID",
+    "PULocationID",
+    "DOLocationID",
+    "passenger_count",
+    "trip_distance",
+    "fare_amount",
+    "extra",
+    "mta_tax",
+    "tip_amount",
+    "tolls_amount",
+    "ehail_fee",
+    "improvement_surcharge",
+    "total_amount",
+    "payment_type",
+    "trip_type",
+    "congestion_surcharge",
 ]
 YELLOW_COLUMNS = [
-    "VendorID", "tpep_pickup_datetime", "tpep_dropoff_datetime", "passenger_count", "trip_distance",
-    "RatecodeID", "store_and_fwd_flag", "PULocationID", "DOLocationID", "payment_type", "fare_amount", "extra",
-    "mta_tax", "tip_amount", "tolls_amount", "improvement_surcharge", "total_amount", "congestion_surcharge",
+    "VendorID",
+    "tpep_pickup_datetime",
+    "tpep_dropoff_datetime",
+    "passenger_count",
+    "trip_distance",
+    "RatecodeID",
+    "store_and_fwd_flag",
+    "PULocationID",
+    "DOLocationID",
+    "payment_type",
+    "fare_amount",
+    "extra",
+    "mta_tax",
+    "tip_amount",
+    "tolls_amount",
+    "improvement_surcharge",
+    "total_amount",
+    "congestion_surcharge",
     "airport_fee",
 ]
 PREFIX = {"green": "lpep", "yellow": "tpep"}
@@ -93,7 +124,10 @@ def test_some_trips_fall_outside_the_1_to_60_minute_window(color):
     table = generate_trips_table(color, Month(2024, 3), 3000, seed=0)
     prefix = PREFIX[color]
     seconds = pc.divide(
-        pc.cast(pc.subtract(table.column(f"{prefix}_dropoff_datetime"), table.column(f"{prefix}_pickup_datetime")), pa.int64()),
+        pc.cast(
+            pc.subtract(table.column(f"{prefix}_dropoff_datetime"), table.column(f"{prefix}_pickup_datetime")),
+            pa.int64(),
+        ),
         1e6,
     ).to_numpy()
     minutes = seconds / 60
@@ -123,6 +157,8 @@ def test_cli_writes_a_range_of_months_across_the_year_end(tmp_path, capsys):
     main([str(tmp_path), "--color", "green", "--from", "2023-11", "--to", "2024-01", "--rows", "5"])
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
-        "green_tripdata_2023-11.parquet", "green_tripdata_2023-12.parquet", "green_tripdata_2024-01.parquet"
+        "green_tripdata_2023-11.parquet",
+        "green_tripdata_2023-12.parquet",
+        "green_tripdata_2024-01.parquet",
     ]
     assert capsys.readouterr().out.count(".parquet") == 3

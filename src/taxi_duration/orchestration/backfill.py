@@ -73,8 +73,14 @@ def run_month(
 
 def _failed_row(label: str, error: str, worker: str | None = None) -> dict[str, Any]:
     return {
-        "month": label, "status": "FAILED", "rmse": None, "reused": [], "mlflow_run_id": None,
-        "tracking_uri": None, "worker": worker, "error": error,
+        "month": label,
+        "status": "FAILED",
+        "rmse": None,
+        "reused": [],
+        "mlflow_run_id": None,
+        "tracking_uri": None,
+        "worker": worker,
+        "error": error,
     }
 
 
@@ -228,10 +234,15 @@ def check_dask_scheduler(address: str, timeout: float = DASK_CONNECT_TIMEOUT_SEC
             threads = client.nthreads()
             # exec, a builtin, reaches any worker; a function of this package would need the package there.
             imported = client.run(exec, f"import {PIPELINE_MODULE}", {}, on_error="return")
-            cannot_import = {worker: f"{type(error).__name__}: {error}" for worker, error in imported.items()
-                             if isinstance(error, BaseException)}
+            cannot_import = {
+                worker: f"{type(error).__name__}: {error}"
+                for worker, error in imported.items()
+                if isinstance(error, BaseException)
+            }
     except Exception as error:  # noqa: BLE001 - whatever answered (or did not), it is no usable scheduler
-        raise DaskUnavailableError(f"cannot use the Dask scheduler at {address}: {type(error).__name__}: {error}") from None
+        raise DaskUnavailableError(
+            f"cannot use the Dask scheduler at {address}: {type(error).__name__}: {error}"
+        ) from None
     if not threads:
         raise DaskUnavailableError(f"the Dask scheduler at {address} has no workers")
     if cannot_import:
@@ -253,7 +264,11 @@ def run_backfill(
 ) -> list[dict[str, Any]]:
     """`backfill` with `max_parallel` months at a time, in threads or on Dask (see `task_runner`)."""
     runner = task_runner(max_parallel, dask, dask_address)
-    with run_servers.prefect_api_for_run(), prefect_api_for_workers(dask, dask_address), run_servers.without_flow_heartbeats():
+    with (
+        run_servers.prefect_api_for_run(),
+        prefect_api_for_workers(dask, dask_address),
+        run_servers.without_flow_heartbeats(),
+    ):
         # Prefect's annotation again, as on @flow above.
         return backfill.with_options(task_runner=runner)(first=first, last=last, **options)  # type: ignore[arg-type]
 
@@ -269,7 +284,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
         tail = row["mlflow_run_id"] if row["status"] == "FINISHED" else row["error"]
         lines.append(f"{row['month']:<8} {row['status']:<9} {rmse:>7}  {reused:<36}{worker} {tail}")
     failed = sum(row["status"] != "FINISHED" for row in results)
-    lines.append(f"{len(results) - failed} of {len(results)} months finished" + (f", {failed} failed" if failed else ""))
+    lines.append(
+        f"{len(results) - failed} of {len(results)} months finished" + (f", {failed} failed" if failed else "")
+    )
     return "\n".join(lines)
 
 
@@ -291,15 +308,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-source")
     parser.add_argument("--experiment")
     parser.add_argument(
-        "--max-parallel", type=int, default=DEFAULT_MAX_PARALLEL,
+        "--max-parallel",
+        type=int,
+        default=DEFAULT_MAX_PARALLEL,
         help="months run at the same time (default 2); with --dask-address the cluster's worker threads decide",
     )
     parser.add_argument("--force", action="store_true", help="rerun every stage of every month")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)")
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)",
+    )
     parser.add_argument("--dask", action="store_true", help="run each month in a process of a local Dask cluster")
     parser.add_argument(
-        "--dask-address", metavar="tcp://HOST:PORT",
+        "--dask-address",
+        metavar="tcp://HOST:PORT",
         help=f"run the months on the workers of this Dask scheduler (default ${DASK_ADDRESS_ENV} unless --dask)",
     )
     args = parser.parse_args(argv)
@@ -323,8 +346,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"Dask scheduler {dask_address}: {threads} worker thread(s), so up to {threads} months at a time")
         with console.one_clear_failure(args.verbose):
             results = run_backfill(
-                args.first, args.last, max_parallel=args.max_parallel, dask=args.dask, dask_address=dask_address,
-                color=args.color, data_source=args.data_source, experiment=args.experiment, force=args.force,
+                args.first,
+                args.last,
+                max_parallel=args.max_parallel,
+                dask=args.dask,
+                dask_address=dask_address,
+                color=args.color,
+                data_source=args.data_source,
+                experiment=args.experiment,
+                force=args.force,
             )
     except (DaskUnavailableError, services.ServiceError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -23,8 +23,9 @@ from taxi_duration.orchestration.request import resolve_request
 from taxi_duration.periods import InvalidParameterError
 
 DESCRIPTION = "The pipeline flow: fetch the data, then execute 01_explore, 02_features and 03_train."
-USAGE_EXAMPLE = ("python flows/pipeline.py --year 2023 --month 3 [--color green] [--data-source URL|DIR] "
-                 "[--experiment NAME]")
+USAGE_EXAMPLE = (
+    "python flows/pipeline.py --year 2023 --month 3 [--color green] [--data-source URL|DIR] [--experiment NAME]"
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,12 +33,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--year", default="2023", help="training year (default 2023)")
     parser.add_argument("--month", default="3", help="training month 1-12 (default 3); validation is the next month")
     parser.add_argument("--color", default="green", help="green (default) or yellow")
-    parser.add_argument("--data-source", help="URL prefix or folder of trip files (default $TAXI_DATA_SOURCE, else TLC)")
-    parser.add_argument("--experiment", help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else nyc-taxi-duration)")
-    parser.add_argument("--latest", action="store_true", help="train on the newest month whose data and next month are published")
-    parser.add_argument("--force", action="store_true", help="rerun every stage, even those whose inputs have not changed")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)")
+    parser.add_argument(
+        "--data-source", help="URL prefix or folder of trip files (default $TAXI_DATA_SOURCE, else TLC)"
+    )
+    parser.add_argument(
+        "--experiment", help="MLflow experiment (default $MLFLOW_EXPERIMENT_NAME, else nyc-taxi-duration)"
+    )
+    parser.add_argument(
+        "--latest", action="store_true", help="train on the newest month whose data and next month are published"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="rerun every stage, even those whose inputs have not changed"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)",
+    )
     return parser.parse_args(argv)
 
 
@@ -46,8 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         request = resolve_request(
-            None if args.latest else args.year, None if args.latest else args.month, args.color,
-            args.data_source, args.experiment, args.force,
+            None if args.latest else args.year,
+            None if args.latest else args.month,
+            args.color,
+            args.data_source,
+            args.experiment,
+            args.force,
         )
         settings.prefect_server_mode()
     except (InvalidParameterError, data.TripDataError, ValueError) as error:
@@ -61,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     return _run_flow(lambda: run_resolved(request), format_summary, "Pipeline", args.verbose)
 
 
-def _run_flow(run: Callable[[], dict[str, Any]], summary: Callable[[dict[str, Any]], str], what: str,
-              verbose: bool = False) -> int:
+def _run_flow(
+    run: Callable[[], dict[str, Any]], summary: Callable[[dict[str, Any]], str], what: str, verbose: bool = False
+) -> int:
     """Run a resolved flow with a Prefect API, print its summary; 1 with one line when it fails.
 
     The failure's paragraph is the last thing printed; the terminal shows no traceback of a
@@ -72,8 +89,12 @@ def _run_flow(run: Callable[[], dict[str, Any]], summary: Callable[[dict[str, An
     flow owns FINISHED (its work stands, Prefect's record of it does not); otherwise 1.
     """
     try:
-        with (run_servers.prefect_api_for_run() as prefect_api, run_servers.without_flow_heartbeats(),
-              lost_server.said_once(), console.one_clear_failure(verbose)):
+        with (
+            run_servers.prefect_api_for_run() as prefect_api,
+            run_servers.without_flow_heartbeats(),
+            lost_server.said_once(),
+            console.one_clear_failure(verbose),
+        ):
             result = run()
     except services.ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -113,25 +134,40 @@ def exit_process(exit_code: int) -> None:
     sys.exit(exit_code)
 
 
-SCORE_USAGE = ("python flows/score.py --year 2023 --month 5 [--color green] [--model models:/nyc-taxi-duration@champion] "
-               "[--data-source URL|DIR] [--experiment NAME] [--force]")
+SCORE_USAGE = (
+    "python flows/score.py --year 2023 --month 5 [--color green] [--model models:/nyc-taxi-duration@champion] "
+    "[--data-source URL|DIR] [--experiment NAME] [--force]"
+)
 
 
 def parse_score_args(argv: list[str] | None = None) -> argparse.Namespace:
     from taxi_duration.scoring import DEFAULT_MODEL_URI
 
-    parser = argparse.ArgumentParser(description="Score one month's trips with a registered model (04_score).",
-                                     epilog=SCORE_USAGE)
+    parser = argparse.ArgumentParser(
+        description="Score one month's trips with a registered model (04_score).", epilog=SCORE_USAGE
+    )
     parser.add_argument("--year", required=True, help="year of the month to score")
     parser.add_argument("--month", required=True, help="month to score, 1-12")
     parser.add_argument("--color", default="green", help="green (default) or yellow")
-    parser.add_argument("--model", default=DEFAULT_MODEL_URI,
-                        help=f"registered model: models:/NAME@ALIAS or models:/NAME/VERSION (default {DEFAULT_MODEL_URI})")
-    parser.add_argument("--data-source", help="URL prefix or folder of trip files (default $TAXI_DATA_SOURCE, else TLC)")
-    parser.add_argument("--experiment", help="MLflow experiment (default $TAXI_SCORING_EXPERIMENT, else <experiment>-scoring)")
-    parser.add_argument("--force", action="store_true", help="score again even if this month and model were scored already")
-    parser.add_argument("--verbose", action="store_true",
-                        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL_URI,
+        help=f"registered model: models:/NAME@ALIAS or models:/NAME/VERSION (default {DEFAULT_MODEL_URI})",
+    )
+    parser.add_argument(
+        "--data-source", help="URL prefix or folder of trip files (default $TAXI_DATA_SOURCE, else TLC)"
+    )
+    parser.add_argument(
+        "--experiment", help="MLflow experiment (default $TAXI_SCORING_EXPERIMENT, else <experiment>-scoring)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="score again even if this month and model were scored already"
+    )
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)",
+    )
     return parser.parse_args(argv)
 
 
@@ -143,8 +179,9 @@ def score_main(argv: list[str] | None = None) -> int:
     stopping.install()
     args = parse_score_args(argv)
     try:
-        request = resolve_score_request(args.year, args.month, args.color, args.model, args.data_source,
-                                        args.experiment, args.force)
+        request = resolve_score_request(
+            args.year, args.month, args.color, args.model, args.data_source, args.experiment, args.force
+        )
         settings.prefect_server_mode()
     except tracking.TrackingUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -25,8 +25,10 @@ class RunLink:
 def report_url(record: dict[str, Any], run_dir: Path, name: str) -> str:
     """Where a reader opens a report: through the MLflow server if there is one, else from disk."""
     if record.get("mlflow_url"):  # set only when the tracking URI is a server's
-        return (f"{str(record['tracking_uri']).rstrip('/')}/get-artifact?path={quote(f'reports/{name}')}"
-                f"&run_uuid={quote(str(record['mlflow_run_id']))}")
+        return (
+            f"{str(record['tracking_uri']).rstrip('/')}/get-artifact?path={quote(f'reports/{name}')}"
+            f"&run_uuid={quote(str(record['mlflow_run_id']))}"
+        )
     return (Path(run_dir) / name).resolve().as_uri()
 
 
@@ -40,7 +42,9 @@ def run_links(record: dict[str, Any], run_dir: Path, gallery_path: Path) -> list
         if report and (Path(run_dir) / report).is_file():
             links.append(RunLink(f"{stage['stage']} review report", report_url(record, run_dir, report)))
     if record.get("comparison"):
-        links.append(RunLink("what changed since last month", (Path(run_dir) / record["comparison"]).resolve().as_uri()))
+        links.append(
+            RunLink("what changed since last month", (Path(run_dir) / record["comparison"]).resolve().as_uri())
+        )
     links.append(RunLink("all runs (gallery)", Path(gallery_path).resolve().as_uri()))
     return links
 
@@ -55,4 +59,6 @@ def publish(record: dict[str, Any], links: list[RunLink], summary_markdown: str)
 
     for link in links:
         create_link_artifact(link=link.url, link_text=link.text, description=link.text)
-    tracking.set_tags(str(record["tracking_uri"]), str(record["mlflow_run_id"]), {"mlflow.note.content": summary_markdown})
+    tracking.set_tags(
+        str(record["tracking_uri"]), str(record["mlflow_run_id"]), {"mlflow.note.content": summary_markdown}
+    )

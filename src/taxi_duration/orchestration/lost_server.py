@@ -70,7 +70,11 @@ def unreachable(error: BaseException | None) -> bool:
         seen.add(id(error))
         if isinstance(error, httpx.TransportError) and _to_prefect(error):
             return True
-        if isinstance(error, httpx.HTTPStatusError) and error.response.status_code in GATEWAY_STATUSES and _to_prefect(error):
+        if (
+            isinstance(error, httpx.HTTPStatusError)
+            and error.response.status_code in GATEWAY_STATUSES
+            and _to_prefect(error)
+        ):
             return True
         error = error.__cause__ or error.__context__
     return False
@@ -159,9 +163,11 @@ def outcome_lines(lost: PrefectServerLost, what: str) -> tuple[int, list[str]]:
     """The exit code and the lines (for stderr) that say how a run whose Prefect server was lost ended."""
     run, url = lost.run, lost.url
     if run.result is not None:
-        return 0, [f"warning: the Prefect server at {url} stopped answering ({describe(lost.cause)}), so "
-                   f"Prefect's record of this run is incomplete; the run itself stands: MLflow run {run.run_id} "
-                   f"FINISHED, results in {run.run_dir}"]
+        return 0, [
+            f"warning: the Prefect server at {url} stopped answering ({describe(lost.cause)}), so "
+            f"Prefect's record of this run is incomplete; the run itself stands: MLflow run {run.run_id} "
+            f"FINISHED, results in {run.run_dir}"
+        ]
     lines = []
     if run.error is not None and not unreachable(run.error):
         lines.append(f"\n{what} failed: {describe(run.error)}")
@@ -169,6 +175,7 @@ def outcome_lines(lost: PrefectServerLost, what: str) -> tuple[int, list[str]]:
         lines.append(f"error: {lost}; no MLflow run was recorded")
     else:
         status = run.status or "still RUNNING (the next pipeline start on this host marks it KILLED)"
-        lines.append(f"error: {lost}; MLflow run {run.run_id} is {status}, not FINISHED "
-                     f"(what it did is in {run.run_dir})")
+        lines.append(
+            f"error: {lost}; MLflow run {run.run_id} is {status}, not FINISHED (what it did is in {run.run_dir})"
+        )
     return 1, lines

@@ -87,8 +87,12 @@ def run_resolved(request: RunRequest) -> dict[str, Any]:
     def resolved_pipeline(*args: Any, **kwargs: Any) -> dict[str, Any]:
         return ending_quietly(lambda: run_pipeline(request, owned))
 
-    as_flow = Flow(resolved_pipeline, name=taxi_duration_pipeline.name, log_prints=True,
-                   description=taxi_duration_pipeline.description)
+    as_flow = Flow(
+        resolved_pipeline,
+        name=taxi_duration_pipeline.name,
+        log_prints=True,
+        description=taxi_duration_pipeline.description,
+    )
     return lost_server.run_flow(as_flow, request.flow_parameters, owned)
 
 
@@ -106,7 +110,9 @@ def run_pipeline(request: RunRequest, owned: lost_server.OwnedRun | None = None)
     try:
         with stopping.at_last_resort(lambda: _kill_runs_left_running(request)):
             for orphan in tracking.mark_orphaned_runs_killed(request.tracking_uri, request.experiment):
-                print(f"MLflow run {orphan} was left RUNNING by a pipeline process that no longer exists: marked KILLED")
+                print(
+                    f"MLflow run {orphan} was left RUNNING by a pipeline process that no longer exists: marked KILLED"
+                )
             if stopping.requested():
                 raise runner.NotebookStopped("stopped before the MLflow run was created")
             started = dt.datetime.now(dt.UTC)
@@ -132,8 +138,11 @@ def _kill_runs_left_running(request: RunRequest) -> None:
             executed = sorted(Path(run_dir).glob("*.ipynb")) if run_dir else []
             if executed:
                 tracking.log_files(request.tracking_uri, run.info.run_id, executed, "notebooks")
-            tracking.set_tags(request.tracking_uri, run.info.run_id,
-                              {"taxi.killed_reason": "the pipeline was stopped (SIGTERM or Ctrl-C)"})
+            tracking.set_tags(
+                request.tracking_uri,
+                run.info.run_id,
+                {"taxi.killed_reason": "the pipeline was stopped (SIGTERM or Ctrl-C)"},
+            )
             tracking.finish_run(request.tracking_uri, run.info.run_id, "KILLED")
             print(f"MLflow run {run.info.run_id} was still RUNNING when the pipeline was stopped: marked KILLED")
     except Exception as problem:  # noqa: BLE001 - on the way out; the next start marks an orphan KILLED
@@ -173,7 +182,12 @@ def _start_mlflow_run(request: RunRequest, started: dt.datetime) -> RunContext:
         request.tracking_uri,
         request.experiment,
         run_name=f"{params.color}-{params.train_month.label()}-{started:%Y%m%dT%H%M%SZ}",
-        params={"year": params.year, "month": params.month, "color": params.color, "data_source": request.source.location},
+        params={
+            "year": params.year,
+            "month": params.month,
+            "color": params.color,
+            "data_source": request.source.location,
+        },
         tags=tags,
     )
     run_dir = runfiles.run_folder(settings.outputs_dir(), params.color, params.train_month.label(), started, run_id)
@@ -198,8 +212,12 @@ def _stage_parameters(request: RunRequest, context: RunContext) -> dict[str, dic
 
 
 def _run_stages(
-    request: RunRequest, context: RunContext, started: dt.datetime, early_plan: StagePlan | None,
-    runners: stages.Runners, owned: lost_server.OwnedRun,
+    request: RunRequest,
+    context: RunContext,
+    started: dt.datetime,
+    early_plan: StagePlan | None,
+    runners: stages.Runners,
+    owned: lost_server.OwnedRun,
 ) -> dict[str, Any]:
     """Fetch, then the three stages; on the way out (success or not) close the MLflow run and record it."""
     parameters = _stage_parameters(request, context)
@@ -211,8 +229,16 @@ def _run_stages(
 
     def stage_step(stage: str, stop: threading.Event | None = None) -> StageOutcome:
         def work() -> StageOutcome:
-            return run_stage(stage, parameters[stage], context, request.timeout_seconds, stage_plan.keys[stage],
-                             reuse_from=stage_plan.reuse.get(stage), stop=stop, prepared=runners.pop(stage, None))
+            return run_stage(
+                stage,
+                parameters[stage],
+                context,
+                request.timeout_seconds,
+                stage_plan.keys[stage],
+                reuse_from=stage_plan.reuse.get(stage),
+                stop=stop,
+                prepared=runners.pop(stage, None),
+            )
 
         outcome = _timed(timings, stage, work)
         outcomes[stage] = outcome
@@ -226,10 +252,15 @@ def _run_stages(
             trip_files = _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(request.params, request.source))
             stage_plan = early_plan if early_plan is not None else plan(request, trip_files)
             train_month, validation_month = request.months
-            log_trip_datasets(context, request.source, request.params.color, {
-                month: (trip_files[month.label()], stage_plan.trip_digests[month.label()], role)
-                for month, role in ((train_month, "training"), (validation_month, "validation"))
-            })
+            log_trip_datasets(
+                context,
+                request.source,
+                request.params.color,
+                {
+                    month: (trip_files[month.label()], stage_plan.trip_digests[month.label()], role)
+                    for month, role in ((train_month, "training"), (validation_month, "validation"))
+                },
+            )
             # The copied context carries the flow run into the thread, so the task belongs to it.
             explore = background.submit(contextvars.copy_context().run, stage_step, "01_explore", stop_explore)
             if not stage_plan.side_by_side:
@@ -288,8 +319,10 @@ def _close_run(context: RunContext, ending: RunEnding) -> bool:
         tracking.finish_run(context.tracking_uri, context.run_id, ending.status)
         return True
     except Exception as problem:  # e.g. the tracking server went away mid-run
-        print(f"warning: could not set MLflow run {context.run_id} to {ending.status}: {problem!r}; "
-              "the next pipeline start on this host marks it KILLED if it stays RUNNING")
+        print(
+            f"warning: could not set MLflow run {context.run_id} to {ending.status}: {problem!r}; "
+            "the next pipeline start on this host marks it KILLED if it stays RUNNING"
+        )
         if ending.status == "FINISHED":
             raise
         return False

@@ -48,7 +48,7 @@ class StageProgress:
         logger = get_run_logger()
         if len(progress.finished) < self._logged:
             self._logged = 0  # the notebook is being run again from the start (its kernel died)
-        for cell in progress.finished[self._logged:]:
+        for cell in progress.finished[self._logged :]:
             logger.info("%s: cell %d/%d done in %.1f s", self.stage, cell["position"], total, cell["seconds"])
         self._logged = len(progress.finished)
         lost_server.unless_lost(lambda: self._publish(progress, total))
@@ -60,14 +60,17 @@ class StageProgress:
         percent = min(100.0, 100.0 * len(progress.finished) / total)
         if self._artifact_id is None:
             # Called from sync code, Prefect's async_dispatch returns the id itself (not a coroutine).
-            self._artifact_id = cast("UUID", create_progress_artifact(
-                progress=percent, description=f"{self.stage}: cells done out of {total}"))
+            self._artifact_id = cast(
+                "UUID",
+                create_progress_artifact(progress=percent, description=f"{self.stage}: cells done out of {total}"),
+            )
         else:
             update_progress_artifact(self._artifact_id, progress=percent)
         markdown = self._running_cell_markdown(progress)
         if markdown is not None:
-            create_markdown_artifact(markdown=markdown, key=running_cell_key(self.stage),
-                                     description=f"{self.stage}: the cell running now")
+            create_markdown_artifact(
+                markdown=markdown, key=running_cell_key(self.stage), description=f"{self.stage}: the cell running now"
+            )
 
     def _running_cell_markdown(self, progress: runner.Progress) -> str | None:
         """The running cell's account, when it is worth a new version; None otherwise."""
@@ -82,5 +85,7 @@ class StageProgress:
             return None
         self._shown = (running["index"], now)
         first_line = (running.get("first_line") or "(empty first line)").replace("`", "'")
-        return (f"**{self.stage}**: running cell {running['position']} of {progress.total} "
-                f"for {now - running['started']:.0f} s\n\n```python\n{first_line}\n```\n")
+        return (
+            f"**{self.stage}**: running cell {running['position']} of {progress.total} "
+            f"for {now - running['started']:.0f} s\n\n```python\n{first_line}\n```\n"
+        )

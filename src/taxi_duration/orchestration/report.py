@@ -25,8 +25,9 @@ class RunEnding:
     timings: list[dict[str, Any]]  # stage, status (COMPLETED, CACHED, FAILED), seconds
 
 
-def report_run(request: RunRequest, context: RunContext, started: dt.datetime, flow_run_id: str,
-               ending: RunEnding) -> Path:
+def report_run(
+    request: RunRequest, context: RunContext, started: dt.datetime, flow_run_id: str, ending: RunEnding
+) -> Path:
     """Record the run, rebuild the gallery, publish Prefect artifacts; the gallery's path.
 
     Runs on the way out of a failing flow too, so it must not replace the real error with
@@ -60,8 +61,9 @@ def _compare_with_previous_month(context: RunContext, record: dict[str, Any]) ->
     return path
 
 
-def run_record(request: RunRequest, context: RunContext, started: dt.datetime, flow_run_id: str,
-               ending: RunEnding) -> dict[str, Any]:
+def run_record(
+    request: RunRequest, context: RunContext, started: dt.datetime, flow_run_id: str, ending: RunEnding
+) -> dict[str, Any]:
     """What the gallery shows of one run; written into the run folder as run.json."""
     params = request.params
     finished = dt.datetime.now(dt.UTC)

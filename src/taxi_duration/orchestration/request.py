@@ -45,9 +45,15 @@ class RunRequest:
     @property
     def flow_parameters(self) -> dict[str, Any]:
         """The pipeline flow's parameters that ask for this run, as Prefect shows and records them."""
-        return {"year": self.params.year, "month": self.params.month, "color": self.params.color,
-                "data_source": self.source.location, "experiment": self.experiment, "force": self.force,
-                "registered_model": self.registered_model}
+        return {
+            "year": self.params.year,
+            "month": self.params.month,
+            "color": self.params.color,
+            "data_source": self.source.location,
+            "experiment": self.experiment,
+            "force": self.force,
+            "registered_model": self.registered_model,
+        }
 
 
 def resolve_request(
@@ -107,8 +113,12 @@ def plan(request: RunRequest, trip_files: dict[str, str]) -> StagePlan:
     cache = stagecache.StageCache(settings.stage_cache_dir())
     found = {} if request.force else {stage: cache.lookup(stage, keys[stage]) for stage in STAGES}
     side_by_side = data.trip_count(Path(trip_files[params.train_month.label()])) <= request.overlap_max_trips
-    return StagePlan(keys=keys, trip_digests=digests, side_by_side=side_by_side,
-                     reuse={stage: entry for stage, entry in found.items() if entry is not None})
+    return StagePlan(
+        keys=keys,
+        trip_digests=digests,
+        side_by_side=side_by_side,
+        reuse={stage: entry for stage, entry in found.items() if entry is not None},
+    )
 
 
 def local_trip_files(request: RunRequest) -> dict[str, str] | None:

@@ -50,9 +50,15 @@ class ScoreRequest:
 
     @property
     def flow_parameters(self) -> dict[str, Any]:
-        return {"year": self.month.year, "month": self.month.month, "color": self.color,
-                "model_uri": self.model.requested_uri, "data_source": self.source.location,
-                "experiment": self.experiment, "force": self.force}
+        return {
+            "year": self.month.year,
+            "month": self.month.month,
+            "color": self.color,
+            "model_uri": self.model.requested_uri,
+            "data_source": self.source.location,
+            "experiment": self.experiment,
+            "force": self.force,
+        }
 
 
 def resolve_score_request(
@@ -75,8 +81,13 @@ def resolve_score_request(
     tracking_uri = settings.tracking_uri()
     tracking.check_reachable(tracking_uri)
     return ScoreRequest(
-        month=scored, color=color_text, source=source, model=scoring.resolve_model(tracking_uri, model_uri),
-        tracking_uri=tracking_uri, experiment=settings.scoring_experiment_name(experiment), force=force,
+        month=scored,
+        color=color_text,
+        source=source,
+        model=scoring.resolve_model(tracking_uri, model_uri),
+        tracking_uri=tracking_uri,
+        experiment=settings.scoring_experiment_name(experiment),
+        force=force,
         timeout_seconds=settings.notebook_timeout_seconds(),
     )
 
@@ -118,17 +129,27 @@ def run_resolved_scoring(request: ScoreRequest) -> dict[str, Any]:
     def resolved_scoring(*args: Any, **kwargs: Any) -> dict[str, Any]:
         return ending_quietly(lambda: run_scoring(request, owned))
 
-    as_flow = Flow(resolved_scoring, name=taxi_duration_scoring.name, log_prints=True,
-                   description=taxi_duration_scoring.description)
+    as_flow = Flow(
+        resolved_scoring,
+        name=taxi_duration_scoring.name,
+        log_prints=True,
+        description=taxi_duration_scoring.description,
+    )
     return lost_server.run_flow(as_flow, request.flow_parameters, owned)
 
 
 def score_key(request: ScoreRequest, file_digest: str) -> str:
     """04_score's cache key: the notebook, the month, the file's bytes and the model version's identity."""
     model = request.model
-    parameters = {"year": request.month.year, "month": request.month.month, "color": request.color,
-                  "model_name": model.name, "model_version": model.version, "model_id": model.model_id,
-                  "tracking_uri": request.tracking_uri}
+    parameters = {
+        "year": request.month.year,
+        "month": request.month.month,
+        "color": request.color,
+        "model_name": model.name,
+        "model_version": model.version,
+        "model_id": model.model_id,
+        "tracking_uri": request.tracking_uri,
+    }
     notebook = stages.notebook_path(SCORE_STAGE)
     return stagecache.stage_key(SCORE_STAGE, notebook, parameters, {"scored": file_digest}, {})
 
@@ -152,13 +173,24 @@ def run_scoring(request: ScoreRequest, owned: lost_server.OwnedRun | None = None
     _link_model(context, request.model)
     status, error, outcome = "FAILED", None, None
     try:
-        outcome = run_stage(SCORE_STAGE, _notebook_parameters(request, context), context, request.timeout_seconds, key,
-                            reuse_from=reuse_from)
+        outcome = run_stage(
+            SCORE_STAGE,
+            _notebook_parameters(request, context),
+            context,
+            request.timeout_seconds,
+            key,
+            reuse_from=reuse_from,
+        )
         tracking.log_metrics(context.tracking_uri, context.run_id, _numeric(outcome.manifest["metrics"]))
         if outcome.reused_from is not None:
-            tracking.set_tags(context.tracking_uri, context.run_id, {
-                f"taxi.stage.{SCORE_STAGE}.reused_from_run": outcome.reused_from.mlflow_run_id,
-                "taxi.reused_stages": SCORE_STAGE})
+            tracking.set_tags(
+                context.tracking_uri,
+                context.run_id,
+                {
+                    f"taxi.stage.{SCORE_STAGE}.reused_from_run": outcome.reused_from.mlflow_run_id,
+                    "taxi.reused_stages": SCORE_STAGE,
+                },
+            )
         status = "FINISHED"
     except BaseException as ended:
         error = ended
@@ -190,15 +222,22 @@ def _start_mlflow_run(request: ScoreRequest, started: dt.datetime) -> RunContext
     if commit:
         tags["mlflow.source.git.commit"] = commit
     run_id = tracking.start_run(
-        request.tracking_uri, request.experiment,
+        request.tracking_uri,
+        request.experiment,
         run_name=f"score-{request.color}-{request.month.label()}-v{model.version}-{started:%Y%m%dT%H%M%SZ}",
-        params={"year": request.month.year, "month": request.month.month, "color": request.color,
-                "data_source": request.source.location, "model_uri": model.pinned_uri,
-                "requested_model_uri": model.requested_uri},
+        params={
+            "year": request.month.year,
+            "month": request.month.month,
+            "color": request.color,
+            "data_source": request.source.location,
+            "model_uri": model.pinned_uri,
+            "requested_model_uri": model.requested_uri,
+        },
         tags=tags,
     )
-    run_dir = runfiles.run_folder(settings.outputs_dir(), request.color, request.month.label(), started, run_id,
-                                  scoring=True)
+    run_dir = runfiles.run_folder(
+        settings.outputs_dir(), request.color, request.month.label(), started, run_id, scoring=True
+    )
     tracking.set_tags(request.tracking_uri, run_id, {"taxi.run_dir": str(run_dir)})
     return RunContext(request.tracking_uri, run_id, run_dir)
 
@@ -209,43 +248,70 @@ def _link_model(context: RunContext, model: scoring.ScoringModel) -> None:
         return
     from mlflow.entities import LoggedModelInput
 
-    tracking._client(context.tracking_uri).log_inputs(context.run_id, models=[LoggedModelInput(model_id=model.model_id)])
+    tracking._client(context.tracking_uri).log_inputs(
+        context.run_id, models=[LoggedModelInput(model_id=model.model_id)]
+    )
 
 
 def _notebook_parameters(request: ScoreRequest, context: RunContext) -> dict[str, Any]:
-    return {"year": request.month.year, "month": request.month.month, "color": request.color,
-            # The version itself: the alias may move while the run is going.
-            "model_uri": request.model.pinned_uri, "data_source": request.source.location,
-            "data_dir": str(request.source.cache_dir), "run_dir": str(context.run_dir),
-            "tracking_uri": request.tracking_uri}
+    return {
+        "year": request.month.year,
+        "month": request.month.month,
+        "color": request.color,
+        # The version itself: the alias may move while the run is going.
+        "model_uri": request.model.pinned_uri,
+        "data_source": request.source.location,
+        "data_dir": str(request.source.cache_dir),
+        "run_dir": str(context.run_dir),
+        "tracking_uri": request.tracking_uri,
+    }
 
 
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
 
 
-def _report(request: ScoreRequest, context: RunContext, started: dt.datetime, status: str,
-            error: BaseException | None, outcome: StageOutcome | None) -> Path:
+def _report(
+    request: ScoreRequest,
+    context: RunContext,
+    started: dt.datetime,
+    status: str,
+    error: BaseException | None,
+    outcome: StageOutcome | None,
+) -> Path:
     """run.json, the gallery and the Prefect summary; a problem here is printed, never raised."""
     gallery_path = settings.outputs_dir() / gallery.GALLERY
     try:
         finished = dt.datetime.now(dt.UTC)
         metrics = outcome.manifest["metrics"] if outcome else {}
         experiment_id = tracking.experiment_id_of(context.tracking_uri, context.run_id)
-        stage_row: dict[str, Any] = {"stage": SCORE_STAGE, "status": outcome.status if outcome else "FAILED",
-                                     "seconds": round((finished - started).total_seconds(), 1)}
+        stage_row: dict[str, Any] = {
+            "stage": SCORE_STAGE,
+            "status": outcome.status if outcome else "FAILED",
+            "seconds": round((finished - started).total_seconds(), 1),
+        }
         if (context.run_dir / f"{SCORE_STAGE}.html").is_file():
             stage_row.update(full_report=f"{SCORE_STAGE}.html", review_report=f"{SCORE_STAGE}.review.html")
         record = {
-            "kind": "score", "color": request.color, "scored_month": request.month.label(),
-            "model": request.model.label(), "model_train_month": request.model.train_month,
-            "status": status, "error": None if error is None else (str(error) or type(error).__name__),
-            "started": started.isoformat(), "finished": finished.isoformat(),
-            "seconds": round((finished - started).total_seconds(), 1), "rmse": metrics.get("rmse"),
-            "mlflow_run_id": context.run_id, "experiment": request.experiment, "experiment_id": experiment_id,
+            "kind": "score",
+            "color": request.color,
+            "scored_month": request.month.label(),
+            "model": request.model.label(),
+            "model_train_month": request.model.train_month,
+            "status": status,
+            "error": None if error is None else (str(error) or type(error).__name__),
+            "started": started.isoformat(),
+            "finished": finished.isoformat(),
+            "seconds": round((finished - started).total_seconds(), 1),
+            "rmse": metrics.get("rmse"),
+            "mlflow_run_id": context.run_id,
+            "experiment": request.experiment,
+            "experiment_id": experiment_id,
             "tracking_uri": context.tracking_uri,
             "mlflow_url": gallery.mlflow_run_url(context.tracking_uri, experiment_id, context.run_id),
-            "prefect_flow_run_id": str(flow_run.id), "stages": [stage_row], **stages.provenance((SCORE_STAGE,)),
+            "prefect_flow_run_id": str(flow_run.id),
+            "stages": [stage_row],
+            **stages.provenance((SCORE_STAGE,)),
         }
         gallery.write_run_record(context.run_dir, record)
         gallery_path = gallery.build_gallery(settings.outputs_dir())
@@ -272,21 +338,33 @@ def _publish_summary(record: dict[str, Any], metrics: dict[str, Any], run_dir: P
         f"| PU_DO pairs unseen in training | {figure('unseen_pu_do_share', 4)} |\n\n"
         f"## Links\n{links.markdown_list(run_links)}\n"
     )
-    create_markdown_artifact(key=f"taxi-score-{record['color']}-{record['scored_month']}",
-                             description="Scoring run summary", markdown=markdown)
+    create_markdown_artifact(
+        key=f"taxi-score-{record['color']}-{record['scored_month']}",
+        description="Scoring run summary",
+        markdown=markdown,
+    )
     links.publish(record, run_links, markdown)
 
 
 def _result(request: ScoreRequest, context: RunContext, outcome: StageOutcome, gallery_path: Path) -> dict[str, Any]:
     manifest = outcome.manifest
     return {
-        "color": request.color, "scored_month": request.month.label(), "model": request.model.label(),
-        "model_uri": request.model.pinned_uri, "model_train_month": request.model.train_month,
-        "model_validation_rmse": request.model.validation_rmse, "has_actuals": manifest["has_actuals"],
-        "metrics": manifest["metrics"], "mlflow_run_id": context.run_id, "experiment": request.experiment,
-        "tracking_uri": context.tracking_uri, "prefect_flow_run_id": str(flow_run.id), "run_dir": str(context.run_dir),
+        "color": request.color,
+        "scored_month": request.month.label(),
+        "model": request.model.label(),
+        "model_uri": request.model.pinned_uri,
+        "model_train_month": request.model.train_month,
+        "model_validation_rmse": request.model.validation_rmse,
+        "has_actuals": manifest["has_actuals"],
+        "metrics": manifest["metrics"],
+        "mlflow_run_id": context.run_id,
+        "experiment": request.experiment,
+        "tracking_uri": context.tracking_uri,
+        "prefect_flow_run_id": str(flow_run.id),
+        "run_dir": str(context.run_dir),
         "predictions": str(context.run_dir / manifest["files"]["predictions"]),
-        "report": str(context.run_dir / f"{SCORE_STAGE}.review.html"), "gallery": str(gallery_path),
+        "report": str(context.run_dir / f"{SCORE_STAGE}.review.html"),
+        "gallery": str(gallery_path),
         "reused_from": outcome.reused_from.mlflow_run_id if outcome.reused_from else None,
     }
 
@@ -295,8 +373,11 @@ def format_score_summary(result: dict[str, Any]) -> str:
     """The closing lines of `make score`."""
     metrics = result["metrics"]
     if result["has_actuals"]:
-        accuracy = (f"  RMSE              {metrics['rmse']:>10.3f} minutes on {result['scored_month']} "
-                    + (f"(registered with {result['model_validation_rmse']:.3f})" if result["model_validation_rmse"] is not None else ""))
+        accuracy = f"  RMSE              {metrics['rmse']:>10.3f} minutes on {result['scored_month']} " + (
+            f"(registered with {result['model_validation_rmse']:.3f})"
+            if result["model_validation_rmse"] is not None
+            else ""
+        )
     else:
         accuracy = f"  RMSE              unavailable: {result['scored_month']} has no actual durations yet"
     lines = [
@@ -308,7 +389,10 @@ def format_score_summary(result: dict[str, Any]) -> str:
     # Runs made before the model refused trips have no count.
     if "refused_trips" in metrics:
         reasons = scoring.refusal_lines(metrics)
-        lines.append(f"  trips refused     {int(metrics['refused_trips']):>10,}" + (f" ({'; '.join(reasons)})" if reasons else ""))
+        lines.append(
+            f"  trips refused     {int(metrics['refused_trips']):>10,}"
+            + (f" ({'; '.join(reasons)})" if reasons else "")
+        )
     lines.append(accuracy)
     for key, label in (("distance_psi", "distance PSI"), ("duration_psi", "duration PSI")):
         if key in metrics:

@@ -92,13 +92,18 @@ def build_scoring_deployment(name: str = SCORING_DEPLOYMENT_NAME) -> RunnerDeplo
     entrypoint = f"{os.path.relpath(settings.project_dir() / 'flows' / 'score.py')}:taxi_duration_scoring"
     load_flow_from_entrypoint(entrypoint, use_placeholder_flow=False)  # fails loudly, as load_pipeline_flow
     return RunnerDeployment.from_entrypoint(
-        entrypoint, name=name, parameters={"color": "green", "model_uri": DEFAULT_MODEL_URI},
-        description=SCORING_DEPLOYMENT_DESCRIPTION, tags=list(SCORING_DEPLOYMENT_TAGS),
+        entrypoint,
+        name=name,
+        parameters={"color": "green", "model_uri": DEFAULT_MODEL_URI},
+        description=SCORING_DEPLOYMENT_DESCRIPTION,
+        tags=list(SCORING_DEPLOYMENT_TAGS),
     )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--cron", default=MONTHLY_CRON, help=f"cron schedule in UTC (default {MONTHLY_CRON!r})")
     parser.add_argument("--name", default=DEPLOYMENT_NAME, help=f"deployment name (default {DEPLOYMENT_NAME!r})")
     return parser.parse_args(argv)

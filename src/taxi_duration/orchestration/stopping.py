@@ -84,8 +84,12 @@ def stopped_by(error: BaseException | None) -> bool:
     """Whether `error` ended a run because the process is being stopped (so the run is KILLED, not FAILED)."""
     from taxi_duration.runner import NotebookStopped
 
-    return _signum is not None or processes.stopping() or isinstance(error, NotebookStopped) or (
-        error is not None and not isinstance(error, Exception))
+    return (
+        _signum is not None
+        or processes.stopping()
+        or isinstance(error, NotebookStopped)
+        or (error is not None and not isinstance(error, Exception))
+    )
 
 
 def signal_name() -> str:
@@ -157,8 +161,12 @@ def _watch(reader: socket.socket) -> None:
 
 
 def _run_last_resort(signum: int) -> None:
-    print(f"warning: still running {STOP_DEADLINE_SECONDS} s after {signal.Signals(signum).name}; "
-          "marking the run KILLED and exiting. Where each thread was:", file=sys.stderr, flush=True)
+    print(
+        f"warning: still running {STOP_DEADLINE_SECONDS} s after {signal.Signals(signum).name}; "
+        "marking the run KILLED and exiting. Where each thread was:",
+        file=sys.stderr,
+        flush=True,
+    )
     faulthandler.dump_traceback(all_threads=True)  # to stderr: what held the normal way out back
     for callback in list(_last_resort):
         try:

@@ -56,7 +56,16 @@ from taxi_duration.runner.preload import notebook_imports
 from taxi_duration.runner.processes import STOP_GRACE_SECONDS
 
 __all__ = [
-    "PLAIN_TYPES", "STOP_GRACE_SECONDS", "NotebookExecutionError", "NotebookParameterError", "NotebookResult",
-    "NotebookStopped", "PreparedRunner", "Progress", "check_parameters", "declared_parameters", "execute_notebook",
+    "PLAIN_TYPES",
+    "STOP_GRACE_SECONDS",
+    "NotebookExecutionError",
+    "NotebookParameterError",
+    "NotebookResult",
+    "NotebookStopped",
+    "PreparedRunner",
+    "Progress",
+    "check_parameters",
+    "declared_parameters",
+    "execute_notebook",
     "notebook_imports",
 ]

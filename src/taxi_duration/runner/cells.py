@@ -25,7 +25,8 @@ def read_notebook(path: Path) -> Any:
 def code_cells(notebook: Any) -> list[Any]:
     """The cells a kernel runs: nbclient skips markdown, empty and `skip-execution` cells."""
     return [
-        cell for cell in notebook.cells
+        cell
+        for cell in notebook.cells
         if cell.cell_type == "code" and cell.source.strip() and SKIP_TAG not in cell.metadata.get("tags", [])
     ]
 
@@ -88,10 +89,10 @@ def check_every_cell_ran(executed_notebook: Path) -> Attempt | None:
             continue  # nbclient carries on after an error here, SystemExit included
         for output in cell.get("outputs", []):
             if output.get("output_type") == "error" and output.get("ename") == "SystemExit":
-                return Attempt("cell_error", cell=cell.get("execution_count"), ename="SystemExit",
-                                evalue=output.get("evalue", ""))
+                return Attempt(
+                    "cell_error", cell=cell.get("execution_count"), ename="SystemExit", evalue=output.get("evalue", "")
+                )
     unrun = first_unrun(notebook)
     if unrun is not None:
         return Attempt("stopped_early")
     return None
-

@@ -21,10 +21,13 @@ def describe_failure(
     elif attempt.kind == "cell_error" and attempt.ename == "SystemExit":
         error = _describe_early_stop(notebook, attempt)
     elif attempt.kind == "cell_error" and attempt.ename == "CalledProcessError":
-        error = _sentence(
-            f"stopped early at {cell_label(notebook, attempt)}: a shell command (! or %%bash) exited non-zero "
-            f"(CalledProcessError: {attempt.evalue}), so the later cells did not run"
-        ) + " Fix the command, or append '|| true' to one whose failure is expected."
+        error = (
+            _sentence(
+                f"stopped early at {cell_label(notebook, attempt)}: a shell command (! or %%bash) exited non-zero "
+                f"(CalledProcessError: {attempt.evalue}), so the later cells did not run"
+            )
+            + " Fix the command, or append '|| true' to one whose failure is expected."
+        )
     elif attempt.kind == "cell_error":
         raised = f"{attempt.ename}: {attempt.evalue}" if attempt.evalue else f"{attempt.ename} (with no message)"
         error = _sentence(f"{cell_label(notebook, attempt)} raised {raised}") + (
@@ -50,11 +53,15 @@ def describe_failure(
         shown = first_line if len(first_line) <= 100 else first_line[:99] + "…"
         error += f" ({cell_label(notebook, attempt).capitalize()} begins: {shown})"
     if error is not None and deaths and attempt.kind != "kernel_died":
-        error += (f" (This was attempt {len(deaths) + 1}: the kernel died on the attempt(s) before and the "
-                  "notebook was run again from the start.)")
+        error += (
+            f" (This was attempt {len(deaths) + 1}: the kernel died on the attempt(s) before and the "
+            "notebook was run again from the start.)"
+        )
     if error is not None and attempt.reaped:
-        error += (f" {len(attempt.reaped)} process(es) the notebook left running were killed "
-                  f"(pids {', '.join(map(str, attempt.reaped))}).")
+        error += (
+            f" {len(attempt.reaped)} process(es) the notebook left running were killed "
+            f"(pids {', '.join(map(str, attempt.reaped))})."
+        )
     return error
 
 
@@ -90,8 +97,14 @@ def _describe_early_stop(notebook: Any, attempt: Attempt) -> str:
     left = unrun[1] if unrun else 0
     if attempt.ename == "SystemExit":
         code = attempt.evalue or "0"
-        forgiven = (" papermill counts sys.exit(0) as success; the pipeline does not, because a stage's results "
-                    "come from its last cells.") if code in ("0", "None") else ""
+        forgiven = (
+            (
+                " papermill counts sys.exit(0) as success; the pipeline does not, because a stage's results "
+                "come from its last cells."
+            )
+            if code in ("0", "None")
+            else ""
+        )
         return (
             f"stopped early at {cell_label(notebook, attempt)}: the cell called sys.exit({code}) "
             f"(SystemExit: {code}), so the rest "
@@ -110,8 +123,9 @@ def _describe_kernel_death(notebook: Any, attempt: Attempt, deaths: list[Attempt
     """'the kernel died', how many times, why that usually happens and what to check."""
     attempts = len(deaths) + 1
     if attempts > 1:
-        times = (f" on every attempt ({attempts} of {attempts}; the notebook was run again from the start "
-                 "after each death)")
+        times = (
+            f" on every attempt ({attempts} of {attempts}; the notebook was run again from the start after each death)"
+        )
     elif retries:
         times = ", with no time left within the limit to run the notebook again"
     else:
@@ -122,4 +136,3 @@ def _describe_kernel_death(notebook: Any, attempt: Attempt, deaths: list[Attempt
         "(os._exit, a crash in native code). Check the machine's memory (dmesg, container limits) and how "
         "much data that cell loads."
     )
-

@@ -116,7 +116,10 @@ def execute_notebook(
     try:
         if retries_on_kernel_death < 0:
             raise ValueError(f"retries_on_kernel_death must be 0 or more, got {retries_on_kernel_death}")
-        if prepared is not None and (prepared.notebook, prepared.cwd) != (notebook, Path(cwd or notebook.parent).resolve()):
+        if prepared is not None and (prepared.notebook, prepared.cwd) != (
+            notebook,
+            Path(cwd or notebook.parent).resolve(),
+        ):
             raise ValueError(f"the prepared runner is for {prepared.notebook} in {prepared.cwd}, not {notebook}")
         check_parameters(notebook, parameters)
     except BaseException:
@@ -137,7 +140,9 @@ def execute_notebook(
         deaths.append(attempt)
         log.warning(
             "the kernel running %s died at %s; running the notebook again from the start (attempt %d of %d)",
-            notebook.name, cell_label(read_notebook(executed_notebook), attempt), len(deaths) + 1,
+            notebook.name,
+            cell_label(read_notebook(executed_notebook), attempt),
+            len(deaths) + 1,
             retries_on_kernel_death + 1,
         )
     if attempt.kind == "completed":
@@ -194,8 +199,16 @@ class PreparedRunner:
         self._folder = tempfile.TemporaryDirectory(prefix="taxi-notebook-")
         self.records = Path(self._folder.name)
         command = [
-            sys.executable, "-m", "taxi_duration.runner.child", str(self.notebook),
-            "--cwd", str(self.cwd), "--records", str(self.records), "--parent-pid", str(os.getpid()),
+            sys.executable,
+            "-m",
+            "taxi_duration.runner.child",
+            str(self.notebook),
+            "--cwd",
+            str(self.cwd),
+            "--records",
+            str(self.records),
+            "--parent-pid",
+            str(os.getpid()),
             *(["--preload", ",".join(preload)] if preload else []),
         ]
         try:
@@ -223,8 +236,12 @@ class PreparedRunner:
 
 
 def _run_attempt(
-    runner: PreparedRunner, executed_notebook: Path, parameters: dict[str, Any], deadline: float,
-    stop: threading.Event | None = None, on_progress: ProgressCallback | None = None,
+    runner: PreparedRunner,
+    executed_notebook: Path,
+    parameters: dict[str, Any],
+    deadline: float,
+    stop: threading.Event | None = None,
+    on_progress: ProgressCallback | None = None,
 ) -> Attempt:
     """Run the notebook on `runner` once, stop it at `deadline` (or on `stop`), reap, say how it ended."""
     watch = _progress_watcher(runner.records, on_progress) if on_progress is not None else None
@@ -263,7 +280,10 @@ def _progress_watcher(records: Path, on_progress: ProgressCallback) -> Callable[
 
 
 def _wait_unless_stopped(
-    child: subprocess.Popen, deadline: float, stop: threading.Event | None, watch: Callable[[], None] | None = None,
+    child: subprocess.Popen,
+    deadline: float,
+    stop: threading.Event | None,
+    watch: Callable[[], None] | None = None,
 ) -> bool:
     """Wait for the child: True when it exited, False at the deadline; NotebookStopped on `stop`."""
     # With a `stop` to watch, wake up four times a second to look at it; with progress to

@@ -53,4 +53,3 @@ def notebook_imports(notebook: Path) -> list[str]:
                 modules.append(str(statement.module))
                 modules += [f"{statement.module}.{alias.name}" for alias in statement.names if alias.name != "*"]
     return modules
-

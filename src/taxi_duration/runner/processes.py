@@ -136,8 +136,11 @@ def reap_kernel(record: Path) -> list[int]:
     survivors = []
     for process in psutil.process_iter():
         try:
-            if (os.getpgid(process.pid) == kernel["pid"] and process.create_time() >= kernel["create_time"]
-                    and process.status() != psutil.STATUS_ZOMBIE):
+            if (
+                os.getpgid(process.pid) == kernel["pid"]
+                and process.create_time() >= kernel["create_time"]
+                and process.status() != psutil.STATUS_ZOMBIE
+            ):
                 survivors.append(process)
         except (OSError, psutil.Error):
             continue  # gone meanwhile, or not ours to look at
@@ -146,8 +149,12 @@ def reap_kernel(record: Path) -> list[int]:
             process.kill()
     psutil.wait_procs(survivors, timeout=REAP_WAIT_SECONDS)
     if survivors:
-        log.warning("killed %d process(es) left by notebook kernel %d: %s", len(survivors), kernel["pid"],
-                    ", ".join(str(process.pid) for process in survivors))
+        log.warning(
+            "killed %d process(es) left by notebook kernel %d: %s",
+            len(survivors),
+            kernel["pid"],
+            ", ".join(str(process.pid) for process in survivors),
+        )
     return [process.pid for process in survivors]
 
 
@@ -156,4 +163,3 @@ def create_time(pid: int) -> float:
     import psutil
 
     return psutil.Process(pid).create_time()
-

@@ -55,7 +55,9 @@ def read_outcome(records: Path, returncode: int) -> Attempt:
         detail = tail[-1].strip() if tail else "no output"
         return Attempt("runner_error", detail=f"the notebook process exited with status {returncode}: {detail}")
     return Attempt(
-        outcome["kind"], cell=outcome.get("cell"), ename=outcome.get("ename"), evalue=outcome.get("evalue"),
+        outcome["kind"],
+        cell=outcome.get("cell"),
+        ename=outcome.get("ename"),
+        evalue=outcome.get("evalue"),
         detail=outcome.get("detail"),
     )
-
