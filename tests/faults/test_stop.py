@@ -113,7 +113,9 @@ def tiny_source(tmp_path: Path) -> Path:
 @pytest.fixture
 def cpu_burner() -> Iterator[subprocess.Popen]:
     """A process that keeps one core busy for the test's length (at most ten minutes)."""
-    burner = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 600\nwhile time.time() < end: pass"])
+    burner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nend = time.time() + 600\nwhile time.time() < end: pass"]
+    )
     yield burner
     burner.kill()
     burner.wait()
@@ -125,15 +127,28 @@ def prefect_server_up(prefect_home: Path) -> None:
     run_servers.ensure_prefect_server()
 
 
-def _start(root: Path, empty_tracking_store: Path, prefect_home: Path, source: Path, signum: int,
-           project: Path | None = None, launcher: Path | None = None, extra_env: dict[str, str] | None = None,
-           ) -> StoppedRun:
+def _start(
+    root: Path,
+    empty_tracking_store: Path,
+    prefect_home: Path,
+    source: Path,
+    signum: int,
+    project: Path | None = None,
+    launcher: Path | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> StoppedRun:
     root.mkdir(parents=True)
     shutil.copyfile(empty_tracking_store, root / "mlflow.db")
-    env = {**os.environ, **settings.ENVIRONMENT_DEFAULTS, "PREFECT_HOME": str(prefect_home),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}", "TAXI_OUTPUTS_DIR": str(root / "outputs"),
-           "TAXI_DATA_DIR": str(root / "data"), "PYTHONUNBUFFERED": "1",
-           **(extra_env or {})}
+    env = {
+        **os.environ,
+        **settings.ENVIRONMENT_DEFAULTS,
+        "PREFECT_HOME": str(prefect_home),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+        "TAXI_OUTPUTS_DIR": str(root / "outputs"),
+        "TAXI_DATA_DIR": str(root / "data"),
+        "PYTHONUNBUFFERED": "1",
+        **(extra_env or {}),
+    }
     env.pop("PREFECT_API_URL", None)
     for inherited in ("MLFLOW_EXPERIMENT_NAME", "TAXI_CACHE_DIR", "TAXI_DATA_SOURCE"):
         env.pop(inherited, None)
@@ -174,9 +189,14 @@ def _wait_for(predicate: Callable[[], object], timeout: float) -> object:
 def _check_stopped(run: StoppedRun) -> str:
     """Assert what a stop promises; one line saying how this run ended."""
     assert run.exited_after is not None and run.exited_after <= SIGNAL_TO_EXIT_SECONDS, (
-        f"still running {SIGNAL_TO_EXIT_SECONDS + 15} s after {signal.Signals(run.signum).name}"
-        if run.exited_after is None else f"exited {run.exited_after:.1f} s after its signal"
-    ) + "\n" + run.output()[-4000:]
+        (
+            f"still running {SIGNAL_TO_EXIT_SECONDS + 15} s after {signal.Signals(run.signum).name}"
+            if run.exited_after is None
+            else f"exited {run.exited_after:.1f} s after its signal"
+        )
+        + "\n"
+        + run.output()[-4000:]
+    )
     left = _wait_for(lambda: not _processes_with(str(run.outputs)), 5) or _processes_with(str(run.outputs))
     assert left is True, f"processes left: {left}"
     runs = run.runs()
@@ -195,8 +215,10 @@ def _check_stopped(run: StoppedRun) -> str:
     run_dir = Path(mlflow_run.data.tags.get("taxi.run_dir", run.outputs / "none"))
     executed = {path.name for path in run_dir.glob("*.ipynb")}
     assert executed <= run.archived_notebooks(mlflow_run), "an executed notebook is not archived"
-    return (f"KILLED, notebooks {sorted(executed)} archived, exit {run.process.returncode} "
-            f"{run.exited_after:.1f} s after the signal")
+    return (
+        f"KILLED, notebooks {sorted(executed)} archived, exit {run.process.returncode} "
+        f"{run.exited_after:.1f} s after the signal"
+    )
 
 
 # Where in a run a signal lands: a landmark the test can see from outside, and up to how many
@@ -214,13 +236,27 @@ PHASES: dict[str, tuple[Callable[[StoppedRun], bool], float]] = {
 @pytest.mark.flow
 @pytest.mark.long
 def test_stops_at_random_moments_under_load_end_in_time_killed_and_leave_no_process(
-    tmp_path: Path, empty_tracking_store: Path, prefect_home: Path, prefect_server_up: None, tiny_source: Path,
+    tmp_path: Path,
+    empty_tracking_store: Path,
+    prefect_home: Path,
+    prefect_server_up: None,
+    tiny_source: Path,
     cpu_burner: subprocess.Popen,
 ) -> None:
     """Ten SIGTERMs and one Ctrl-C at random moments of the run, two runs at a time beside a busy core."""
     chance = random.Random(20261203)
-    phases = ["start-up", "start-up", "run created", "run created", "run created",
-              "notebooks", "notebooks", "notebooks", "training", "training"]
+    phases = [
+        "start-up",
+        "start-up",
+        "run created",
+        "run created",
+        "run created",
+        "notebooks",
+        "notebooks",
+        "notebooks",
+        "training",
+        "training",
+    ]
     cases = [(signal.SIGTERM, phase, chance.uniform(0, PHASES[phase][1])) for phase in phases]
     cases.append((signal.SIGINT, "notebooks", chance.uniform(0, PHASES["notebooks"][1])))
 
@@ -259,15 +295,28 @@ def sleeping_project(tmp_path: Path) -> Path:
 @pytest.mark.long
 @pytest.mark.parametrize("mode", ["swallowed", "stuck"])
 def test_a_stop_whose_exception_is_swallowed_still_ends_the_run_killed_in_time(
-    tmp_path: Path, empty_tracking_store: Path, prefect_home: Path, prefect_server_up: None, tiny_source: Path,
-    sleeping_project: Path, mode: str,
+    tmp_path: Path,
+    empty_tracking_store: Path,
+    prefect_home: Path,
+    prefect_server_up: None,
+    tiny_source: Path,
+    sleeping_project: Path,
+    mode: str,
 ) -> None:
     """Prefect's handler raises nothing (as in a weakref callback); `stuck`: the flow never closes its run either."""
     launcher = tmp_path / "swallowing_launcher.py"
     launcher.write_text(SWALLOWING_LAUNCHER)
     marker = tmp_path / "swallowed"
-    run = _start(tmp_path / "run", empty_tracking_store, prefect_home, tiny_source, signal.SIGTERM,
-                 project=sleeping_project, launcher=launcher, extra_env={"SWALLOWED_MARKER": str(marker), "MODE": mode})
+    run = _start(
+        tmp_path / "run",
+        empty_tracking_store,
+        prefect_home,
+        tiny_source,
+        signal.SIGTERM,
+        project=sleeping_project,
+        launcher=launcher,
+        extra_env={"SWALLOWED_MARKER": str(marker), "MODE": mode},
+    )
     try:
         executed = _wait_for(lambda: next(run.outputs.glob("green/2023-03/*/01_explore.ipynb"), None), 240)
         assert executed, "01_explore did not start\n" + run.output()[-4000:]
@@ -332,8 +381,9 @@ def _gone(pid: int) -> bool:
 def test_a_sigterm_swallowed_in_a_weakref_callback_still_kills_the_runner_and_its_kernel(tmp_path: Path) -> None:
     script = tmp_path / "weakref_stop.py"
     script.write_text(WEAKREF_SCRIPT)
-    process = subprocess.Popen([sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         assert _wait_for(lambda: (tmp_path / "in-callback").exists(), 60), process.stderr
         pids = json.loads((tmp_path / "pids.json").read_text())
@@ -348,3 +398,37 @@ def test_a_sigterm_swallowed_in_a_weakref_callback_still_kills_the_runner_and_it
     assert "runner ended with -9" in stdout, stdout + stderr  # SIGTERM ignored: SIGKILLed after the grace
     assert process.returncode == 143 and took < STOP_DEADLINE_SECONDS, (process.returncode, took)
     assert _wait_for(lambda: _gone(pids["kernel"]) and _gone(pids["runner"]), 5), pids
+
+
+WHOLE_WRITE_SCRIPT = """
+import os, pathlib, sys
+from papermill.iorw import papermill_io
+from taxi_duration.runner.child import _write_notebooks_whole
+
+_write_notebooks_whole()
+path = os.path.join(sys.argv[1], "executed.ipynb")
+handler = papermill_io.get_handler(path)
+handler.write("whole", path)
+real = pathlib.Path.write_text
+
+def cut_short(self, *args, **kwargs):  # SIGTERM's SystemExit while papermill saves
+    real(self, "", encoding="utf-8")
+    raise SystemExit(143)
+
+pathlib.Path.write_text = cut_short
+try:
+    handler.write("never", path)
+except SystemExit:
+    pass
+print(type(handler).__name__, pathlib.Path(path).read_text(), sorted(os.listdir(sys.argv[1])))
+"""
+
+
+def test_a_save_cut_short_leaves_the_executed_notebook_as_it_was(tmp_path: Path) -> None:
+    """The runner's papermill saves whole files: a stop mid-save keeps the previous copy (once, an empty one)."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    completed = subprocess.run(
+        [sys.executable, "-c", WHOLE_WRITE_SCRIPT, str(folder)], capture_output=True, text=True, timeout=120
+    )
+    assert completed.stdout.split(" ", 2) == ["WholeFileHandler", "whole", "['executed.ipynb']\n"], completed.stderr

@@ -61,7 +61,10 @@ def _retry_unless_bad_data(task: Task[..., Any], task_run: TaskRun, state: State
 
 
 @task(
-    name="fetch-trip-files", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_data,
+    name="fetch-trip-files",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=_retry_unless_bad_data,
     cache_policy=NO_CACHE,
 )
 def fetch_trip_files(params: PipelineParams, source: data.TripSource) -> dict[str, str]:
@@ -73,7 +76,10 @@ def fetch_trip_files(params: PipelineParams, source: data.TripSource) -> dict[st
 
 
 @task(
-    name="fetch-trip-file", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_data,
+    name="fetch-trip-file",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_condition_fn=_retry_unless_bad_data,
     cache_policy=NO_CACHE,
 )
 def fetch_trip_file(color: str, month: Month, source: data.TripSource) -> str:
@@ -85,11 +91,20 @@ def log_trip_datasets(
     context: RunContext, source: data.TripSource, color: str, files: dict[Month, tuple[str, str, str]]
 ) -> None:
     """Name the run's input files in MLflow (its Datasets tab): month -> (local path, sha256, context)."""
-    datasets.log_trip_datasets(context.tracking_uri, context.run_id, [
-        datasets.TripDataset(name=data.trip_filename(color, month), source=source.origin(color, month), sha256=sha256,
-                             rows=data.trip_count(Path(path)), context=role)
-        for month, (path, sha256, role) in files.items()
-    ])
+    datasets.log_trip_datasets(
+        context.tracking_uri,
+        context.run_id,
+        [
+            datasets.TripDataset(
+                name=data.trip_filename(color, month),
+                source=source.origin(color, month),
+                sha256=sha256,
+                rows=data.trip_count(Path(path)),
+                context=role,
+            )
+            for month, (path, sha256, role) in files.items()
+        ],
+    )
 
 
 def quiet_failure(failed: runner.NotebookExecutionError | runner.NotebookStopped) -> State:
@@ -163,7 +178,8 @@ def _stage_task(
     except (runner.NotebookExecutionError, runner.NotebookStopped) as failed:
         return quiet_failure(failed)
     stagecache.StageCache(settings.stage_cache_dir()).store(
-        stage, key, context.run_dir, context.run_id, _stage_files(stage, manifest))
+        stage, key, context.run_dir, context.run_id, _stage_files(stage, manifest)
+    )
     return StageOutcome(stage, manifest)
 
 
@@ -176,8 +192,9 @@ def _stage_files(stage: str, manifest: dict[str, Any]) -> list[str]:
 def _archive_stage_files(context: RunContext, stage: str) -> None:
     run_dir = context.run_dir
     tracking.log_files(context.tracking_uri, context.run_id, [run_dir / f"{stage}.ipynb"], "notebooks")
-    tracking.log_files(context.tracking_uri, context.run_id,
-                       [run_dir / f"{stage}.html", run_dir / f"{stage}.review.html"], "reports")
+    tracking.log_files(
+        context.tracking_uri, context.run_id, [run_dir / f"{stage}.html", run_dir / f"{stage}.review.html"], "reports"
+    )
 
 
 def _replay_training(context: RunContext, manifest: dict[str, Any]) -> None:
@@ -188,25 +205,38 @@ def _replay_training(context: RunContext, manifest: dict[str, Any]) -> None:
     tracking.log_params(uri, run_id, model.training_params())
     tracking.log_metrics(uri, run_id, manifest["metrics"])
     tracking.log_files(uri, run_id, [context.run_dir / runfiles.PREPROCESSOR_FILENAME], "preprocessor")
-    tracking.set_tags(uri, run_id, {
-        "taxi.model_uri": manifest["model_uri"],
-        # The registry saw this model when its training ran; registering it again would
-        # only add a duplicate version.
-        "taxi.promotion.decision": "reused",
-        "taxi.promotion.reason": f"training reused from run {manifest['mlflow_run_id']}, whose model was registered and gated then",
-    })
+    tracking.set_tags(
+        uri,
+        run_id,
+        {
+            "taxi.model_uri": manifest["model_uri"],
+            # The registry saw this model when its training ran; registering it again would
+            # only add a duplicate version.
+            "taxi.promotion.decision": "reused",
+            "taxi.promotion.reason": f"training reused from run {manifest['mlflow_run_id']}, whose model was registered and gated then",
+        },
+    )
 
 
 def _execute_notebook(
-    stage: str, parameters: dict[str, Any], context: RunContext, timeout_seconds: int,
-    stop: threading.Event | None = None, prepared: runner.PreparedRunner | None = None,
+    stage: str,
+    parameters: dict[str, Any],
+    context: RunContext,
+    timeout_seconds: int,
+    stop: threading.Event | None = None,
+    prepared: runner.PreparedRunner | None = None,
 ) -> dict[str, Any]:
     """Execute one notebook, archive the executed copy and its reports, return its manifest."""
     executed = context.run_dir / f"{stage}.ipynb"
     try:
         result = runner.execute_notebook(
-            stages.notebook_path(stage), executed, parameters,
-            timeout_seconds=timeout_seconds, stop=stop, prepared=prepared, on_progress=StageProgress(stage),
+            stages.notebook_path(stage),
+            executed,
+            parameters,
+            timeout_seconds=timeout_seconds,
+            stop=stop,
+            prepared=prepared,
+            on_progress=StageProgress(stage),
         )
     except runner.NotebookExecutionError as error:
         _archive(context, error.result)
@@ -223,8 +253,11 @@ def _archive_interrupted(context: RunContext, executed: Path) -> None:
     if not executed.is_file():
         return
     try:
-        paths = reports.render_reports(executed, failure="the pipeline was stopped (SIGTERM or Ctrl-C) while this notebook ran")
+        # The notebook first: its reports can fail to render (a copy the stop cut short).
         tracking.log_files(context.tracking_uri, context.run_id, [executed], "notebooks")
+        paths = reports.render_reports(
+            executed, failure="the pipeline was stopped (SIGTERM or Ctrl-C) while this notebook ran"
+        )
         tracking.log_files(context.tracking_uri, context.run_id, [paths.full, paths.review], "reports")
     except Exception as problem:  # noqa: BLE001 - we are already on the way out
         print(f"warning: could not archive the interrupted {executed.name}: {problem!r}")
@@ -234,4 +267,6 @@ def _archive(context: RunContext, result: runner.NotebookResult) -> None:
     if result.executed_notebook.is_file():
         tracking.log_files(context.tracking_uri, context.run_id, [result.executed_notebook], "notebooks")
     if result.reports is not None:
-        tracking.log_files(context.tracking_uri, context.run_id, [result.reports.full, result.reports.review], "reports")
+        tracking.log_files(
+            context.tracking_uri, context.run_id, [result.reports.full, result.reports.review], "reports"
+        )

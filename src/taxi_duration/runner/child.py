@@ -81,13 +81,21 @@ def main(argv: list[str] | None = None) -> int:
         and to show while it runs."""
         write_json(records / CURRENT_CELL, {"index": cell_index})
         first_line = next((line.strip() for line in cell.source.splitlines() if line.strip()), "")
-        progress["running"] = {"index": cell_index, "position": len(progress["finished"]) + 1,
-                               "first_line": first_line[:120], "started": time.time()}
+        progress["running"] = {
+            "index": cell_index,
+            "position": len(progress["finished"]) + 1,
+            "first_line": first_line[:120],
+            "started": time.time(),
+        }
         write_json(records / PROGRESS, progress)
 
     def note_finished_cell(cell: Any, cell_index: int, **_: Any) -> None:
-        running = progress["running"] or {"index": cell_index, "position": len(progress["finished"]) + 1,
-                                          "first_line": "", "started": time.time()}
+        running = progress["running"] or {
+            "index": cell_index,
+            "position": len(progress["finished"]) + 1,
+            "first_line": "",
+            "started": time.time(),
+        }
         progress["finished"].append({**running, "seconds": round(time.time() - running["started"], 3)})
         progress["running"] = None
         write_json(records / PROGRESS, progress)
@@ -109,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             import papermill
             from nbclient.exceptions import DeadKernelError
             from papermill.exceptions import PapermillExecutionError
+        _write_notebooks_whole()
     except BaseException:
         _discard_kernel(kernel)
         raise
@@ -146,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         outcome: dict[str, Any] = {"kind": "completed"}
     except PapermillExecutionError as error:
-        outcome = {"kind": "cell_error", "cell": error.exec_count or None, "ename": error.ename,
-                   "evalue": error.evalue}
+        outcome = {"kind": "cell_error", "cell": error.exec_count or None, "ename": error.ename, "evalue": error.evalue}
     except DeadKernelError as error:
         outcome = {"kind": "kernel_died", "detail": str(error)}
     except RuntimeError as error:
@@ -165,6 +173,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"notebook {Path(args.notebook).name}: {outcome}", file=sys.stderr)
         return 1
     return 0
+
+
+def _write_notebooks_whole() -> None:
+    """Have papermill replace a notebook it saves whole, never rewrite it in place.
+
+    This child is stopped with SIGTERM (a timeout, the pipeline stopped), which can land while
+    papermill saves the executed copy after a cell; written in place, the copy was then left
+    empty, and the notebook as far as it got was lost. The handler takes absolute paths (the
+    executed notebook's always is), ahead of papermill's own local one.
+    """
+    from papermill.iorw import LocalHandler, papermill_io
+
+    from taxi_duration.runfiles import atomic_path
+
+    class WholeFileHandler(LocalHandler):
+        def write(self, buf: str, path: str) -> None:
+            with atomic_path(Path(path)) as temporary:
+                temporary.write_text(buf, encoding="utf-8")
+
+    papermill_io.register("/", WholeFileHandler())
 
 
 def executable_cells(notebook: Path, parameterized: bool) -> int:
