@@ -1,8 +1,10 @@
-"""The shape the code keeps: flows/ holds thin entry points, and no module grows past 400 lines."""
+"""The shape the code keeps: flows/ holds thin entry points, the package's modules import each
+other without cycles, and the notebooks use only the package's public names."""
 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import pytest
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 FLOW_SCRIPTS = sorted((PROJECT_DIR / "flows").glob("*.py"))
-MAX_MODULE_LINES = 400
+PACKAGE_DIR = PROJECT_DIR / "src" / "taxi_duration"
 MAX_PIPELINE_SCRIPT_LINES = 250
 
 
@@ -62,13 +64,103 @@ def test_the_flows_import_without_path_edits_and_load_as_prefect_loads_the_entry
     assert completed.stdout.split("\n")[-2] == "nyc-taxi-duration nyc-taxi-duration-backfill True"
 
 
-def test_no_module_is_longer_than_400_lines():
-    modules = [*(PROJECT_DIR / "src").rglob("*.py"), *FLOW_SCRIPTS]
-    long = {
-        str(path.relative_to(PROJECT_DIR)): n
-        for path in modules
-        if (n := len(path.read_text().splitlines())) > MAX_MODULE_LINES
-    }
-    assert long == {}, f"split these modules (more than {MAX_MODULE_LINES} lines): {long}"
-    pipeline = PROJECT_DIR / "flows" / "pipeline.py"
-    assert len(pipeline.read_text().splitlines()) <= MAX_PIPELINE_SCRIPT_LINES
+def test_flow_scripts_stay_thin():
+    for script in FLOW_SCRIPTS:
+        assert len(script.read_text().splitlines()) <= MAX_PIPELINE_SCRIPT_LINES, script.name
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PROJECT_DIR / "src").with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def package_import_graph() -> dict[str, set[str]]:
+    """Each module of the package and the package modules it imports at module level.
+
+    Imports inside functions (deferred for start-up time) and under `if TYPE_CHECKING:` run
+    after every module has loaded, so they cannot make an import cycle.
+    """
+    paths = {_module_name(path): path for path in PACKAGE_DIR.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        imported: set[str] = set()
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.Import):
+                imported.update(alias.name for alias in node.names if alias.name in paths)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join([*anchor, *([node.module] if node.module else [])])
+                for alias in node.names:
+                    target = f"{base}.{alias.name}"
+                    imported.add(target if target in paths else base)
+        graph[name] = {module for module in imported if module in paths and module != name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected groups of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    lowest: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = lowest[module] = len(index)
+        stack.append(module)
+        for imported in sorted(graph[module]):
+            if imported not in index:
+                visit(imported)
+                lowest[module] = min(lowest[module], lowest[imported])
+            elif imported in stack:
+                lowest[module] = min(lowest[module], index[imported])
+        if lowest[module] == index[module]:
+            group = [stack.pop()]
+            while group[-1] != module:
+                group.append(stack.pop())
+            if len(group) > 1:
+                cycles.append(sorted(group))
+
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return cycles
+
+
+def test_the_package_has_no_import_cycle():
+    graph = package_import_graph()
+    assert len(graph) > 30 and graph["taxi_duration.data"] >= {"taxi_duration.settings"}, "the graph is read"
+    assert import_cycles(graph) == []
+
+
+def test_an_import_cycle_is_found():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def _notebook_code(notebook: Path) -> ast.Module:
+    cells = [cell for cell in json.loads(notebook.read_text())["cells"] if cell["cell_type"] == "code"]
+    lines = [line for cell in cells for line in "".join(cell["source"]).splitlines() if not line.startswith(("%", "!"))]
+    return ast.parse("\n".join(lines))
+
+
+@pytest.mark.parametrize("notebook", sorted((PROJECT_DIR / "notebooks").glob("*.ipynb")), ids=lambda path: path.name)
+def test_notebooks_use_only_the_package_public_names(notebook):
+    code = _notebook_code(notebook)
+    modules: set[str] = set()
+    private: list[str] = []
+    for node in ast.walk(code):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("taxi_duration"):
+            private += [f"{node.module}.{alias.name}" for alias in node.names if alias.name.startswith("_")]
+            if any(part.startswith("_") for part in node.module.split(".")):
+                private.append(node.module)
+            modules.update(alias.asname or alias.name for alias in node.names)
+    for node in ast.walk(code):
+        is_package_name = (
+            isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+        )
+        if is_package_name and node.attr.startswith("_"):
+            private.append(f"{node.value.id}.{node.attr}")
+    assert modules, "the notebook imports the package"
+    assert private == [], f"{notebook.name} reaches into private names: {private}"
