@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from taxi_duration.tracking import _client
+from taxi_duration.tracking import mlflow_client
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ def log_trip_datasets(tracking_uri: str, run_id: str, datasets: Iterable[TripDat
                 tags=[InputTag(key=MLFLOW_DATASET_CONTEXT, value=dataset.context)],
             )
         )
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for attempt in range(3):
         try:
             client.log_inputs(run_id, datasets=inputs)

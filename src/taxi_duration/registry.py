@@ -142,8 +142,8 @@ def register_and_gate(
     if not math.isfinite(challenger_rmse):
         raise ValueError(f"challenger RMSE must be a finite number, got {challenger_rmse}")
 
-    model_id = _logged_model_id(model_uri)
-    client = tracking._client(tracking_uri)
+    model_id = logged_model_id(model_uri)
+    client = tracking.mlflow_client(tracking_uri)
     logged_model = client.get_logged_model(model_id)
     if logged_model.source_run_id != run_id:
         raise ValueError(
@@ -226,7 +226,7 @@ def load_servable(tracking_uri: str, registered_model: str, version: str) -> tup
 
     NotServableModelError when the version holds some other model (a bare booster).
     """
-    download_uri = tracking._client(tracking_uri).get_model_version_download_uri(registered_model, version)
+    download_uri = tracking.mlflow_client(tracking_uri).get_model_version_download_uri(registered_model, version)
     return load_servable_uri(tracking_uri, download_uri, f"{registered_model} version {version}")
 
 
@@ -257,7 +257,7 @@ def version_run_id(tracking_uri: str, registered_model: str, version: str) -> st
     model (the SQL store copies the LoggedModel's source_run_id); versions registered from
     some other source may lack it, so fall back to the logged model the source points at.
     """
-    client = tracking._client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     model_version = client.get_model_version(registered_model, version)
     if model_version.run_id:
         return model_version.run_id
@@ -266,7 +266,7 @@ def version_run_id(tracking_uri: str, registered_model: str, version: str) -> st
         return run_id
     for uri in (model_version.source, (model_version.tags or {}).get(VERSION_TAG_MODEL_URI)):
         try:
-            model_id = _logged_model_id(uri or "")
+            model_id = logged_model_id(uri or "")
         except ValueError:
             continue
         source_run_id = client.get_logged_model(model_id).source_run_id
@@ -288,7 +288,7 @@ def _frame(validation_records: Sequence[dict[str, Any]] | pd.DataFrame) -> pd.Da
     return frame
 
 
-def _logged_model_id(model_uri: str) -> str:
+def logged_model_id(model_uri: str) -> str:
     """`m-...` from "models:/m-...", the URI of a logged (not registered) MLflow 3 model."""
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
     if not model_id or "/" in model_id or "@" in model_id:

@@ -75,7 +75,7 @@ def resolve_model(tracking_uri: str, model_uri: str) -> ScoringModel:
             f"model URI {model_uri!r} is not a registered model: use models:/NAME@ALIAS or models:/NAME/VERSION "
             f"(default {DEFAULT_MODEL_URI})"
         )
-    client = tracking._client(tracking_uri)
+    client = tracking.mlflow_client(tracking_uri)
     name, alias, version = match["name"], match["alias"], match["version"]
     try:
         found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
@@ -110,7 +110,7 @@ def _model_id(found: ModelVersion) -> str | None:
     if getattr(found, "model_id", None):
         return found.model_id
     try:
-        return registry._logged_model_id((found.tags or {}).get(registry.VERSION_TAG_MODEL_URI) or "")
+        return registry.logged_model_id((found.tags or {}).get(registry.VERSION_TAG_MODEL_URI) or "")
     except ValueError:
         return None
 

@@ -37,7 +37,7 @@ def import_mlflow() -> ModuleType:
     return mlflow
 
 
-def _client(tracking_uri: str) -> MlflowClient:
+def mlflow_client(tracking_uri: str) -> MlflowClient:
     mlflow = import_mlflow()
     _initialize_sqlite_store(tracking_uri, mlflow)
     return mlflow.MlflowClient(tracking_uri=tracking_uri)
@@ -87,7 +87,7 @@ def artifact_location_for(tracking_uri: str) -> str | None:
 
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """Id of experiment `name`, created (with a stable artifact location) if needed."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     from mlflow.exceptions import MlflowException
 
     experiment = client.get_experiment_by_name(name)
@@ -107,13 +107,13 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Create a RUNNING run with its parameters and tags; return its id."""
-    run = _client(tracking_uri).create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name, tags=tags)
+    run = mlflow_client(tracking_uri).create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name, tags=tags)
     log_params(tracking_uri, run.info.run_id, params)
     return run.info.run_id
 
 
 def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     from mlflow.entities import RunTag
 
     client.log_batch(run_id, tags=[RunTag(key, str(value)) for key, value in tags.items()])
@@ -121,11 +121,11 @@ def set_tags(tracking_uri: str, run_id: str, tags: dict[str, str]) -> None:
 
 def finish_run(tracking_uri: str, run_id: str, status: str) -> None:
     """Set the run's final status: FINISHED, FAILED or KILLED."""
-    _client(tracking_uri).set_terminated(run_id, status=status)
+    mlflow_client(tracking_uri).set_terminated(run_id, status=status)
 
 
 def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     from mlflow.entities import Param
 
     client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
@@ -134,7 +134,7 @@ def log_params(tracking_uri: str, run_id: str, params: dict[str, Any]) -> None:
 def log_metrics(tracking_uri: str, run_id: str, metrics: dict[str, float]) -> None:
     import time
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
@@ -147,7 +147,7 @@ def log_files(tracking_uri: str, run_id: str, paths: Iterable[Path], artifact_pa
     MLflow retries a failing upload itself (MLFLOW_HTTP_REQUEST_MAX_RETRIES); when it gives
     up, say which file, where it still is, and which server refused it.
     """
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     for path in paths:
         try:
             client.log_artifact(run_id, str(path), artifact_path=artifact_path)
@@ -214,7 +214,7 @@ def log_xgboost_model(
     mlflow.set_tracking_uri(tracking_uri)
     # MLflow 3 files the LoggedModel under the fluent "current" experiment, not the run's:
     # without this it lands in "Default" when the run was passed in by id.
-    mlflow.set_experiment(experiment_id=_client(tracking_uri).get_run(run_id).info.experiment_id)
+    mlflow.set_experiment(experiment_id=mlflow_client(tracking_uri).get_run(run_id).info.experiment_id)
     signature = infer_signature(input_example_matrix, predictions)
     info = mlflow.xgboost.log_model(
         booster,
@@ -247,7 +247,7 @@ def log_servable_model(
     from taxi_duration import serving
 
     mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment(experiment_id=_client(tracking_uri).get_run(run_id).info.experiment_id)
+    mlflow.set_experiment(experiment_id=mlflow_client(tracking_uri).get_run(run_id).info.experiment_id)
     info = mlflow.sklearn.log_model(
         pipeline,
         name=SERVABLE_MODEL_NAME,
@@ -264,7 +264,7 @@ def log_servable_model(
 
 
 def experiment_id_of(tracking_uri: str, run_id: str) -> str:
-    return _client(tracking_uri).get_run(run_id).info.experiment_id
+    return mlflow_client(tracking_uri).get_run(run_id).info.experiment_id
 
 
 def previous_best(tracking_uri: str, run_id: str, color: str, validation_month: str) -> dict[str, Any] | None:
@@ -272,7 +272,7 @@ def previous_best(tracking_uri: str, run_id: str, color: str, validation_month: 
 
     Same validation month means same data, so the RMSEs are comparable.
     """
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     experiment_id = client.get_run(run_id).info.experiment_id
     runs = client.search_runs(
         [experiment_id],
@@ -353,7 +353,7 @@ def mark_orphaned_runs_killed(tracking_uri: str, experiment: str) -> list[str]:
     import os
     import socket
 
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
@@ -382,7 +382,7 @@ def mark_orphaned_runs_killed(tracking_uri: str, experiment: str) -> list[str]:
 
 def running_runs_of_this_process(tracking_uri: str, experiment: str) -> list[Any]:
     """The runs of `experiment` this very process started (by its process_tags) that are still RUNNING."""
-    client = _client(tracking_uri)
+    client = mlflow_client(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []

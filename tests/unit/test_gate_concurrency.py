@@ -131,7 +131,7 @@ def race(uri: str, folder: Path, environment: dict[str, str]) -> None:  # noqa: 
             wait_for(folder, results, children)
             decisions = [json.loads((folder / name).read_text()) for name in results]
             rmse_of = {first.version: rmses[0], **{d["version"]: d["rmse"] for d in decisions}}
-            alias = tracking._client(uri).get_model_version_by_alias(model, registry.CHAMPION_ALIAS)
+            alias = tracking.mlflow_client(uri).get_model_version_by_alias(model, registry.CHAMPION_ALIAS)
             check_decisions(first.version, rmse_of, decisions, str(alias.version))
     finally:
         for child in children:

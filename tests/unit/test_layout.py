@@ -164,3 +164,18 @@ def test_notebooks_use_only_the_package_public_names(notebook):
             private.append(f"{node.value.id}.{node.attr}")
     assert modules, "the notebook imports the package"
     assert private == [], f"{notebook.name} reaches into private names: {private}"
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    modules = {_module_name(path).rpartition(".")[2] for path in PACKAGE_DIR.rglob("*.py")}
+    reaches = []
+    for path in [*PACKAGE_DIR.rglob("*.py"), *FLOW_SCRIPTS]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("taxi_duration"):
+                reaches += [f"{path.name}: {alias.name}" for alias in node.names if alias.name.startswith("_")]
+            is_module_attribute = (
+                isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+            )
+            if is_module_attribute and node.attr.startswith("_") and not node.attr.startswith("__"):
+                reaches.append(f"{path.name}: {node.value.id}.{node.attr}")
+    assert reaches == []

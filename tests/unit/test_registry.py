@@ -158,15 +158,15 @@ def rescored_independently(champion: LoggedRun, challenger: LoggedRun) -> float:
 
 def champion_version(uri: str) -> str:
     # str(): the SQL store hands versions back as int, the REST store as str.
-    return str(tracking._client(uri).get_model_version_by_alias(MODEL, registry.CHAMPION_ALIAS).version)
+    return str(tracking.mlflow_client(uri).get_model_version_by_alias(MODEL, registry.CHAMPION_ALIAS).version)
 
 
 def version_numbers(uri: str) -> list[str]:
-    return sorted(str(v.version) for v in tracking._client(uri).search_model_versions(f"name = '{MODEL}'"))
+    return sorted(str(v.version) for v in tracking.mlflow_client(uri).search_model_versions(f"name = '{MODEL}'"))
 
 
 def run_of(uri: str, run_id: str):
-    return tracking._client(uri).get_run(run_id)
+    return tracking.mlflow_client(uri).get_run(run_id)
 
 
 # Champion: small February sample validated on March. Challenger: larger March sample validated
@@ -190,10 +190,10 @@ def test_first_model_becomes_champion(uri, tmp_path):
     assert decision.champion_version is None and decision.champion_rmse is None
     assert decision.reason == "first registered model becomes champion"
     assert champion_version(uri) == "1"
-    version = tracking._client(uri).get_model_version(MODEL, "1")
+    version = tracking.mlflow_client(uri).get_model_version(MODEL, "1")
     assert version.run_id == first.run_id
     # The servable model's files, not the booster's (the SQL store keeps no model_id on versions).
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     assert version.source == client.get_logged_model(first.model_uri.removeprefix("models:/")).artifact_location
     assert version.source != client.get_logged_model(first.booster_uri.removeprefix("models:/")).artifact_location
     assert version.tags[registry.VERSION_TAG_RUN_ID] == first.run_id
@@ -244,7 +244,7 @@ def test_worse_challenger_leaves_the_champion_and_is_compared_on_its_own_month(u
     assert float(tags["taxi.promotion.champion_rmse"]) == decision.champion_rmse
     assert tags["taxi.promotion.champion_version"] == "1"
     assert tags["taxi.promotion.registered_version"] == "2"
-    version_tags = tracking._client(uri).get_model_version(MODEL, "2").tags
+    version_tags = tracking.mlflow_client(uri).get_model_version(MODEL, "2").tags
     assert version_tags["taxi.promotion.decision"] == "kept"
     assert version_tags["taxi.promotion.reason"] == decision.reason
     assert version_tags["taxi.validation_month"] == "2023-04"
@@ -266,7 +266,7 @@ def test_better_challenger_becomes_champion(uri, tmp_path):
     assert champion_version(uri) == "2"
     assert "beats champion v1 re-scored on 2023-04" in decision.reason
     assert run_of(uri, better.run_id).data.tags["taxi.promotion.decision"] == "promoted"
-    assert tracking._client(uri).get_model_version(MODEL, "2").tags["taxi.promotion.decision"] == "promoted"
+    assert tracking.mlflow_client(uri).get_model_version(MODEL, "2").tags["taxi.promotion.decision"] == "promoted"
 
 
 @pytest.mark.parametrize("champion_vocabulary", ["narrower", "wider"])
@@ -304,7 +304,7 @@ def test_champion_trained_on_the_validation_month_stays_without_an_in_sample_com
     champion = train_and_log(uri, "champion", *challenger_data(), rounds=1)
     # Versions registered before the version tag existed: the month comes from the champion's run.
     gate(uri, champion, with_train_month=champion_month_from == "version tag")
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     assert (registry.VERSION_TAG_TRAIN_MONTH in client.get_model_version(MODEL, "1").tags) == (
         champion_month_from == "version tag"
     )
@@ -342,7 +342,7 @@ def test_champion_trained_on_the_validation_month_stays_without_an_in_sample_com
 
 def register_bare_booster(uri: str, run: LoggedRun) -> str:
     """Register `run`'s booster as champion, as a version of the project before the servable model did."""
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     logged_model = client.get_logged_model(run.booster_uri.removeprefix("models:/"))
     version = registry._create_version(client, MODEL, logged_model, run.run_id, run.validation_month, run.rmse)
     client.set_registered_model_alias(MODEL, registry.CHAMPION_ALIAS, version)
@@ -373,7 +373,7 @@ def test_bare_booster_champion_is_replaced_by_a_servable_challenger_and_the_gate
     assert tags["taxi.promotion.reason"] == decision.reason
     assert tags["taxi.promotion.champion_version"] == "1"
     assert tags["taxi.promotion.champion_rmse"] == registry.NO_CHAMPION
-    assert tracking._client(uri).get_model_version(MODEL, "2").tags["taxi.promotion.reason"] == decision.reason
+    assert tracking.mlflow_client(uri).get_model_version(MODEL, "2").tags["taxi.promotion.reason"] == decision.reason
 
     # The servable champion is now re-scored as usual: a worse challenger keeps it.
     # Validated on May: v2 was trained on March, so the comparison is a fair one.
@@ -394,7 +394,7 @@ def test_bare_booster_champion_is_replaced_by_a_servable_challenger_and_the_gate
 def test_champion_that_cannot_be_loaded_changes_nothing(uri, tmp_path):
     champion = train_and_log(uri, "champion", *champion_data(), rounds=5)
     gate(uri, champion)  # the first model needs no re-scoring
-    client = tracking._client(uri)
+    client = tracking.mlflow_client(uri)
     location = client.get_logged_model(champion.model_uri.removeprefix("models:/")).artifact_location
     shutil.rmtree(Path(location.removeprefix("file://")))  # its artifacts lost
     challenger = train_and_log(uri, "challenger", *challenger_data(), rounds=5)

@@ -334,7 +334,7 @@ def test_trip_datasets_are_recorded_as_run_inputs(tmp_path, empty_tracking_store
         ],
     )
 
-    inputs = tracking._client(uri).get_run(run_id).inputs.dataset_inputs
+    inputs = tracking.mlflow_client(uri).get_run(run_id).inputs.dataset_inputs
     by_name = {entry.dataset.name: entry for entry in inputs}
     assert sorted(by_name) == ["green_tripdata_2023-02.parquet", "green_tripdata_2023-05.parquet"]
     train, score = by_name["green_tripdata_2023-02.parquet"], by_name["green_tripdata_2023-05.parquet"]

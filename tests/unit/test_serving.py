@@ -352,7 +352,7 @@ def test_logged_servable_model_loads_back_with_its_profile_and_signature(trained
     model_uri = tracking.log_servable_model(uri, run_id, trained.pipeline, serving.input_example(raw), profile)
 
     assert model_uri.startswith("models:/m-")
-    logged = tracking._client(uri).get_logged_model(model_uri.removeprefix("models:/"))
+    logged = tracking.mlflow_client(uri).get_logged_model(model_uri.removeprefix("models:/"))
     assert logged.source_run_id == run_id and logged.name == tracking.SERVABLE_MODEL_NAME
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=logged.artifact_location, dst_path=str(tmp_path / "downloaded"), tracking_uri=uri

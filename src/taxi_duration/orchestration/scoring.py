@@ -248,7 +248,7 @@ def _link_model(context: RunContext, model: scoring.ScoringModel) -> None:
         return
     from mlflow.entities import LoggedModelInput
 
-    tracking._client(context.tracking_uri).log_inputs(
+    tracking.mlflow_client(context.tracking_uri).log_inputs(
         context.run_id, models=[LoggedModelInput(model_id=model.model_id)]
     )
 
