@@ -129,3 +129,16 @@ def test_only_recognised_failures_lose_their_traceback_and_only_in_the_block() -
         assert "Traceback" in _formatted(handler, KeyError("surprise"))
     assert handler.formatter is original
     assert "Traceback" in _formatted(handler, TripFileInvalid("no rows"))
+
+
+def test_a_module_half_imported_by_another_thread_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A backfill's months import the package side by side: a module can be in sys.modules
+    # before its classes exist, while another thread's failure is being logged.
+    from types import ModuleType
+
+    from taxi_duration.trip_errors import TripDataError
+
+    monkeypatch.setitem(sys.modules, "taxi_duration.registry", ModuleType("taxi_duration.registry"))
+    assert TripDataError in console.recognised_failures()
+    assert console.is_recognised(TripDataError("no rows"))
+    assert not console.is_recognised(KeyError("surprise"))

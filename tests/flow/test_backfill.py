@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,8 +73,53 @@ def test_backfill_three_months_then_repeat_is_all_cached_and_a_failed_month_is_r
     assert "FAILED" in rows["2023-04"] and "green_tripdata_2023-05.parquet" in rows["2023-04"]
     assert "1 of 2 months finished, 1 failed" in failing.stdout
     # The failed month's paragraph is in the table; the terminal shows no traceback of it.
-    assert "Traceback (most recent call last)" not in failing.stdout + failing.stderr
+    assert "Traceback (most recent call last)" not in failing.stdout + failing.stderr, failing.stderr[-6000:]
     assert "NoneType: None" not in failing.stdout + failing.stderr
+
+    # SIGTERM while two forced months run their notebooks side by side: both MLflow runs end
+    # KILLED, the command exits 143 within 30 s, and no runner or kernel is left.
+    started = time.time()
+    env = {**os.environ, "PREFECT_HOME": str(prefect_home)}
+    env.pop("PREFECT_API_URL", None)
+    command = [sys.executable, str(PROJECT_DIR / "flows" / "backfill.py"), "--from", "2023-01", "--to", "2023-02"]
+    stopped = subprocess.Popen(
+        [*command, "--data-source", str(source), "--force"],
+        cwd=PROJECT_DIR,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    outputs = Path(isolated_stores["outputs"])
+    while not [path for path in outputs.glob("green/2023-0[12]/*/01_explore.ipynb") if path.stat().st_mtime > started]:
+        assert stopped.poll() is None and time.time() - started < 300, "the forced months never started a notebook"
+        time.sleep(0.25)
+    stopped.send_signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    output, _ = stopped.communicate(timeout=60)
+    assert time.monotonic() - signalled <= 30 and stopped.returncode == 143, output[-4000:]
+    forced = [run for run in client.search_runs([experiment.experiment_id]) if run.info.start_time / 1000 >= started]
+    assert sorted(run.info.status for run in forced) == ["KILLED", "KILLED"], output[-4000:]
+    assert _processes_holding(str(outputs)) == []
+
+
+def _processes_holding(marker: str) -> list[str]:
+    """Live processes (not zombies) whose environment holds `marker`, after a moment to be reaped."""
+    deadline = time.monotonic() + 5
+    while True:
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                alive = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+                if alive and marker.encode() in (entry / "environ").read_bytes():
+                    found.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                continue
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.25)
 
 
 def test_backfill_rejects_a_bad_range_before_running(isolated_stores, prefect_home):

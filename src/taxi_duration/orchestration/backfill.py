@@ -33,7 +33,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from taxi_duration import data, run_servers, services, settings
-from taxi_duration.orchestration import console
+from taxi_duration.orchestration import console, stopping
 from taxi_duration.orchestration.pipeline import taxi_duration_pipeline
 from taxi_duration.periods import Color, InvalidParameterError, PipelineParams, month_range
 
@@ -301,6 +301,7 @@ def elsewhere_tracked(results: list[dict[str, Any]], tracking_uri: str) -> list[
 
 
 def main(argv: list[str] | None = None) -> int:
+    stopping.install()  # SIGTERM and Ctrl-C stop every month's notebooks at once (those on Dask workers end with the cluster)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="first", required=True, help="first training month, YYYY-MM")
     parser.add_argument("--to", dest="last", required=True, help="last training month, YYYY-MM")

@@ -45,8 +45,13 @@ RECOGNISED_FAILURES = (
 
 
 def recognised_failures() -> tuple[type[BaseException], ...]:
-    """The classes of RECOGNISED_FAILURES this process has imported."""
-    return tuple(getattr(sys.modules[module], name) for module, name in RECOGNISED_FAILURES if module in sys.modules)
+    """The classes of RECOGNISED_FAILURES this process has imported.
+
+    A module another thread is still importing (a backfill's months start side by side) is in
+    sys.modules before its classes exist: those are skipped, not an error in a log handler.
+    """
+    found = (getattr(sys.modules.get(module), name, None) for module, name in RECOGNISED_FAILURES)
+    return tuple(cls for cls in found if isinstance(cls, type))
 
 
 def is_recognised(error: BaseException | None) -> bool:
