@@ -107,7 +107,9 @@ def ensure_experiment(tracking_uri: str, name: str) -> str:
 
 def start_run(tracking_uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Create a RUNNING run with its parameters and tags; return its id."""
-    run = mlflow_client(tracking_uri).create_run(ensure_experiment(tracking_uri, experiment), run_name=run_name, tags=tags)
+    run = mlflow_client(tracking_uri).create_run(
+        ensure_experiment(tracking_uri, experiment), run_name=run_name, tags=tags
+    )
     log_params(tracking_uri, run.info.run_id, params)
     return run.info.run_id
 
