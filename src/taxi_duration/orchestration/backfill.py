@@ -315,11 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         help="months run at the same time (default 2); with --dask-address the cluster's worker threads decide",
     )
     parser.add_argument("--force", action="store_true", help="rerun every stage of every month")
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)",
-    )
+    console.add_verbose_flag(parser)
     parser.add_argument("--dask", action="store_true", help="run each month in a process of a local Dask cluster")
     parser.add_argument(
         "--dask-address",

@@ -45,11 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--force", action="store_true", help="rerun every stage, even those whose inputs have not changed"
     )
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)",
-    )
+    console.add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -163,11 +159,7 @@ def parse_score_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--force", action="store_true", help="score again even if this month and model were scored already"
     )
-    parser.add_argument(
-        "--verbose",
-        action="store_true",
-        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)",
-    )
+    console.add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 

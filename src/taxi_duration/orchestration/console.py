@@ -14,6 +14,7 @@ traceback is dropped from every handler, verbose or not.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import sys
@@ -80,6 +81,15 @@ class _NoEmptyTraceback(logging.Filter):
         if record.exc_info and record.exc_info[1] is None:
             record.exc_info = None
         return True
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    """`--verbose`, the same on every command line that runs flows: what `one_clear_failure` is told."""
+    parser.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the Python traceback of a failure the run recognises (bad data, a failed notebook)",
+    )
 
 
 def console_handlers() -> list[logging.Handler]:
