@@ -43,7 +43,13 @@ Modules: `parent` (execute_notebook, PreparedRunner: start, wait, stop, reap, re
 failure), `parameters`, `preload`.
 """
 
-from taxi_duration.runner.parameters import PLAIN_TYPES, NotebookParameterError, check_parameters, declared_parameters
+from taxi_duration.runner.parameters import (
+    PLAIN_TYPES,
+    NotebookParameterError,
+    check_parameters,
+    declared_parameters,
+    stage_parameters,
+)
 from taxi_duration.runner.parent import (
     NotebookExecutionError,
     NotebookResult,
@@ -68,4 +74,5 @@ __all__ = [
     "declared_parameters",
     "execute_notebook",
     "notebook_imports",
+    "stage_parameters",
 ]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from taxi_duration import fast_start
+from taxi_duration.runner.parameters import read_union_annotations
 from taxi_duration.runner.preload import preload_code
 from taxi_duration.runner.processes import STOP_GRACE_SECONDS, create_time, reap_kernel
 from taxi_duration.runner.records import CURRENT_CELL, GO, KERNEL_RECORD, OUTCOME, PROGRESS, read_json, write_json
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             import papermill
             from nbclient.exceptions import DeadKernelError
             from papermill.exceptions import PapermillExecutionError
+
+            read_union_annotations()  # `name: str | None = None` is a parameter, not an unknown one
         _write_notebooks_whole()
     except BaseException:
         _discard_kernel(kernel)
