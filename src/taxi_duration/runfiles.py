@@ -72,7 +72,10 @@ def manifest_path(run_dir: Path, stage: str) -> Path:
 
 
 def write_manifest(run_dir: Path, stage: str, content: dict[str, Any]) -> Path:
-    """Record what a stage produced (paths, counts, metrics) as JSON in the run folder."""
+    """Record what a stage produced (paths, counts, metrics) as JSON in the run folder.
+
+    The notebooks write typed records through `taxi_duration.manifests.write`, which calls this.
+    """
     path = manifest_path(run_dir, stage)
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps({"stage": stage, **content}, indent=2, sort_keys=True, default=str) + "\n")
@@ -131,12 +134,12 @@ def load_validation_records(run_dir: Path) -> pd.DataFrame:
 
     path = Path(run_dir) / VALIDATION_RECORDS
     if not path.is_file():
-        raise MissingRunFileError(f"{path} does not exist: run 02_features first")
+        raise MissingRunFileError(f"{path} does not exist: the stage that saves the features has not run here")
     return pd.read_parquet(path)
 
 
 def load_matrices(run_dir: Path) -> FeatureMatrices:
-    """Read what `save_matrices` wrote; a clear error if 02_features has not run."""
+    """Read what `save_matrices` wrote; a clear error if the stage that saves them has not run."""
     import numpy as np
     import scipy.sparse
 
@@ -145,7 +148,9 @@ def load_matrices(run_dir: Path) -> FeatureMatrices:
     paths = _matrix_paths(run_dir)
     missing = [str(path) for path in paths.values() if not path.is_file()]
     if missing:
-        raise MissingRunFileError(f"feature files missing (run 02_features first): {', '.join(missing)}")
+        raise MissingRunFileError(
+            f"feature files missing (the stage that saves them has not run here): {', '.join(missing)}"
+        )
     return FeatureMatrices(
         X_train=scipy.sparse.csr_matrix(scipy.sparse.load_npz(paths["X_train"])),
         y_train=np.load(paths["y_train"]),

@@ -162,7 +162,7 @@ def test_preprocessor_round_trip(tmp_path):
 
 
 def test_load_matrices_before_features_ran_names_the_missing_files(tmp_path):
-    with pytest.raises(MissingRunFileError, match="run 02_features first") as info:
+    with pytest.raises(MissingRunFileError, match="the stage that saves them has not run here") as info:
         load_matrices(tmp_path)
     message = str(info.value)
     for name in ("X_train.npz", "y_train.npy", "X_val.npz", "y_val.npy", PREPROCESSOR_FILENAME):
