@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -247,7 +248,29 @@ def load_servable_uri(tracking_uri: str, model_uri: str, what: str | None = None
                 f"{what or model_uri} is a {'/'.join(sorted(description.flavors))} model, "
                 "not the servable Pipeline on raw trip fields (it predates it): it cannot score raw trips"
             )
-        return mlflow.sklearn.load_model(local), dict(description.metadata or {})
+        return _load_with_running_package(local), dict(description.metadata or {})
+
+
+def _load_with_running_package(local: str) -> Any:
+    """The Pipeline saved at `local`, its classes taken from the running taxi_duration, not the model's copy.
+
+    A servable model carries taxi_duration as it was when it was logged (`code_paths`), and MLflow 3
+    prepends that copy to sys.path on load and never takes it off
+    (mlflow.utils.model_utils._add_code_to_system_path). This module runs inside taxi_duration and
+    imports taxi_duration.serving, so the saved class path taxi_duration.serving.TripFeaturizer
+    resolves to the running package: a submodule is looked up on its package's __path__, not on
+    sys.path. The copy comes off sys.path right after, so nothing later can find it: neither an
+    import of a package it would shadow nor a process started from here (multiprocessing and Dask
+    spawn theirs with this sys.path). Restoring sys.path keeps MLflow's public loader; loading
+    without the prepend would need its private one.
+    """
+    import mlflow.sklearn
+
+    before = set(sys.path)
+    try:
+        return mlflow.sklearn.load_model(local)
+    finally:
+        sys.path[:] = [entry for entry in sys.path if entry in before]
 
 
 def version_run_id(tracking_uri: str, registered_model: str, version: str) -> str:
