@@ -59,8 +59,16 @@ def test_explore_profiles_the_month_with_plots(synthetic_source, isolated_stores
 
 def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_stores, tmp_path):
     run_dir = tmp_path / "run"
-    _run("02_features", run_dir, _data_parameters(synthetic_source, run_dir, isolated_stores["data"]))
+    # As the flow runs it: with the files the flow fetched and validated, which it reads as given
+    # (its data source is a folder that does not exist, so a fetch would fail).
+    given = {
+        role: str(synthetic_source / f"green_tripdata_2023-0{month}.parquet")
+        for role, month in (("train_file", 3), ("validation_file", 4))
+    }
+    parameters = _data_parameters(tmp_path / "no-such-source", run_dir, isolated_stores["data"])
+    _run("02_features", run_dir, {**parameters, **given})
     features = runfiles.read_manifest(run_dir, "02_features")
+    assert (features["train_file"], features["validation_file"]) == (given["train_file"], given["validation_file"])
     assert (features["train_month"], features["validation_month"]) == ("2023-03", "2023-04")
     assert features["train_rows"] > 2500 and features["val_rows"] > 2500
     assert (run_dir / "preprocessor.b").is_file()

@@ -17,8 +17,9 @@ SCORE = NOTEBOOKS / "04_score.ipynb"
 
 
 def test_real_notebooks_declare_the_expected_parameters():
-    assert set(declared_parameters(EXPLORE)) == {"year", "month", "color", "data_source", "data_dir", "run_dir"}
-    assert set(declared_parameters(FEATURES)) == {"year", "month", "color", "data_source", "data_dir", "run_dir"}
+    data = {"year", "month", "color", "data_source", "data_dir", "run_dir"}
+    assert set(declared_parameters(EXPLORE)) == {*data, "train_file"}
+    assert set(declared_parameters(FEATURES)) == {*data, "train_file", "validation_file"}
     assert set(declared_parameters(TRAIN)) == {
         "run_dir",
         "tracking_uri",
@@ -31,6 +32,7 @@ def test_real_notebooks_declare_the_expected_parameters():
         "month",
         "color",
         "model_uri",
+        "scored_file",
         "data_source",
         "data_dir",
         "run_dir",
@@ -66,7 +68,7 @@ def test_unknown_name_is_rejected_naming_it_and_the_declared_ones():
         check_parameters(EXPLORE, {"year": 2024, "colour": "green"})
     message = str(info.value)
     assert "01_explore.ipynb does not declare parameter(s) colour" in message
-    assert "it declares: color, data_dir, data_source, month, run_dir, year" in message
+    assert "it declares: color, data_dir, data_source, month, run_dir, train_file, year" in message
 
 
 def test_all_unknown_names_are_listed():
