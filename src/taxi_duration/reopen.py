@@ -41,14 +41,15 @@ class Reopened:
 
 
 def default_stage(run: PastRun) -> str:
-    return "04_score" if run.kind == "score" else "03_train"
+    """The last stage of the run's pipeline (the one that trains, or scores, in the shipped pipelines)."""
+    return stages.pipeline("scoring" if run.kind == "score" else "training")[-1].name
 
 
 def redirected_parameters(parameters: dict[str, Any], scratch_run_dir: Path) -> dict[str, Any]:
     """The overrides that keep the original run intact: its folder, MLflow run and registry untouched."""
     overrides: dict[str, Any] = {"run_dir": str(scratch_run_dir)}
     if "mlflow_run_id" in parameters:
-        overrides["mlflow_run_id"] = None  # 03_train then starts (and ends) a run of its own...
+        overrides["mlflow_run_id"] = None  # the notebook then starts (and ends) a run of its own...
         experiment = parameters.get("experiment_name") or settings.experiment_name(None)
         overrides["experiment_name"] = f"{experiment}{SCRATCH_EXPERIMENT_SUFFIX}"  # ...away from the pipeline's runs
     if "registered_model" in parameters:
@@ -68,14 +69,19 @@ def provenance_warnings(run: PastRun, stage: str) -> list[str]:
             f"{(current_commit or 'no commit')[:12]}"
         )
     recorded_notebook = (run.record.get("notebooks") or {}).get(stage)
-    checkout_notebook = stages.notebook_path(stage)
     if not recorded_notebook:
         warnings.append(f"the run recorded no sha256 of {stage}.ipynb")
-    elif not checkout_notebook.is_file():
+        return warnings
+    try:
+        checkout_notebook = stages.find(stage).notebook
+    except stages.DeclarationError as problem:
+        warnings.append(f"the checkout does not run this stage any more: {problem}")
+        return warnings
+    if not checkout_notebook.is_file():
         warnings.append(f"{checkout_notebook} is not in the checkout")
     elif stagecache.file_sha256(checkout_notebook) != recorded_notebook:
         warnings.append(
-            f"notebooks/{stage}.ipynb has changed since the run: the reopened copy is the run's "
+            f"notebooks/{checkout_notebook.name} has changed since the run: the reopened copy is the run's "
             "version, not the checkout's"
         )
     return warnings
@@ -154,7 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         description="Reopen a past run's notebook in JupyterLab with the run's exact parameters.",
     )
     parser.add_argument("run", help="the run: MLflow run id, a prefix of it (4+ characters), or the run's folder")
-    parser.add_argument("--stage", help="01_explore, 02_features, 03_train (default for a pipeline run) or 04_score")
+    parser.add_argument(
+        "--stage",
+        help="a stage notebooks/pipeline.yaml declares (default: the last stage of the run's pipeline)",
+    )
     args = parser.parse_args(argv)
     settings.apply_environment_defaults()
     try:

@@ -1,8 +1,8 @@
 """Content-keyed cache of notebook stages: skip a stage whose inputs have not changed.
 
-A stage's key covers everything that can change its result: the notebook file's bytes, the
-stage's parameters (those that matter: not the run folder or the MLflow run id), the sha256
-of each input file, the keys of the stages it reads from, and the package's own source. An
+A stage's key is derived the same way for every stage (`stage_key`): the notebook file's bytes,
+the parameters it receives (less those that only say where things are: LOCATION_VALUES), the
+sha256 of each trip file it reads, the keys of its upstream stages, and the package's own source. An
 unchanged key means the earlier outputs are reused: they are linked into the new run folder,
 so every run folder stays complete. Only stages that succeeded are ever stored, which is
 also what makes a rerun after a failure resume at the failed stage.
@@ -19,12 +19,18 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from taxi_duration.runfiles import atomic_path
 
+if TYPE_CHECKING:
+    from taxi_duration.stages import Stage
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 CHUNK = 1 << 20
+# Run values that say where things are, not what they are: no part of a key. A run folder or
+# MLflow run id is new each run, and a trip file counts by its sha256, not its path (*_file).
+LOCATION_VALUES = frozenset({"data_source", "data_dir", "run_dir", "mlflow_run_id"})
 
 
 def file_sha256(path: Path) -> str:
@@ -46,20 +52,30 @@ def package_source_digest() -> str:
     return digest.hexdigest()
 
 
+def keyed_parameters(received: Mapping[str, Any]) -> dict[str, Any]:
+    """The parameters a stage receives that count in its key: all but the location values."""
+    return {
+        name: value for name, value in received.items() if name not in LOCATION_VALUES and not name.endswith("_file")
+    }
+
+
 def stage_key(
-    stage: str,
-    notebook: Path,
-    parameters: Mapping[str, Any],
-    input_digests: Mapping[str, str],
+    stage: Stage,
+    received: Mapping[str, Any],
+    trip_digests: Mapping[str, str],
     upstream_keys: Mapping[str, str],
 ) -> str:
-    """sha256 over what determines a stage's outputs."""
+    """sha256 over what determines a stage's outputs.
+
+    `received`: the parameters the stage gets; `trip_digests`: sha256 by month role (the
+    stage's `reads` count); `upstream_keys`: keys by stage name (its `needs` count).
+    """
     payload = {
-        "stage": stage,
-        "notebook": file_sha256(notebook),
-        "parameters": dict(parameters),
-        "inputs": dict(input_digests),
-        "upstream": dict(upstream_keys),
+        "stage": stage.name,
+        "notebook": file_sha256(stage.notebook),
+        "parameters": keyed_parameters(received),
+        "inputs": {role: trip_digests[role] for role in stage.reads},
+        "upstream": {name: upstream_keys[name] for name in stage.needs},
         "package": package_source_digest(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()

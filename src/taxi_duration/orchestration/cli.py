@@ -1,7 +1,7 @@
 """The pipeline's command line: `python flows/pipeline.py --year 2023 --month 3 [...]` (`make run`).
 
 The arguments are resolved and checked once (orchestration.request.resolve_request), and that
-RunRequest is what the flow runs. Bad input is refused (exit 2) before Prefect starts anything
+RunRequest is what the flow, called once, runs (orchestration.request.call_flow). Bad input is refused (exit 2) before Prefect starts anything
 or MLflow records a run; an unreachable tracking server or Prefect server exits 1 with one line
 that says so; a failed run exits 1 after the flow has recorded what happened. A Prefect server
 lost during the run leaves the outcome to the MLflow run the flow owns (orchestration.lost_server).
@@ -17,12 +17,12 @@ from typing import Any
 
 from taxi_duration import data, fast_start, run_servers, services, settings, tracking
 from taxi_duration.orchestration import console, lost_server, stopping
-from taxi_duration.orchestration.pipeline import run_resolved
+from taxi_duration.orchestration.pipeline import taxi_duration_pipeline
 from taxi_duration.orchestration.report import format_summary
-from taxi_duration.orchestration.request import resolve_request
+from taxi_duration.orchestration.request import call_flow, resolve_request
 from taxi_duration.periods import InvalidParameterError
 
-DESCRIPTION = "The pipeline flow: fetch the data, then execute 01_explore, 02_features and 03_train."
+DESCRIPTION = "The pipeline flow: fetch the data, then execute the training stages notebooks/pipeline.yaml declares."
 USAGE_EXAMPLE = (
     "python flows/pipeline.py --year 2023 --month 3 [--color green] [--data-source URL|DIR] [--experiment NAME]"
 )
@@ -70,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     except tracking.TrackingUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return _run_flow(lambda: run_resolved(request), format_summary, "Pipeline", args.verbose)
+    owned = lost_server.OwnedRun()
+    return _run_flow(
+        lambda: call_flow(taxi_duration_pipeline, request, owned), format_summary, "Pipeline", args.verbose
+    )
 
 
 def _run_flow(
@@ -140,7 +143,7 @@ def parse_score_args(argv: list[str] | None = None) -> argparse.Namespace:
     from taxi_duration.scoring import DEFAULT_MODEL_URI
 
     parser = argparse.ArgumentParser(
-        description="Score one month's trips with a registered model (04_score).", epilog=SCORE_USAGE
+        description="Score one month's trips with a registered model (the scoring stages).", epilog=SCORE_USAGE
     )
     parser.add_argument("--year", required=True, help="year of the month to score")
     parser.add_argument("--month", required=True, help="month to score, 1-12")
@@ -165,7 +168,7 @@ def parse_score_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def score_main(argv: list[str] | None = None) -> int:
     """`python flows/score.py` (`make score`): exit 2 for bad input or an unknown model, 1 when the run fails."""
-    from taxi_duration.orchestration.scoring import format_score_summary, resolve_score_request, run_resolved_scoring
+    from taxi_duration.orchestration.scoring import format_score_summary, resolve_score_request, taxi_duration_scoring
     from taxi_duration.scoring import ModelNotFoundError
 
     stopping.install()
@@ -181,4 +184,7 @@ def score_main(argv: list[str] | None = None) -> int:
     except (InvalidParameterError, data.TripDataError, ValueError, ModelNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return _run_flow(lambda: run_resolved_scoring(request), format_score_summary, "Scoring", args.verbose)
+    owned = lost_server.OwnedRun()
+    return _run_flow(
+        lambda: call_flow(taxi_duration_scoring, request, owned), format_score_summary, "Scoring", args.verbose
+    )

@@ -1,4 +1,4 @@
-"""The pipeline flow: fetch the data, then execute 01_explore, 02_features and 03_train.
+"""The pipeline flow: fetch the data, then run the training stages notebooks/pipeline.yaml declares.
 
 The flow owns the MLflow run: it creates it before the first notebook, passes its id to the
 training notebook, archives every executed notebook and its HTML report (pass or fail) under
@@ -10,30 +10,37 @@ succeeded. Stages whose inputs have not changed since an earlier successful run 
 # No `from __future__ import annotations` here: the flows' parameter types must be real objects,
 # because Prefect builds its parameter model from them in whatever process runs the flow (a
 # Dask worker unpickles the flow without this module's names, so strings would not resolve).
-import concurrent.futures
-import contextvars
 import datetime as dt
-import functools
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prefect import Flow, flow
+from prefect import flow
 from prefect.runtime import flow_run
 
 from taxi_duration import runfiles, runner, settings, stages, tracking
 from taxi_duration.orchestration import lost_server, stopping
 from taxi_duration.orchestration.report import SUMMARY_METRICS, RunEnding, report_run
-from taxi_duration.orchestration.request import STAGES, RunRequest, StagePlan, local_trip_files, plan, resolve_request
+from taxi_duration.orchestration.request import (
+    RunRequest,
+    StagePlan,
+    handed_request,
+    local_trip_files,
+    plan,
+    resolve_request,
+    run_values,
+)
 from taxi_duration.orchestration.stage import (
     RunContext,
-    StageOutcome,
+    StagesRun,
     ending_quietly,
     fetch_trip_files,
     log_trip_datasets,
-    run_stage,
+    manifest_metrics,
+    manifest_value,
+    run_stages,
+    tag_reused_stages,
 )
 from taxi_duration.periods import Color, MonthNumber, Year
 
@@ -67,41 +74,21 @@ def taxi_duration_pipeline(
         force: Rerun every stage, even those whose inputs are unchanged since an earlier run.
         registered_model: Registered model the trained model becomes a version of; None: register nothing.
     """
-    request = resolve_request(year, month, color, data_source, experiment, force, registered_model)
-    tracking.check_reachable(request.tracking_uri)
-    return ending_quietly(lambda: run_pipeline(request))
+    handed = handed_request(RunRequest)  # the command line's request, resolved and checked already
+    if handed is not None:
+        request, owned = handed
+    else:
+        request = resolve_request(year, month, color, data_source, experiment, force, registered_model)
+        tracking.check_reachable(request.tracking_uri)
+        owned = lost_server.OwnedRun()
+    return ending_quietly(lambda: run_pipeline(request, owned))
 
 
-def run_resolved(request: RunRequest) -> dict[str, Any]:
-    """A run of the pipeline flow for a request the caller has resolved and checked already.
-
-    The command line's way in: for Prefect it is a run of the same flow, under the same name
-    and with the same parameters as `taxi_duration_pipeline(**request.flow_parameters)`, but
-    its body starts from `request` instead of resolving those parameters a second time.
-    Raises lost_server.PrefectServerLost, saying how far the MLflow run got, when the Prefect
-    server stops answering.
-    """
-    owned = lost_server.OwnedRun()
-
-    @functools.wraps(taxi_duration_pipeline.fn)  # the same signature, so the same parameters in the UI
-    def resolved_pipeline(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return ending_quietly(lambda: run_pipeline(request, owned))
-
-    as_flow = Flow(
-        resolved_pipeline,
-        name=taxi_duration_pipeline.name,
-        log_prints=True,
-        description=taxi_duration_pipeline.description,
-    )
-    return lost_server.run_flow(as_flow, request.flow_parameters, owned)
-
-
-def run_pipeline(request: RunRequest, owned: lost_server.OwnedRun | None = None) -> dict[str, Any]:
+def run_pipeline(request: RunRequest, owned: lost_server.OwnedRun) -> dict[str, Any]:
     """The flow's body once its inputs are checked: the MLflow run, the stages, the records.
 
     `owned` learns where the MLflow run got to (its id, folder, status, result) as it goes.
     """
-    owned = owned or lost_server.OwnedRun()
     # When the month's files are already here, the plan is made now and the kernels of the
     # stages that will execute start at once: their start-up and imports overlap the MLflow
     # run's creation and the file checks. Otherwise (or if a file is unreadable, which the
@@ -153,16 +140,19 @@ def plan_and_start_runners(request: RunRequest) -> tuple[StagePlan | None, stage
     """The stage plan, if the month's files are already here, and the runners started for it.
 
     Runners start only for the stages that will execute, and only for a small month (its
-    kernels run side by side); None and no runners when a file is not local yet or unreadable.
+    kernels may run side by side); None and no runners when a file is not local yet or unreadable.
+    A bad stage parameter (runner.NotebookParameterError) is refused here, before any kernel starts.
     """
     files = local_trip_files(request)
     if files is None:
         return None, {}
     try:
         early_plan = plan(request, files)
+    except runner.NotebookParameterError:
+        raise
     except Exception:  # noqa: BLE001 - fetch-trip-files validates the files and says what is wrong
         return None, {}
-    return early_plan, stages.start_runners(early_plan.to_execute) if early_plan.side_by_side else {}
+    return early_plan, stages.start_runners(early_plan.to_execute) if early_plan.limit > 1 else {}
 
 
 def _start_mlflow_run(request: RunRequest, started: dt.datetime) -> RunContext:
@@ -195,22 +185,6 @@ def _start_mlflow_run(request: RunRequest, started: dt.datetime) -> RunContext:
     return RunContext(request.tracking_uri, run_id, run_dir)
 
 
-def _stage_parameters(request: RunRequest, context: RunContext) -> dict[str, dict[str, Any]]:
-    data_parameters = {
-        "year": request.params.year,
-        "month": request.params.month,
-        "color": request.params.color,
-        "data_source": request.source.location,
-        "data_dir": str(request.source.cache_dir),
-        "run_dir": str(context.run_dir),
-    }
-    return {
-        "01_explore": data_parameters,
-        "02_features": data_parameters,
-        "03_train": {"run_dir": str(context.run_dir), "mlflow_run_id": context.run_id, **request.training_parameters},
-    }
-
-
 def _run_stages(
     request: RunRequest,
     context: RunContext,
@@ -219,79 +193,55 @@ def _run_stages(
     runners: stages.Runners,
     owned: lost_server.OwnedRun,
 ) -> dict[str, Any]:
-    """Fetch, then the three stages; on the way out (success or not) close the MLflow run and record it."""
-    parameters = _stage_parameters(request, context)
+    """Fetch, then the declared stages; on the way out (success or not) close the MLflow run and record it."""
     status, error = "FAILED", None
-    outcomes: dict[str, StageOutcome] = {}
     timings: list[dict[str, Any]] = []
-    stop_explore = threading.Event()
-    explore: concurrent.futures.Future | None = None
-
-    def stage_step(stage: str, stop: threading.Event | None = None) -> StageOutcome:
-        def work() -> StageOutcome:
-            return run_stage(
-                stage,
-                parameters[stage],
-                context,
-                request.timeout_seconds,
-                stage_plan.keys[stage],
-                reuse_from=stage_plan.reuse.get(stage),
-                stop=stop,
-                prepared=runners.pop(stage, None),
-            )
-
-        outcome = _timed(timings, stage, work)
-        outcomes[stage] = outcome
-        return outcome
-
-    # 01_explore only reports on the data: it runs beside 02_features (the two use one core
-    # each), and 03_train starts once both have succeeded. A big month is explored first,
-    # then featurized (settings.overlap_max_trips: two kernels at once need too much memory).
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="explore") as background:
-        try:
-            trip_files = _timed(timings, "fetch-trip-files", lambda: fetch_trip_files(request.params, request.source))
-            stage_plan = early_plan if early_plan is not None else plan(request, trip_files)
-            train_month, validation_month = request.months
-            log_trip_datasets(
-                context,
-                request.source,
-                request.params.color,
-                {
-                    month: (trip_files[month.label()], stage_plan.trip_digests[month.label()], role)
-                    for month, role in ((train_month, "training"), (validation_month, "validation"))
-                },
-            )
-            # The copied context carries the flow run into the thread, so the task belongs to it.
-            explore = background.submit(contextvars.copy_context().run, stage_step, "01_explore", stop_explore)
-            if not stage_plan.side_by_side:
-                explore.result()
-            stage_step("02_features")
-            explore.result()
-            stage_step("03_train")
-            status = "FINISHED"
-        except BaseException as ended:
-            error = ended
-            # Ctrl-C, SIGTERM (Prefect's TerminationSignal), or a stage whose runner the stop killed
-            # (taxi_duration.orchestration.stopping): whichever reaches this frame first.
-            if stopping.stopped_by(ended):
-                status = "KILLED"
-                stop_explore.set()
-            raise
-        finally:
-            if explore is not None:
-                concurrent.futures.wait([explore])  # its notebook is archived before the run closes
-            timings.sort(key=lambda entry: ("fetch-trip-files", *STAGES).index(entry["stage"]))
-            ending = RunEnding(status, error, {s: outcomes[s] for s in STAGES if s in outcomes}, timings)
-            owned.error = error
-            owned.status = ending.status if _close_run(context, ending) else None
-            gallery_path = report_run(request, context, started, str(flow_run.id), ending)
+    run = StagesRun(context, request.timeout_seconds, runners)
+    try:
+        trip_files = _timed(
+            timings,
+            "fetch-trip-files",
+            lambda: fetch_trip_files(request.params.color, request.months, request.source),
+        )
+        stage_plan = early_plan if early_plan is not None else plan(request, trip_files)
+        log_trip_datasets(
+            context,
+            request.source,
+            request.params.color,
+            {
+                month: (trip_files[role], stage_plan.trip_digests[role], TRIP_DATASET_CONTEXTS.get(role, role))
+                for role, month in request.months.items()
+            },
+        )
+        values = run_values(request, trip_files, str(context.run_dir), context.run_id)
+        run_stages(run, stage_plan, values)
+        status = "FINISHED"
+    except BaseException as ended:
+        error = ended
+        # Ctrl-C, SIGTERM (Prefect's TerminationSignal), or a stage whose runner the stop killed
+        # (taxi_duration.orchestration.stopping): whichever reaches this frame first.
+        if stopping.stopped_by(ended):
+            status = "KILLED"
+        raise
+    finally:
+        timings += [run.timings[stage.name] for stage in request.pipeline if stage.name in run.timings]
+        outcomes = {stage.name: run.outcomes[stage.name] for stage in request.pipeline if stage.name in run.outcomes}
+        ending = RunEnding(status, error, outcomes, timings)
+        owned.error = error
+        owned.status = ending.status if _close_run(context, ending) else None
+        gallery_path = report_run(request, context, started, str(flow_run.id), ending)
     return _result(request, context, ending, gallery_path)
+
+
+# The MLflow dataset context of each month role (the Datasets tab's words).
+TRIP_DATASET_CONTEXTS = {"train": "training", "validation": "validation"}
 
 
 def _result(request: RunRequest, context: RunContext, ending: RunEnding, gallery_path: Path) -> dict[str, Any]:
     """What the flow returns (and the command line prints): a plain, JSON-ready summary."""
-    training = ending.outcomes["03_train"]
-    metrics = training.manifest["metrics"]
+    metrics = manifest_metrics(ending.outcomes)
+    model_uri, _ = manifest_value(ending.outcomes, "model_uri")
+    promotion, promoted_by = manifest_value(ending.outcomes, "promotion")
     params = request.params
     return {
         "color": params.color,
@@ -301,11 +251,12 @@ def _result(request: RunRequest, context: RunContext, ending: RunEnding, gallery
         "prefect_flow_run_id": str(flow_run.id),
         "experiment": request.experiment,
         "tracking_uri": context.tracking_uri,
-        "model_uri": training.manifest["model_uri"],
+        "model_uri": model_uri,
         "run_dir": str(context.run_dir),
-        "reports": [str(context.run_dir / f"{stage}.review.html") for stage in STAGES],
+        "reports": [str(context.run_dir / f"{stage.name}.review.html") for stage in request.pipeline],
         "gallery": str(gallery_path),
-        "promotion": None if training.reused else training.manifest.get("promotion"),
+        # A reused stage registered nothing in this run.
+        "promotion": None if promoted_by is None or promoted_by.reused else promotion,
         "reused_stages": {stage: o.reused_from.mlflow_run_id for stage, o in ending.outcomes.items() if o.reused_from},
         **{key: metrics[key] for key in SUMMARY_METRICS},
     }
@@ -315,7 +266,7 @@ def _close_run(context: RunContext, ending: RunEnding) -> bool:
     """Record reuse and the final status (False: it could not be set); on the way out of a failure,
     never mask the real error."""
     try:
-        _tag_reused_stages(context, ending.outcomes)
+        tag_reused_stages(context, ending.outcomes)
         tracking.finish_run(context.tracking_uri, context.run_id, ending.status)
         return True
     except Exception as problem:  # e.g. the tracking server went away mid-run
@@ -328,24 +279,14 @@ def _close_run(context: RunContext, ending: RunEnding) -> bool:
         return False
 
 
-def _tag_reused_stages(context: RunContext, outcomes: dict[str, StageOutcome]) -> None:
-    """Say on the MLflow run which stages were reused, and from which run and folder."""
-    reused = {stage: outcome.reused_from for stage, outcome in outcomes.items() if outcome.reused_from is not None}
-    tags = {"taxi.reused_stages": ",".join(reused)}
-    for stage, entry in reused.items():
-        tags[f"taxi.stage.{stage}.reused_from_run"] = entry.mlflow_run_id
-        tags[f"taxi.stage.{stage}.reused_from_dir"] = entry.run_dir
-    tracking.set_tags(context.tracking_uri, context.run_id, tags)
-
-
-def _timed(timings: list[dict[str, Any]], stage: str, work: Callable[[], T]) -> T:
-    """Run `work`, recording the stage's wall time and outcome (a StageOutcome's status) even when it raises."""
+def _timed(timings: list[dict[str, Any]], step: str, work: Callable[[], T]) -> T:
+    """Run `work`, recording its wall time and outcome in `timings`, even when it raises."""
     started = time.monotonic()
-    entry: dict[str, Any] = {"stage": stage, "status": "FAILED", "seconds": None}
+    entry: dict[str, Any] = {"stage": step, "status": "FAILED", "seconds": None}
     timings.append(entry)
     try:
         result = work()
-        entry["status"] = result.status if isinstance(result, StageOutcome) else "COMPLETED"
+        entry["status"] = "COMPLETED"
         return result
     finally:
         entry["seconds"] = round(time.monotonic() - started, 2)

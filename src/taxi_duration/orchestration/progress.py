@@ -3,7 +3,7 @@
 - a progress artifact on the stage's task run: cells done out of the cells the kernel runs;
 - a markdown artifact naming the running cell (number, first line, time spent in it), a new
   version when another cell starts, and every RUNNING_CELL_REFRESH_SECONDS while one runs long;
-- one INFO log line per finished cell: `02_features: cell 4/6 done in 0.8 s`.
+- one INFO log line per finished cell: `<stage>: cell 4/6 done in 0.8 s`.
 
 Once the Prefect server is found lost, the log lines go on and the artifacts stop
 (taxi_duration.orchestration.lost_server).

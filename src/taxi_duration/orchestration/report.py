@@ -9,8 +9,8 @@ from typing import Any
 
 from taxi_duration import gallery, settings, stages, tracking
 from taxi_duration.orchestration import links, lost_server
-from taxi_duration.orchestration.request import STAGES, RunRequest
-from taxi_duration.orchestration.stage import RunContext, StageOutcome
+from taxi_duration.orchestration.request import RunRequest
+from taxi_duration.orchestration.stage import RunContext, StageOutcome, manifest_metrics, manifest_value
 
 SUMMARY_METRICS = ("train_nnz", "val_nnz", "n_features", "train_rows", "val_rows", "rmse")
 
@@ -68,16 +68,9 @@ def run_record(
     params = request.params
     finished = dt.datetime.now(dt.UTC)
     experiment_id = tracking.experiment_id_of(context.tracking_uri, context.run_id)
-    training = ending.outcomes.get("03_train")
-    metrics = training.manifest.get("metrics", {}) if training else {}
-    stage_rows = []
-    for timing in ending.timings:
-        entry = dict(timing)
-        if timing["stage"] in STAGES:
-            for key, suffix in (("full_report", ".html"), ("review_report", ".review.html")):
-                entry[key] = f"{timing['stage']}{suffix}"
-        stage_rows.append(entry)
-    promotion = (training.manifest.get("promotion") or {}) if training else {}
+    metrics = manifest_metrics(ending.outcomes)
+    stage_rows = stage_rows_of(ending.timings, {stage.name for stage in request.pipeline})
+    promotion, promoted_by = manifest_value(ending.outcomes, "promotion")
     return {
         "kind": "train",
         "color": params.color,
@@ -92,7 +85,7 @@ def run_record(
         "baseline_rmse": metrics.get("baseline_rmse"),
         "train_rows": metrics.get("train_rows"),
         # promoted / kept; "reused" for a training reused from an earlier run (it registered nothing)
-        "promotion": "reused" if training and training.reused else promotion.get("taxi.promotion.decision"),
+        "promotion": _promotion_decision(promotion, promoted_by),
         "mlflow_run_id": context.run_id,
         "experiment": request.experiment,
         "experiment_id": experiment_id,
@@ -100,8 +93,28 @@ def run_record(
         "mlflow_url": gallery.mlflow_run_url(context.tracking_uri, experiment_id, context.run_id),
         "prefect_flow_run_id": flow_run_id,
         "stages": stage_rows,
-        **stages.provenance(STAGES),
+        **stages.provenance(request.pipeline),
     }
+
+
+def stage_rows_of(timings: list[dict[str, Any]], notebook_stages: set[str]) -> list[dict[str, Any]]:
+    """The gallery's stage rows: each timing, and for a notebook stage its reports' file names."""
+    rows = []
+    for timing in timings:
+        row = dict(timing)
+        if timing["stage"] in notebook_stages:
+            for key, suffix in (("full_report", ".html"), ("review_report", ".review.html")):
+                row[key] = f"{timing['stage']}{suffix}"
+        rows.append(row)
+    return rows
+
+
+def _promotion_decision(promotion: dict[str, Any] | None, promoted_by: StageOutcome | None) -> str | None:
+    if promoted_by is None:
+        return None
+    if promoted_by.reused:
+        return "reused"
+    return (promotion or {}).get("taxi.promotion.decision")
 
 
 def publish_prefect_artifacts(record: dict[str, Any], run_dir: Path, gallery_path: Path) -> None:

@@ -1,23 +1,39 @@
-"""A pipeline run's inputs, resolved and checked once, and the plan of its stages.
+"""A pipeline run's inputs, resolved and checked once; its run values; and the plan of its stages.
 
 `resolve_request` is the one place that turns what a user gave (the command line's arguments,
 or a deployment run's parameters) into a `RunRequest`: a frozen, typed value holding the
 month, the data source, where MLflow records the run, the registry entry and `force`. Bad
-input fails there, with a message that names it. `plan` then decides, once per run, each
-stage's cache key, whether 01_explore runs beside 02_features, and which stages execute
-rather than being reused.
+input fails there, with a message that names it. `run_values` is the one place that builds
+what the training run offers its stages (each gets those its parameters cell declares).
+`plan_stages` then decides, once per run and the same way for any pipeline, what each stage
+receives (checked against its parameters cell before any kernel starts), its cache key, how
+many notebooks may run at once, and which stages execute rather than being reused.
 """
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from taxi_duration import data, settings, stagecache, stages
+from taxi_duration import data, runner, settings, stagecache, stages
+from taxi_duration.orchestration import lost_server
 from taxi_duration.periods import Month, PipelineParams
+from taxi_duration.stages import Stage
 
-STAGES = stages.STAGES
+TRAINING = "training"  # the pipeline (notebooks/pipeline.yaml) a RunRequest runs
+# run_dir and mlflow_run_id before the MLflow run exists: locations, so the keys do not depend on them.
+NOT_YET = "(not created yet)"
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Request(Protocol):
+    @property
+    def flow_parameters(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -32,15 +48,12 @@ class RunRequest:
     force: bool
     timeout_seconds: int
     overlap_max_trips: int
+    pipeline: tuple[Stage, ...]  # the training stages, as notebooks/pipeline.yaml declares them
 
     @property
-    def training_parameters(self) -> dict[str, Any]:
-        """What 03_train gets besides the run's own id and folder: where it logs and registers."""
-        return stages.training_parameters(self.tracking_uri, self.experiment, self.registered_model)
-
-    @property
-    def months(self) -> tuple[Month, Month]:
-        return self.params.train_month, self.params.validation_month
+    def months(self) -> dict[str, Month]:
+        """The months the run reads, by role (stages.MONTH_ROLES)."""
+        return {"train": self.params.train_month, "validation": self.params.validation_month}
 
     @property
     def flow_parameters(self) -> dict[str, Any]:
@@ -87,43 +100,123 @@ def resolve_request(
         force=force,
         timeout_seconds=settings.notebook_timeout_seconds(),
         overlap_max_trips=settings.overlap_max_trips(),
+        pipeline=stages.pipeline(TRAINING),
     )
 
 
 @dataclass(frozen=True)
-class StagePlan:
-    """What a run does with its stages, decided from its request and its (local) trip files."""
+class _Handed:
+    request: object
+    owned: lost_server.OwnedRun
 
+
+_handed: contextvars.ContextVar[_Handed | None] = contextvars.ContextVar("taxi_handed_request", default=None)
+
+
+def call_flow(flow: Callable[..., T], request: Request, owned: lost_server.OwnedRun) -> T:
+    """Run `flow` once for a request the command line has resolved and checked already.
+
+    Prefect records the run under the flow's own name and with its usual parameters
+    (`request.flow_parameters`); its body takes `request` as it is (`handed_request`) instead
+    of resolving those parameters again, and records in `owned` where its MLflow run got to.
+    Raises lost_server.PrefectServerLost when the Prefect server stops answering.
+    """
+    token = _handed.set(_Handed(request, owned))
+    try:
+        return lost_server.run_flow(flow, request.flow_parameters, owned)
+    finally:
+        _handed.reset(token)
+
+
+def handed_request(kind: type[R]) -> tuple[R, lost_server.OwnedRun] | None:
+    """The request `call_flow` handed the flow starting now, and its OwnedRun; None when called otherwise."""
+    handed = _handed.get()
+    if handed is None or not isinstance(handed.request, kind):
+        return None
+    _handed.set(None)  # taken: a flow this one calls resolves its own parameters
+    return handed.request, handed.owned
+
+
+def run_values(
+    request: RunRequest, trip_files: Mapping[str, str], run_dir: str = NOT_YET, mlflow_run_id: str = NOT_YET
+) -> dict[str, Any]:
+    """What a training run offers its stages; each gets the values its parameters cell declares.
+
+    `trip_files`: the months' local, validated files by role; each becomes `<role>_file`.
+    """
+    params = request.params
+    return {
+        "year": params.year,
+        "month": params.month,
+        "color": params.color,
+        "data_source": request.source.location,
+        "data_dir": str(request.source.cache_dir),
+        **{f"{role}_file": path for role, path in trip_files.items()},
+        "run_dir": run_dir,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": request.tracking_uri,
+        "experiment_name": request.experiment,
+        "registered_model": request.registered_model,
+    }
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """What a run does with its stages, decided from its run values and its (local) trip files."""
+
+    stages: tuple[Stage, ...]  # the pipeline's, each after its upstream
     keys: dict[str, str]  # stage -> cache key
-    trip_digests: dict[str, str]  # month label -> sha256 of its file
-    side_by_side: bool  # 01_explore runs beside 02_features (a small month), else before it
+    trip_digests: dict[str, str]  # month role -> sha256 of its file
+    limit: int  # notebooks at once: 2 lets report-only stages run beside others (a small month), 1 none
     reuse: dict[str, stagecache.CacheEntry]  # stages whose outputs are reused, and from where
 
     @property
-    def to_execute(self) -> tuple[str, ...]:
+    def to_execute(self) -> tuple[Stage, ...]:
         """The stages that run, in pipeline order."""
-        return tuple(stage for stage in STAGES if stage not in self.reuse)
+        return tuple(stage for stage in self.stages if stage.name not in self.reuse)
 
 
-def plan(request: RunRequest, trip_files: dict[str, str]) -> StagePlan:
-    """The stage plan for `request`, given its months' local files (label -> path)."""
-    params = request.params
+def plan_stages(
+    pipeline: tuple[Stage, ...], values: Mapping[str, Any], trip_files: Mapping[str, str], force: bool, max_trips: int
+) -> StagePlan:
+    """The plan of `pipeline` for a run offering `values`, given its months' local files (role -> path).
+
+    Every stage's parameters are checked against its parameters cell here, before any kernel
+    starts (runner.NotebookParameterError). Two notebooks may run at once when the first month
+    has at most `max_trips` trips (settings.overlap_max_trips: two kernels on a bigger month
+    need more memory than a modest machine has).
+    """
     digests = stages.trip_digests(trip_files)
-    keys = stages.stage_keys(params, digests, request.training_parameters)
+    keys: dict[str, str] = {}
+    for stage in pipeline:
+        received = runner.stage_parameters(stage.notebook, values, stage.parameters)
+        keys[stage.name] = stagecache.stage_key(stage, received, digests, keys)
     cache = stagecache.StageCache(settings.stage_cache_dir())
-    found = {} if request.force else {stage: cache.lookup(stage, keys[stage]) for stage in STAGES}
-    side_by_side = data.trip_count(Path(trip_files[params.train_month.label()])) <= request.overlap_max_trips
+    found = {} if force else {stage.name: cache.lookup(stage.name, keys[stage.name]) for stage in pipeline}
+    first_month = next(iter(trip_files.values()))
     return StagePlan(
+        stages=pipeline,
         keys=keys,
         trip_digests=digests,
-        side_by_side=side_by_side,
+        limit=2 if data.trip_count(Path(first_month)) <= max_trips else 1,
         reuse={stage: entry for stage, entry in found.items() if entry is not None},
     )
 
 
+def plan(request: RunRequest, trip_files: Mapping[str, str]) -> StagePlan:
+    """The training pipeline's plan for `request`, given its months' local files (role -> path)."""
+    return plan_stages(
+        request.pipeline,
+        run_values(request, trip_files),
+        trip_files,
+        request.force,
+        request.overlap_max_trips,
+    )
+
+
 def local_trip_files(request: RunRequest) -> dict[str, str] | None:
-    """The months' files if both are already on this machine (not yet validated), else None."""
-    files = {month.label(): request.source.local_copy(request.params.color, month) for month in request.months}
+    """The months' files by role if all are already on this machine (not yet validated), else None."""
+    files = {role: request.source.local_copy(request.params.color, month) for role, month in request.months.items()}
     if None in files.values():
         return None
-    return {label: str(path) for label, path in files.items()}
+    return {role: str(path) for role, path in files.items()}

@@ -1,37 +1,45 @@
 """The scoring flow: score one month's trips with a registered model (by default the champion).
 
-One stage, 04_score, with the pipeline stages' contract: an MLflow run of its own (in the
-scoring experiment, apart from training runs), the executed notebook and its reports
-archived, its outputs cached by content (the notebook, the month's file, the model version
-itself: a moved alias scores again), a row in the gallery. The run names its input file in
-MLflow's Datasets tab (context `scoring`) and links the model it used.
+It runs the `scoring` pipeline notebooks/pipeline.yaml declares through the same stage engine
+as training (taxi_duration.orchestration.stage): an MLflow run of its own (in the scoring
+experiment, apart from training runs), each executed notebook and its reports archived, their
+outputs cached by content (the notebook, the month's file, and the pinned model version the
+stage receives as `model_uri`: a moved alias scores again), a row in the gallery. The run names
+its input file in MLflow's Datasets tab (context `scoring`) and links the model it used.
 """
 
 # No `from __future__ import annotations` here: the flows' parameter types must be real objects,
 # because Prefect builds its parameter model from them in whatever process runs the flow (a
 # Dask worker unpickles the flow without this module's names, so strings would not resolve).
 import datetime as dt
-import functools
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prefect import Flow, flow
+from prefect import flow
 from prefect.runtime import flow_run
 
-from taxi_duration import data, gallery, runfiles, scoring, settings, stagecache, stages, tracking
+from taxi_duration import data, gallery, runfiles, scoring, settings, stages, tracking
 from taxi_duration.orchestration import links, lost_server, stopping
+from taxi_duration.orchestration.report import stage_rows_of
+from taxi_duration.orchestration.request import NOT_YET, handed_request, plan_stages
 from taxi_duration.orchestration.stage import (
     RunContext,
     StageOutcome,
+    StagesRun,
     ending_quietly,
-    fetch_trip_file,
+    fetch_trip_files,
     log_trip_datasets,
-    run_stage,
+    manifest_metrics,
+    manifest_value,
+    run_stages,
+    tag_reused_stages,
 )
 from taxi_duration.periods import Color, Month, MonthNumber, Year, scoring_month
+from taxi_duration.stages import Stage
 
-SCORE_STAGE = "04_score"
+SCORING = "scoring"  # the pipeline (notebooks/pipeline.yaml) a ScoreRequest runs
 SCORE_FLOW_NAME = "nyc-taxi-score"
 
 
@@ -47,6 +55,12 @@ class ScoreRequest:
     experiment: str
     force: bool
     timeout_seconds: int
+    pipeline: tuple[Stage, ...]  # the scoring stages, as notebooks/pipeline.yaml declares them
+
+    @property
+    def months(self) -> dict[str, Month]:
+        """The month the run reads, by role (stages.MONTH_ROLES)."""
+        return {"scored": self.month}
 
     @property
     def flow_parameters(self) -> dict[str, Any]:
@@ -89,7 +103,28 @@ def resolve_score_request(
         experiment=settings.scoring_experiment_name(experiment),
         force=force,
         timeout_seconds=settings.notebook_timeout_seconds(),
+        pipeline=stages.pipeline(SCORING),
     )
+
+
+def run_values(
+    request: ScoreRequest, trip_files: Mapping[str, str], run_dir: str = NOT_YET, mlflow_run_id: str = NOT_YET
+) -> dict[str, Any]:
+    """What a scoring run offers its stages; each gets the values its parameters cell declares."""
+    return {
+        "year": request.month.year,
+        "month": request.month.month,
+        "color": request.color,
+        # The version itself: the alias may move while the run is going, and a moved alias scores again.
+        "model_uri": request.model.pinned_uri,
+        "data_source": request.source.location,
+        "data_dir": str(request.source.cache_dir),
+        **{f"{role}_file": path for role, path in trip_files.items()},
+        "run_dir": run_dir,
+        "mlflow_run_id": mlflow_run_id,
+        "tracking_uri": request.tracking_uri,
+        "experiment_name": request.experiment,
+    }
 
 
 @flow(name=SCORE_FLOW_NAME, log_prints=True)
@@ -117,80 +152,41 @@ def taxi_duration_scoring(
         experiment: MLflow experiment of the scoring run; None: $TAXI_SCORING_EXPERIMENT, else <experiment>-scoring.
         force: Score again even if this month was scored by the same model version before.
     """
-    request = resolve_score_request(year, month, color, model_uri, data_source, experiment, force)
-    return ending_quietly(lambda: run_scoring(request))
+    handed = handed_request(ScoreRequest)  # the command line's request, resolved and checked already
+    if handed is not None:
+        request, owned = handed
+    else:
+        request = resolve_score_request(year, month, color, model_uri, data_source, experiment, force)
+        owned = lost_server.OwnedRun()
+    return ending_quietly(lambda: run_scoring(request, owned))
 
 
-def run_resolved_scoring(request: ScoreRequest) -> dict[str, Any]:
-    """A run of the scoring flow for a request the command line resolved already (see pipeline.run_resolved)."""
-    owned = lost_server.OwnedRun()
-
-    @functools.wraps(taxi_duration_scoring.fn)
-    def resolved_scoring(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return ending_quietly(lambda: run_scoring(request, owned))
-
-    as_flow = Flow(
-        resolved_scoring,
-        name=taxi_duration_scoring.name,
-        log_prints=True,
-        description=taxi_duration_scoring.description,
-    )
-    return lost_server.run_flow(as_flow, request.flow_parameters, owned)
-
-
-def score_key(request: ScoreRequest, file_digest: str) -> str:
-    """04_score's cache key: the notebook, the month, the file's bytes and the model version's identity."""
-    model = request.model
-    parameters = {
-        "year": request.month.year,
-        "month": request.month.month,
-        "color": request.color,
-        "model_name": model.name,
-        "model_version": model.version,
-        "model_id": model.model_id,
-        "tracking_uri": request.tracking_uri,
-    }
-    notebook = stages.notebook_path(SCORE_STAGE)
-    return stagecache.stage_key(SCORE_STAGE, notebook, parameters, {"scored": file_digest}, {})
-
-
-def run_scoring(request: ScoreRequest, owned: lost_server.OwnedRun | None = None) -> dict[str, Any]:
-    """The flow's body: fetch the month, open the MLflow run, run or reuse 04_score, record it all.
+def run_scoring(request: ScoreRequest, owned: lost_server.OwnedRun) -> dict[str, Any]:
+    """The flow's body: fetch the month, open the MLflow run, run or reuse the stages, record it all.
 
     `owned` learns where the MLflow run got to (see pipeline.run_pipeline).
     """
-    owned = owned or lost_server.OwnedRun()
     started = dt.datetime.now(dt.UTC)
-    trip_file = fetch_trip_file(request.color, request.month, request.source)
-    digest = stagecache.file_sha256(Path(trip_file))
-    key = score_key(request, digest)
-    cache = stagecache.StageCache(settings.stage_cache_dir())
-    reuse_from = None if request.force else cache.lookup(SCORE_STAGE, key)
+    trip_files = fetch_trip_files(request.color, request.months, request.source, actuals=False)
+    stage_plan = plan_stages(
+        request.pipeline, run_values(request, trip_files), trip_files, request.force, settings.overlap_max_trips()
+    )
     context = _start_mlflow_run(request, started)
     owned.run_id, owned.run_dir = context.run_id, context.run_dir
     print(f"MLflow run {context.run_id} in experiment {request.experiment!r}; outputs in {context.run_dir}")
-    log_trip_datasets(context, request.source, request.color, {request.month: (trip_file, digest, "scoring")})
+    log_trip_datasets(
+        context,
+        request.source,
+        request.color,
+        {month: (trip_files[role], stage_plan.trip_digests[role], SCORING) for role, month in request.months.items()},
+    )
     _link_model(context, request.model)
-    status, error, outcome = "FAILED", None, None
+    status, error = "FAILED", None
+    run = StagesRun(context, request.timeout_seconds, {})
     try:
-        outcome = run_stage(
-            SCORE_STAGE,
-            _notebook_parameters(request, context),
-            context,
-            request.timeout_seconds,
-            key,
-            reuse_from=reuse_from,
-        )
-        tracking.log_metrics(context.tracking_uri, context.run_id, _numeric(outcome.manifest["metrics"]))
-        if outcome.reused_from is not None:
-            tracking.set_tags(
-                context.tracking_uri,
-                context.run_id,
-                {
-                    f"taxi.stage.{SCORE_STAGE}.reused_from_run": outcome.reused_from.mlflow_run_id,
-                    "taxi.reused_stages": SCORE_STAGE,
-                },
-            )
+        run_stages(run, stage_plan, run_values(request, trip_files, str(context.run_dir), context.run_id))
+        tracking.log_metrics(context.tracking_uri, context.run_id, _numeric(manifest_metrics(run.outcomes)))
+        tag_reused_stages(context, run.outcomes)
         status = "FINISHED"
     except BaseException as ended:
         error = ended
@@ -201,8 +197,10 @@ def run_scoring(request: ScoreRequest, owned: lost_server.OwnedRun | None = None
         owned.error = error
         tracking.finish_run(context.tracking_uri, context.run_id, status)
         owned.status = status
-        gallery_path = _report(request, context, started, status, error, outcome)
-    owned.result = _result(request, context, outcome, gallery_path)
+        outcomes = {stage.name: run.outcomes[stage.name] for stage in request.pipeline if stage.name in run.outcomes}
+        timings = [run.timings[stage.name] for stage in request.pipeline if stage.name in run.timings]
+        gallery_path = _report(request, context, started, status, error, outcomes, timings)
+    owned.result = _result(request, context, outcomes, gallery_path)
     return owned.result
 
 
@@ -253,20 +251,6 @@ def _link_model(context: RunContext, model: scoring.ScoringModel) -> None:
     )
 
 
-def _notebook_parameters(request: ScoreRequest, context: RunContext) -> dict[str, Any]:
-    return {
-        "year": request.month.year,
-        "month": request.month.month,
-        "color": request.color,
-        # The version itself: the alias may move while the run is going.
-        "model_uri": request.model.pinned_uri,
-        "data_source": request.source.location,
-        "data_dir": str(request.source.cache_dir),
-        "run_dir": str(context.run_dir),
-        "tracking_uri": request.tracking_uri,
-    }
-
-
 def _numeric(metrics: dict[str, Any]) -> dict[str, float]:
     return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
 
@@ -277,21 +261,15 @@ def _report(
     started: dt.datetime,
     status: str,
     error: BaseException | None,
-    outcome: StageOutcome | None,
+    outcomes: dict[str, StageOutcome],
+    timings: list[dict[str, Any]],
 ) -> Path:
     """run.json, the gallery and the Prefect summary; a problem here is printed, never raised."""
     gallery_path = settings.outputs_dir() / gallery.GALLERY
     try:
         finished = dt.datetime.now(dt.UTC)
-        metrics = outcome.manifest["metrics"] if outcome else {}
+        metrics = manifest_metrics(outcomes)
         experiment_id = tracking.experiment_id_of(context.tracking_uri, context.run_id)
-        stage_row: dict[str, Any] = {
-            "stage": SCORE_STAGE,
-            "status": outcome.status if outcome else "FAILED",
-            "seconds": round((finished - started).total_seconds(), 1),
-        }
-        if (context.run_dir / f"{SCORE_STAGE}.html").is_file():
-            stage_row.update(full_report=f"{SCORE_STAGE}.html", review_report=f"{SCORE_STAGE}.review.html")
         record = {
             "kind": "score",
             "color": request.color,
@@ -310,8 +288,8 @@ def _report(
             "tracking_uri": context.tracking_uri,
             "mlflow_url": gallery.mlflow_run_url(context.tracking_uri, experiment_id, context.run_id),
             "prefect_flow_run_id": str(flow_run.id),
-            "stages": [stage_row],
-            **stages.provenance((SCORE_STAGE,)),
+            "stages": stage_rows_of(timings, {stage.name for stage in request.pipeline}),
+            **stages.provenance(request.pipeline),
         }
         gallery.write_run_record(context.run_dir, record)
         gallery_path = gallery.build_gallery(settings.outputs_dir())
@@ -346,8 +324,11 @@ def _publish_summary(record: dict[str, Any], metrics: dict[str, Any], run_dir: P
     links.publish(record, run_links, markdown)
 
 
-def _result(request: ScoreRequest, context: RunContext, outcome: StageOutcome, gallery_path: Path) -> dict[str, Any]:
-    manifest = outcome.manifest
+def _result(
+    request: ScoreRequest, context: RunContext, outcomes: dict[str, StageOutcome], gallery_path: Path
+) -> dict[str, Any]:
+    has_actuals, _ = manifest_value(outcomes, "has_actuals")
+    files, _ = manifest_value(outcomes, "files")
     return {
         "color": request.color,
         "scored_month": request.month.label(),
@@ -355,17 +336,17 @@ def _result(request: ScoreRequest, context: RunContext, outcome: StageOutcome, g
         "model_uri": request.model.pinned_uri,
         "model_train_month": request.model.train_month,
         "model_validation_rmse": request.model.validation_rmse,
-        "has_actuals": manifest["has_actuals"],
-        "metrics": manifest["metrics"],
+        "has_actuals": has_actuals,
+        "metrics": manifest_metrics(outcomes),
         "mlflow_run_id": context.run_id,
         "experiment": request.experiment,
         "tracking_uri": context.tracking_uri,
         "prefect_flow_run_id": str(flow_run.id),
         "run_dir": str(context.run_dir),
-        "predictions": str(context.run_dir / manifest["files"]["predictions"]),
-        "report": str(context.run_dir / f"{SCORE_STAGE}.review.html"),
+        "predictions": str(context.run_dir / files["predictions"]),
+        "report": str(context.run_dir / f"{request.pipeline[-1].name}.review.html"),
         "gallery": str(gallery_path),
-        "reused_from": outcome.reused_from.mlflow_run_id if outcome.reused_from else None,
+        "reused_stages": {stage: o.reused_from.mlflow_run_id for stage, o in outcomes.items() if o.reused_from},
     }
 
 
@@ -403,7 +384,8 @@ def format_score_summary(result: dict[str, Any]) -> str:
         f"  report (review)   {result['report']}",
         f"  MLflow run        {result['mlflow_run_id']} (experiment {result['experiment']!r}, {result['tracking_uri']})",
     ]
-    if result["reused_from"]:
-        lines.append(f"  reused, unchanged 04_score (run {result['reused_from'][:8]})")
+    if result["reused_stages"]:
+        reused = ", ".join(f"{stage} (run {run[:8]})" for stage, run in result["reused_stages"].items())
+        lines.append(f"  reused, unchanged {reused}")
     lines.append(f"  all runs          {result['gallery']}")
     return "\n".join(lines)

@@ -1,0 +1,125 @@
+"""Stage declarations (notebooks/pipeline.yaml): loaded into Stage values, checked, ordered; and when each stage starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from taxi_duration import stages
+from taxi_duration.orchestration.stage import waits_for
+from taxi_duration.stages import DeclarationError, Stage
+
+PROJECT_DIR = Path(__file__).resolve().parents[2]
+
+
+def _project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, declarations: str, notebooks: tuple[str, ...]) -> Path:
+    """A project folder holding `declarations` as notebooks/pipeline.yaml and (empty) `notebooks`."""
+    folder = tmp_path / "project" / "notebooks"
+    folder.mkdir(parents=True)
+    for name in notebooks:
+        (folder / name).write_text("{}")
+    (folder / "pipeline.yaml").write_text(declarations)
+    monkeypatch.setenv("TAXI_PROJECT_DIR", str(tmp_path / "project"))
+    return folder / "pipeline.yaml"
+
+
+def test_the_shipped_declarations_load_in_order_with_their_fields():
+    training = stages.pipeline("training")
+    assert [stage.name for stage in training] == ["01_explore", "02_features", "03_train"]
+    explore, features, train = training
+    assert explore.report_only and explore.reads == ("train",) and explore.needs == ()
+    assert features.reads == ("train", "validation") and "preprocessor.b" in features.produces
+    assert train.needs == ("02_features",) and "xgboost" in train.preload and not train.report_only
+    assert all(stage.notebook == PROJECT_DIR / "notebooks" / f"{stage.name}.ipynb" for stage in training)
+    (score,) = stages.pipeline("scoring")
+    assert score.reads == ("scored",) and dict(score.parameters) == {}
+    assert stages.find(score.name) == score
+
+
+def test_upstream_comes_first_and_otherwise_declaration_order_holds(tmp_path, monkeypatch):
+    _project(
+        tmp_path,
+        monkeypatch,
+        """
+pipelines:
+  training:
+    report:
+      notebook: c.ipynb
+      needs: [train]
+      report_only: true
+      parameters: {bins: 12}
+    train:
+      notebook: b.ipynb
+      needs: [features]
+    features:
+      notebook: a.ipynb
+      reads: [train, validation]
+""",
+        ("a.ipynb", "b.ipynb", "c.ipynb"),
+    )
+    ordered = stages.pipeline("training")
+    assert [stage.name for stage in ordered] == ["features", "train", "report"]
+    assert dict(ordered[2].parameters) == {"bins": 12}
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ("notebook: a.ipynb\n      needs: [nowhere]", "pipelines.training.one: unknown upstream stage(s) nowhere"),
+        ("notebook: missing.ipynb", "pipelines.training.one: notebook"),
+        ("notebook: a.ipynb\n      produce: [x]", "pipelines.training.one: unknown field(s) produce"),
+        ("notebook: a.ipynb\n      reads: [scored]", "pipelines.training.one: unknown month role(s) scored"),
+        ("notebook: a.ipynb\n      report_only: maybe", "pipelines.training.one: `report_only:` must be true or false"),
+        ("notebook: a.ipynb\n      needs: x", "pipelines.training.one: `needs:` must be a list"),
+        ("reads: [train]", "pipelines.training.one: `notebook:` must name the notebook file"),
+    ],
+)
+def test_a_bad_declaration_is_refused_naming_the_file_and_the_entry(tmp_path, monkeypatch, entry, message):
+    path = _project(tmp_path, monkeypatch, f"pipelines:\n  training:\n    one:\n      {entry}\n", ("a.ipynb",))
+    with pytest.raises(DeclarationError) as refused:
+        stages.pipeline("training")
+    assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)
+
+
+def test_a_cycle_is_refused_naming_its_stages(tmp_path, monkeypatch):
+    _project(
+        tmp_path,
+        monkeypatch,
+        "pipelines:\n  training:\n    a:\n      notebook: a.ipynb\n      needs: [b]\n"
+        "    b:\n      notebook: a.ipynb\n      needs: [a]\n",
+        ("a.ipynb",),
+    )
+    with pytest.raises(DeclarationError, match=r"pipeline.yaml: pipelines.training: the `needs` of a, b form a cycle"):
+        stages.pipeline("training")
+
+
+def test_an_unknown_pipeline_or_a_missing_file_is_refused(tmp_path, monkeypatch):
+    _project(tmp_path, monkeypatch, "pipelines:\n  training:\n    a:\n      notebook: a.ipynb\n", ("a.ipynb",))
+    with pytest.raises(DeclarationError, match="no pipeline 'scoring'; it declares: training"):
+        stages.pipeline("scoring")
+    (tmp_path / "project" / "notebooks" / "pipeline.yaml").unlink()
+    with pytest.raises(DeclarationError, match="cannot read the stage declarations"):
+        stages.pipeline("training")
+
+
+def _stage(name: str, needs: tuple[str, ...] = (), report_only: bool = False) -> Stage:
+    return Stage(name=name, notebook=Path(f"{name}.ipynb"), needs=needs, report_only=report_only)
+
+
+def test_report_only_stages_run_beside_the_next_stage_and_the_others_one_at_a_time():
+    explore = _stage("explore", report_only=True)
+    features = _stage("features")
+    quality = _stage("quality", needs=("features",), report_only=True)
+    train = _stage("train", needs=("features",))
+    errors = _stage("errors", needs=("train",), report_only=True)
+    publish = _stage("publish")
+    waits = waits_for((explore, features, quality, train, errors, publish))
+    assert waits == {
+        "explore": (),  # at once
+        "features": (),  # beside explore
+        "quality": ("features",),  # as soon as its upstream is done, beside train
+        "train": ("features", "explore"),  # after the stage before it, and what ran beside that one
+        "errors": ("train",),
+        "publish": ("train", "quality"),  # not beside quality, which ran beside train
+    }
