@@ -12,12 +12,12 @@ import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import TypeGuard
 
-from taxi_duration import runfiles, zones
+from taxi_duration import manifests, runfiles, stages, zones
+from taxi_duration.manifests import ExploreManifest, FeaturesManifest, StageManifest, TrainingManifest
 from taxi_duration.past_runs import PastRun
 
-NOTEBOOK_STAGES = ("01_explore", "02_features", "03_train")
 Value = float | int | str | None
 
 
@@ -108,31 +108,56 @@ def compare_runs(a: PastRun, b: PastRun, cross_score: bool = True) -> Comparison
     for run in (older, newer):
         if run.kind != "train":
             raise ValueError(f"{run.label} is a scoring run; a comparison is of two pipeline (training) runs")
-    before, after = ({stage: _manifest(run, stage) for stage in NOTEBOOK_STAGES} for run in (older, newer))
+    names = compared_stages(older, newer)
+    before, after = (_RunManifests([_manifest(run, stage) for stage in names]) for run in (older, newer))
     return Comparison(
         older=older,
         newer=newer,
-        parameters=_parameter_figures(older, newer),
+        parameters=_parameter_figures(older, newer, names),
         data=_data_figures(before, after),
-        busiest_zones={
-            side: _zone_figures(before["01_explore"], after["01_explore"], side) for side in ("pickup", "dropoff")
-        },
-        model=_model_figures(older, newer, before["03_train"], after["03_train"]),
-        error_by_distance=_distance_figures(before["03_train"], after["03_train"]),
-        cross_scores=_cross_scores((older, before["03_train"]), (newer, after["03_train"])) if cross_score else (),
-        notebooks=tuple(notebook_change(stage, older, newer) for stage in NOTEBOOK_STAGES),
-        figures=tuple(pair for stage in NOTEBOOK_STAGES for pair in figure_pairs(stage, older, newer)),
+        busiest_zones={side: _zone_figures(before.explore, after.explore, side) for side in ("pickup", "dropoff")},
+        model=_model_figures(older, newer, before.training, after.training),
+        error_by_distance=_distance_figures(before.training, after.training),
+        cross_scores=_cross_scores((older, before.training), (newer, after.training)) if cross_score else (),
+        notebooks=tuple(notebook_change(stage, older, newer) for stage in names),
+        figures=tuple(pair for stage in names for pair in figure_pairs(stage, older, newer)),
     )
 
 
-def _manifest(run: PastRun, stage: str) -> dict[str, Any]:
+def compared_stages(older: PastRun, newer: PastRun) -> tuple[str, ...]:
+    """The training pipeline's declared stages, then any other stage either run recorded (in name order)."""
+    declared = [stage.name for stage in stages.pipeline("training")]
+    recorded = {name for run in (older, newer) for name in run.record.get("notebooks") or {}}
+    return (*declared, *sorted(recorded - set(declared)))
+
+
+@dataclass(frozen=True)
+class _RunManifests:
+    """One run's manifests, and those the comparison reads figures from, picked by kind."""
+
+    records: list[StageManifest | None]
+
+    @property
+    def explore(self) -> ExploreManifest | None:
+        return manifests.of_kind(self.records, ExploreManifest)
+
+    @property
+    def features(self) -> FeaturesManifest | None:
+        return manifests.of_kind(self.records, FeaturesManifest)
+
+    @property
+    def training(self) -> TrainingManifest | None:
+        return manifests.of_kind(self.records, TrainingManifest)
+
+
+def _manifest(run: PastRun, stage: str) -> StageManifest | None:
     try:
-        return runfiles.read_manifest(run.folder, stage)
+        return manifests.read(run.folder, stage)
     except runfiles.MissingRunFileError:
-        return {}  # the stage did not finish in that run: its figures show as absent
+        return None  # the stage did not finish in that run: its figures show as absent
 
 
-def _parameter_figures(older: PastRun, newer: PastRun) -> tuple[Figure, ...]:
+def _parameter_figures(older: PastRun, newer: PastRun, names: tuple[str, ...]) -> tuple[Figure, ...]:
     rows = [
         Figure(label, older.record.get(key), newer.record.get(key))
         for label, key in (
@@ -144,7 +169,7 @@ def _parameter_figures(older: PastRun, newer: PastRun) -> tuple[Figure, ...]:
             ("status", "status"),
         )
     ]
-    for stage in NOTEBOOK_STAGES:
+    for stage in names:
         rows.append(
             Figure(
                 f"{stage}.ipynb sha256",
@@ -158,22 +183,21 @@ def _short(digest: str | None) -> str | None:
     return digest[:12] if digest else None
 
 
-def _data_figures(older: dict[str, dict[str, Any]], newer: dict[str, dict[str, Any]]) -> tuple[Figure, ...]:
-    def explore(manifest: dict[str, Any]) -> dict[str, Value]:
-        explored = manifest["01_explore"]
-        values: dict[str, Value] = {"trips in the month": explored.get("rows")}
+def _data_figures(older: _RunManifests, newer: _RunManifests) -> tuple[Figure, ...]:
+    def explore(run: _RunManifests) -> dict[str, Value]:
+        explored, features = run.explore, run.features
+        values: dict[str, Value] = {"trips in the month": explored.metrics.get("rows") if explored else None}
         for key, label in (
             ("kept", "trips kept by the 1–60 min filter"),
             ("too_short_share", "share dropped: under 1 min"),
             ("too_long_share", "share dropped: over 60 min"),
             ("dropped_share", "share dropped in all"),
         ):
-            values[label] = (explored.get("filter") or {}).get(key)
-        for quantile, minutes in (explored.get("duration_quantiles") or {}).items():
+            values[label] = explored.duration_filter.get(key) if explored else None
+        for quantile, minutes in (explored.duration_quantiles if explored else {}).items():
             values[f"duration {quantile} (min)"] = minutes
-        for column, count in (explored.get("nulls") or {}).items():
+        for column, count in (explored.nulls if explored else {}).items():
             values[f"nulls: {column}"] = count
-        features = manifest["02_features"]
         for key, label in (
             ("train_rows", "training trips (after cleaning)"),
             ("val_rows", "validation trips"),
@@ -181,7 +205,7 @@ def _data_figures(older: dict[str, dict[str, Any]], newer: dict[str, dict[str, A
             ("n_features", "features"),
             ("unseen_pu_do_share", "validation trips with an unseen PU_DO"),
         ):
-            values[label] = features.get(key)
+            values[label] = features.metrics.get(key) if features else None
         return values
 
     before, after = explore(older), explore(newer)
@@ -193,12 +217,10 @@ def _data_figures(older: dict[str, dict[str, Any]], newer: dict[str, dict[str, A
     return tuple(Figure(label, value(before, label), value(after, label)) for label in labels)
 
 
-def _zone_figures(older: dict[str, Any], newer: dict[str, Any], side: str) -> tuple[Figure, ...]:
-    def ranked(manifest: dict[str, Any]) -> list[str]:
-        return [
-            f"{zones.zone_label(zone['zone'])} ({zone['trips']:,} trips)"
-            for zone in (manifest.get("busiest_zones") or {}).get(side, [])
-        ]
+def _zone_figures(older: ExploreManifest | None, newer: ExploreManifest | None, side: str) -> tuple[Figure, ...]:
+    def ranked(explored: ExploreManifest | None) -> list[str]:
+        busiest = explored.busiest_zones.get(side, ()) if explored else ()
+        return [f"{zones.zone_label(zone.zone)} ({zone.trips:,} trips)" for zone in busiest]
 
     before, after = ranked(older), ranked(newer)
     return tuple(
@@ -208,10 +230,10 @@ def _zone_figures(older: dict[str, Any], newer: dict[str, Any], side: str) -> tu
 
 
 def _model_figures(
-    older_run: PastRun, newer_run: PastRun, older: dict[str, Any], newer: dict[str, Any]
+    older_run: PastRun, newer_run: PastRun, older: TrainingManifest | None, newer: TrainingManifest | None
 ) -> tuple[Figure, ...]:
     rows = [
-        Figure(label, (older.get("metrics") or {}).get(key), (newer.get("metrics") or {}).get(key))
+        Figure(label, older.metrics.get(key) if older else None, newer.metrics.get(key) if newer else None)
         for label, key in (
             ("validation RMSE (min)", "rmse"),
             ("baseline RMSE: training mean (min)", "baseline_rmse"),
@@ -228,39 +250,36 @@ def _model_figures(
     return tuple(rows)
 
 
-def _promotion(run: PastRun, training: dict[str, Any], key: str) -> Value:
+def _promotion(run: PastRun, training: TrainingManifest | None, key: str) -> Value:
     """A registry figure of the run; a reused training registered nothing itself, as run.json says."""
     if key == "decision" and run.record.get("promotion"):
         return run.record["promotion"]
-    return (training.get("promotion") or {}).get(f"taxi.promotion.{key}")
+    return ((training.promotion if training else None) or {}).get(f"taxi.promotion.{key}")
 
 
-def _distance_figures(older: dict[str, Any], newer: dict[str, Any]) -> tuple[Figure, ...]:
-    def by_bucket(manifest: dict[str, Any]) -> dict[str, float]:
-        return {row["miles"]: row["rmse"] for row in manifest.get("error_by_distance") or []}
+def _distance_figures(older: TrainingManifest | None, newer: TrainingManifest | None) -> tuple[Figure, ...]:
+    def by_bucket(training: TrainingManifest | None) -> dict[str, float]:
+        return {row.miles: row.rmse for row in training.error_by_distance} if training else {}
 
     before, after = by_bucket(older), by_bucket(newer)
     buckets = list(before) + [bucket for bucket in after if bucket not in before]
     return tuple(Figure(f"RMSE, {bucket} miles", before.get(bucket), after.get(bucket)) for bucket in buckets)
 
 
-def _cross_scores(*runs: tuple[PastRun, dict[str, Any]]) -> tuple[CrossScore, ...]:
-    """Each run's model (with its 03_train manifest) on both validation months: its own, as
+def _cross_scores(*runs: tuple[PastRun, TrainingManifest | None]) -> tuple[CrossScore, ...]:
+    """Each run's model (with its training manifest) on both validation months: its own, as
     recorded, and the other run's, scored now."""
     scores = []
     for model_run, training in runs:
         for month_run, _ in runs:
             month = str(month_run.record.get("validation_month", ""))
             if month_run is model_run:
-                scores.append(
-                    CrossScore(
-                        model_run.label, month, (training.get("metrics") or {}).get("rmse"), "recorded by the run"
-                    )
-                )
+                rmse = training.metrics.get("rmse") if training else None
+                scores.append(CrossScore(model_run.label, month, rmse, "recorded by the run"))
                 continue
             own_training = month == model_run.record.get("train_month")
             try:
-                rmse = _score(model_run, training.get("model_uri"), month_run)
+                rmse = _score(model_run, training.model_uri if training else None, month_run)
                 scores.append(
                     CrossScore(
                         model_run.label,

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from taxi_duration import compare, explore, gallery, model, reopen, reports, runfiles
+from taxi_duration import compare, explore, gallery, manifests, model, reopen, reports, runfiles
 from taxi_duration.comparison import Figure, compare_runs, figure_pairs, notebook_change
 from taxi_duration.past_runs import RunNotFoundError, find_run, previous_month_run
-from taxi_duration.periods import Month
+from taxi_duration.periods import Month, parse_month
 
 # The smallest valid PNG (1x1), as notebooks carry plots: base64 text.
 PNG = base64.b64encode(
@@ -75,26 +75,42 @@ def _run_folder(
         "notebooks": {"01_explore": "e" * 64, "02_features": "f" * 64, "03_train": run_id[0] * 64},
     }
     gallery.write_run_record(folder, record)
-    runfiles.write_manifest(
+    trip_month = parse_month(month)
+    manifests.write(
         folder,
-        "01_explore",
-        {
-            "rows": rows,
-            "filter": {"kept": rows - 3, "dropped_share": 0.03},
-            "duration_quantiles": {"p50": 11.5},
-            "nulls": {"trip_type": 2},
-            "busiest_zones": {"pickup": [{"zone": "74", "trips": 10, "share": 0.1}], "dropoff": []},
-        },
+        manifests.ExploreManifest(
+            stage="01_explore",
+            trip_file=f"/data/{color}_tripdata_{month}.parquet",
+            metrics={"rows": rows},
+            duration_filter={"kept": rows - 3, "dropped_share": 0.03},
+            duration_quantiles={"p50": 11.5},
+            nulls={"trip_type": 2},
+            busiest_zones={"pickup": (manifests.ZoneCount("74", 10, 0.1),), "dropoff": ()},
+        ),
     )
-    runfiles.write_manifest(folder, "02_features", {"train_rows": rows - 3, "val_rows": 90, "pu_do_vocabulary": 40})
-    runfiles.write_manifest(
+    manifests.write(
         folder,
-        "03_train",
-        {
-            "metrics": {"rmse": rmse, "baseline_rmse": 9.0, "best_iteration": 29},
-            "error_by_distance": [{"miles": "[0.0, 1.0)", "trips": 5, "rmse": rmse + 1, "mean_error": 0.1}],
-            "promotion": {"taxi.promotion.decision": "promoted"},
-        },
+        manifests.FeaturesManifest(
+            stage="02_features",
+            color=color,
+            train_month=trip_month,
+            validation_month=trip_month.next(),
+            train_file=f"/data/{color}_tripdata_{month}.parquet",
+            validation_file=f"/data/{color}_tripdata_{trip_month.next()}.parquet",
+            files={"preprocessor": "preprocessor.b"},
+            metrics={"train_rows": rows - 3, "val_rows": 90, "pu_do_vocabulary": 40},
+        ),
+    )
+    manifests.write(
+        folder,
+        manifests.TrainingManifest(
+            stage="03_train",
+            mlflow_run_id=run_id,
+            model_uri=f"runs:/{run_id}/model",
+            metrics={"rmse": rmse, "baseline_rmse": 9.0, "best_iteration": 29},
+            error_by_distance=(manifests.DistanceError("[0.0, 1.0)", 5, rmse + 1, 0.1),),
+            promotion={"taxi.promotion.decision": "promoted"},
+        ),
     )
     for stage in ("01_explore", "02_features", "03_train"):
         parameters = {
@@ -188,6 +204,33 @@ def test_figures_pair_in_order_and_values_come_from_the_manifests(tmp_path):
     assert comparison.busiest_zones["pickup"][0] == Figure("#1", zone, zone)
     assert comparison.cross_scores == ()
     assert Figure("x", "a", "b").delta is None and Figure("x", True, 2).delta is None
+
+
+def test_the_comparison_picks_manifests_by_kind_reads_older_files_and_shows_every_recorded_stage(tmp_path):
+    older_folder = _run_folder(tmp_path, "2023-01", "aaaa000000000001")
+    newer_folder = _run_folder(tmp_path, "2023-02", "bbbb000000000001", rows=120)
+    # The older run's manifests as notebooks wrote them before `kind` existed.
+    for stage in ("01_explore", "02_features"):
+        content = runfiles.read_manifest(older_folder, stage)
+        del content["kind"]
+        runfiles.write_manifest(older_folder, stage, content)
+    # The older run's training did not finish; the newer run has a stage the declarations do not name.
+    (older_folder / "03_train.manifest.json").unlink()
+    record = gallery.read_run_record(newer_folder)
+    record["notebooks"]["05_errors"] = "9" * 64
+    gallery.write_run_record(newer_folder, record)
+    manifests.write(newer_folder, manifests.StageManifest(stage="05_errors", metrics={"worst_rmse": 13.0}))
+    nbformat.write(_notebook(["x = 1"], {"run_dir": str(newer_folder)}), newer_folder / "05_errors.ipynb")
+
+    comparison = compare_runs(find_run(str(older_folder), tmp_path), find_run(str(newer_folder), tmp_path), False)
+    assert [change.stage for change in comparison.notebooks] == ["01_explore", "02_features", "03_train", "05_errors"]
+    added = comparison.notebooks[-1]
+    assert added.older_sha256 is None and [cell.kind for cell in added.cells] == ["added", "added", "added"]
+    values = {figure.label: (figure.older, figure.newer) for figure in comparison.data}
+    assert values["trips in the month"] == (100, 120) and values["PU_DO vocabulary"] == (40, 40)
+    rmse = next(figure for figure in comparison.model if figure.label == "validation RMSE (min)")
+    assert (rmse.older, rmse.newer) == (None, 5.0)
+    assert [(row.older, row.newer) for row in comparison.error_by_distance] == [(None, 6.0)]
 
 
 def test_the_report_is_offline_and_escapes_what_the_runs_hold(tmp_path):
