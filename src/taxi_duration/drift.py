@@ -1,8 +1,8 @@
 """How a scored month's trips differ from the month the model was trained on.
 
 A `trip_profile` summarizes one month's trips (count, trip-distance and duration
-distributions over fixed bins); 03_train stores its training month's profile in the
-servable model's metadata, and 04_score compares the scored month with it. Distribution
+distributions over fixed bins); the training notebook stores its training month's profile in the
+servable model's metadata, and the scoring notebook compares the scored month with it. Distribution
 shifts are measured as the population stability index (PSI) over those bins: under 0.1 is
 usually read as stable, 0.1-0.25 as a moderate shift, above 0.25 as a large one.
 """

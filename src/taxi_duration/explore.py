@@ -1,4 +1,4 @@
-"""Profile of one month of trips: what 01_explore shows before any modelling."""
+"""Profile of one month of trips: what the exploration notebook shows before any modelling."""
 
 from __future__ import annotations
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse
 
-# scikit-learn is imported where a vectorizer is made: 01_explore needs only the duration.
+# scikit-learn is imported where a vectorizer is made: exploring a month needs only the duration.
 if TYPE_CHECKING:
     from sklearn.feature_extraction import DictVectorizer
 

@@ -215,7 +215,7 @@ def servable_rmse(servable: Any, trips: Sequence[dict[str, Any]] | pd.DataFrame,
     """RMSE (minutes) of a servable Pipeline on raw trips whose actual durations are known.
 
     Every trip counts, those the served model would refuse too: the RMSE it is compared with
-    (the booster's in 03_train) was measured on all of them.
+    (the booster's, in the training notebook) was measured on all of them.
     """
     # PU_DO pairs the model never saw get no pair feature, as they would in serving.
     predictions = serving.predict_every_trip(servable, _frame(trips))

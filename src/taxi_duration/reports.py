@@ -141,7 +141,7 @@ def first_error(notebook: nbformat.NotebookNode) -> str | None:
 # One exporter per kind, made on first use and kept: a new one compiles its Jinja templates
 # again, which was half of a render (docs/performance.md). Exporters are reusable (nbconvert's
 # own command line converts many notebooks with one) but not meant for two threads at once, and
-# the pipeline renders 01_explore's and 02_features' reports from two threads: hence the lock.
+# the pipeline renders the reports of two stages running side by side from two threads: hence the lock.
 _exporters: dict[bool, HTMLExporter] = {}
 _render_lock = threading.Lock()
 

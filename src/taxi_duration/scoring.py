@@ -1,6 +1,6 @@
 """Batch scoring: which model a URI names, a month's trips as the model takes them, the predictions file.
 
-04_score and the scoring flow both resolve a model URI here, once: `models:/NAME@ALIAS` and
+The scoring notebook and the scoring flow both resolve a model URI here, once: `models:/NAME@ALIAS` and
 `models:/NAME/VERSION` become one registered version (the alias may move later; a scoring run
 records the version it used), whose training month, validation month and validation RMSE
 come from the tags the promotion gate set (taxi_duration.registry).
@@ -116,7 +116,7 @@ def _model_id(found: ModelVersion) -> str | None:
 
 
 def trips_to_score(path: Path, color: str, month: Month) -> tuple[pd.DataFrame, bool]:
-    """The month's trips as 04_score scores them, and whether their actual durations are known.
+    """The month's trips as the scoring notebook scores them, and whether their actual durations are known.
 
     With dropoff times: the trips in the model's 1-60 minute window, with `actual_minutes`.
     Without (a month whose dropoffs are not published yet): every trip, `actual_minutes` NaN.

@@ -5,7 +5,7 @@ as `nyc-taxi-duration` (the `champion` alias points at one of its versions):
 
 1. `TripFeaturizer`: checks the request (`check_trips`), adds `PU_DO` with the recipe's own
    code (features.with_zone_pairs) and builds the matrix with the DictVectorizer fitted in
-   02_features (features.trip_matrix);
+   the features notebook (features.trip_matrix);
 2. the trained booster inside XGBoost's scikit-learn wrapper, `XGBRegressor`.
 
 The checks are part of the model, so `mlflow models serve`, `mlflow models predict`,
@@ -13,7 +13,7 @@ The checks are part of the model, so `mlflow models serve`, `mlflow models predi
 zone id is a whole number among TLC's zones (taxi_duration.zones), a distance a finite number
 of miles from 0 to MAX_TRIP_MILES. A batch with a trip that breaks a rule is refused whole with
 an MlflowException (INVALID_PARAMETER_VALUE: HTTP 400 from MLflow's scoring server) naming the
-row, the field and the rule; an empty batch gets an empty answer. 04_score sets such trips
+row, the field and the rule; an empty batch gets an empty answer. The scoring notebook sets such trips
 aside first (`refusal_reasons`) and counts them.
 
 So `mlflow.sklearn.load_model("models:/nyc-taxi-duration@champion").predict(frame)`, or
@@ -49,7 +49,7 @@ SKOPS_TRUSTED_TYPES = ("taxi_duration.serving.TripFeaturizer", "xgboost.core.Boo
 # No taxi trip is longer: TLC's files carry odometer errors of thousands of miles, and in the
 # real months nothing lies between 40 and 1,000 miles among trips of 1-60 minutes.
 MAX_TRIP_MILES = 100.0
-# Why a trip is refused, by rule: "<field>.<key>" names it (04_score's counts, MLflow metrics).
+# Why a trip is refused, by rule: "<field>.<key>" names it (the scoring notebook's counts, MLflow metrics).
 REASONS = {
     "missing": "missing",
     "not_a_number": "not a number",
@@ -67,7 +67,7 @@ class TripFeaturizer(TransformerMixin, BaseEstimator):
     """Raw trips (a frame or records with RAW_COLUMNS) to the recipe's sparse design matrix.
 
     Holds a vectorizer already fitted on the training month: `fit` changes nothing, since the
-    pipeline is assembled from what 02_features and 03_train produced, never refitted here.
+    pipeline is assembled from what the features and training notebooks produced, never refitted here.
     """
 
     def __init__(self, vectorizer: DictVectorizer | None = None):
@@ -195,7 +195,7 @@ def check_trips(trips: pd.DataFrame) -> pd.DataFrame:
 def predict_every_trip(pipeline: Pipeline, trips: Any) -> np.ndarray:
     """Minutes for every trip, those the served model refuses included.
 
-    For comparing models on a month's validation trips as training measured them (03_train's
+    For comparing models on a month's validation trips as training measured them (the training notebook's
     check, the promotion gate, the comparison of two runs): the booster's RMSE covers them all.
     """
     matrix = pipeline.named_steps[FEATURIZER_STEP].matrix(trips)

@@ -114,7 +114,7 @@ DEFAULT_OVERLAP_MAX_TRIPS = 1_000_000
 
 
 def overlap_max_trips() -> int:
-    """Largest training month (trips) whose 01_explore runs beside 02_features: `TAXI_OVERLAP_MAX_TRIPS`.
+    """Largest training month (trips) whose stages may run two notebooks side by side: `TAXI_OVERLAP_MAX_TRIPS`.
 
     Side by side saves the exploration's time on two cores; above this size the two kernels
     together would need more memory than a modest machine has (about 5 GiB at 3.4 million
