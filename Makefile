@@ -80,7 +80,7 @@ services-stop: env ## Stop exactly the servers `make services` (or a run) starte
 ui: env ## Print the MLflow and Prefect UI addresses
 	@$(BIN)/python -m taxi_duration.services urls
 
-bench: env ## Time the pipeline against the plain script (BENCH_ARGS="--repeat 3 --check" or "--quick"); table in outputs/bench/pipeline.md
+bench: env ## Time the pipeline against the plain script, and a cold run with TAXI_FAST_START=0 (BENCH_ARGS="--repeat 3 --check" or "--quick"); table in outputs/bench/pipeline.md
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 reports: ## Print where the run gallery is (open it in a browser: no server needed)

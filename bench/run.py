@@ -20,6 +20,15 @@ Variants, each a fresh process started as a user would start it:
              started once (`python -m taxi_duration.services start`); fresh outputs each time.
   first run  the first run ever: like cold, but with an empty services folder, so the pipeline
              starts the local Prefect server itself (stopped afterwards). Reported, no target.
+  cold, fast start off
+             cold with TAXI_FAST_START=0: taxi_duration.fast_start's garbage-collector pause off.
+  cold, no kernels ahead (only with --variants)
+             cold with no runner started ahead of its stage (bench/pipeline_no_kernels_ahead.py).
+             Below the table: what each saves a cold run (median and paired per repetition), with
+             the CPU time (user + system of the reaped tree), which other work on the machine
+             moves far less than the wall time.
+
+    .venv/bin/python bench/run.py --repeat 3 --variants cold,cold-fast-start-off,cold-no-kernels-ahead
 
 Each repetition runs the variants in a rotated order (rerun always right after its cold run),
 so no variant is always first. Medians are compared with plain's median.
@@ -44,6 +53,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -59,7 +69,7 @@ from pathlib import Path
 import psutil
 from scale import high_water_mark  # bench/ is the script's folder, first on sys.path
 
-from taxi_duration import runfiles, settings
+from taxi_duration import fast_start, runfiles, settings
 from taxi_duration.periods import Month
 from taxi_duration.synthetic import write_trip_file
 
@@ -68,9 +78,22 @@ DEFAULT_DATA_DIR = PROJECT_DIR.parent / "shared" / "data" / "tlc"
 TRAIN_MONTH = Month(2023, 3)
 COLOR = "green"
 PLAIN_GC = "plain, GC paused"
-VARIANTS = ("plain", PLAIN_GC, "cold", "servers", "rerun", "first run")
+FAST_START_OFF = "cold, fast start off"
+NO_KERNELS_AHEAD = "cold, no kernels ahead"
+# Cold runs with a speed-up switched off, to show what it saves (issue 28: one that saves < 3 % goes).
+SPEED_UP_VARIANTS = (FAST_START_OFF, NO_KERNELS_AHEAD)
+VARIANTS = ("plain", PLAIN_GC, "cold", "servers", "rerun", "first run", *SPEED_UP_VARIANTS)
+DEFAULT_VARIANTS = ("plain", PLAIN_GC, "cold", "servers", "rerun", "first run", FAST_START_OFF)
 # Rotated each repetition; rerun needs the cold run just before it, so they move together.
-ROTATION_UNITS = (("plain",), ("cold", "rerun"), (PLAIN_GC,), ("servers",), ("first run",))
+ROTATION_UNITS = (
+    ("plain",),
+    ("cold", "rerun"),
+    (FAST_START_OFF,),
+    (PLAIN_GC,),
+    ("servers",),
+    ("first run",),
+    (NO_KERNELS_AHEAD,),
+)
 TARGETS = {"servers": 1.25, "cold": 1.6, "rerun": 0.35}
 RMSE_DECIMALS = 4
 QUICK_ROWS = 3000
@@ -91,6 +114,9 @@ class Measurement:
     largest_process_bytes: int
     rmse: float | None
     log: str
+    # user + system time of the command and the descendants it reaped (kernels, runners): unlike
+    # the wall time, it barely moves when other work shares the cores, but it misses waits.
+    cpu_seconds: float = 0.0
 
 
 @dataclass
@@ -108,7 +134,7 @@ class Bench:
 
     def folder(self, name: str) -> Path:
         self.counter += 1
-        path = self.work / f"{self.counter:02d}-{name.replace(' ', '-')}"
+        path = self.work / f"{self.counter:02d}-{slug(name)}"
         path.mkdir(parents=True)
         return path
 
@@ -148,11 +174,14 @@ class TreeSampler(threading.Thread):
         self.tree_peak = max(self.tree_peak, total)
 
 
-def measure(bench: Bench, command: list[str], env: dict[str, str], cwd: Path, log: Path) -> tuple[float, int, int, str]:
-    """Run `command`, timing it and sampling its tree; return (seconds, tree peak, largest, output).
+def measure(
+    bench: Bench, command: list[str], env: dict[str, str], cwd: Path, log: Path
+) -> tuple[float, int, int, str, float]:
+    """Run `command`, timing it and sampling its tree; return (seconds, tree peak, largest, output, CPU seconds).
 
     Raises BenchError, with the tail of the output, when it exits non-zero or times out.
     """
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with open(log, "wb") as sink:
         started = time.monotonic()
         # Its own session: Ctrl-C reaches it only through us, and we can stop its whole group.
@@ -182,7 +211,9 @@ def measure(bench: Bench, command: list[str], env: dict[str, str], cwd: Path, lo
         raise BenchError(
             f"`{' '.join(command)}` exited with {returncode} after {seconds:.1f} s; last lines of {log}:\n{tail}"
         )
-    return seconds, sampler.tree_peak, sampler.largest, output
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(getattr(children_after, f) - getattr(children_before, f) for f in ("ru_utime", "ru_stime"))
+    return seconds, sampler.tree_peak, sampler.largest, output, cpu
 
 
 def _stop_group(child: subprocess.Popen) -> None:
@@ -344,17 +375,22 @@ def run_plain(bench: Bench, repetition: int, base: dict[str, str], pause_gc: boo
         *(["--pause-gc"] if pause_gc else []),
     ]
     log = run / "output.log"
-    seconds, tree, largest, output = measure(bench, command, base, run, log)
+    seconds, tree, largest, output, cpu = measure(bench, command, base, run, log)
     found = PLAIN_RMSE.search(output)
     if not found:
         raise BenchError(f"the plain script exited 0 but printed no RMSE; see {log}")
     variant = PLAIN_GC if pause_gc else "plain"
-    return Measurement(variant, repetition, seconds, tree, largest, float(found.group(1)), str(log))
+    return Measurement(variant, repetition, seconds, tree, largest, float(found.group(1)), str(log), cpu)
 
 
-def run_pipeline(bench: Bench, variant: str, repetition: int, env: dict[str, str], log: Path) -> Measurement:
+def run_pipeline(
+    bench: Bench, variant: str, repetition: int, env: dict[str, str], log: Path, script: Path | None = None
+) -> Measurement:
+    """flows/pipeline.py's command line (or `script` with the same arguments) on the bench's data."""
     command = [*pipeline_command(), "--data-source", str(bench.data_dir)]
-    seconds, tree, largest, output = measure(bench, command, env, PROJECT_DIR, log)
+    if script is not None:
+        command[1] = str(script)
+    seconds, tree, largest, output, cpu = measure(bench, command, env, PROJECT_DIR, log)
     # A rerun that executed notebooks, or a cold run that reused some, measured something else.
     reused = REUSED_LINE.search(output)
     reused_stages = sorted(re.findall(r"(\d\d_\w+) \(run", reused.group(1))) if reused else []
@@ -365,7 +401,7 @@ def run_pipeline(bench: Bench, variant: str, repetition: int, env: dict[str, str
         )
     if variant != "rerun" and reused_stages:
         raise BenchError(f"the {variant} run reused {reused_stages} although nothing should be cached; see {log}")
-    return Measurement(variant, repetition, seconds, tree, largest, pipeline_rmse(output, log), str(log))
+    return Measurement(variant, repetition, seconds, tree, largest, pipeline_rmse(output, log), str(log), cpu)
 
 
 def reset_registry(tracking_uri: str) -> None:
@@ -397,6 +433,15 @@ def run_repetition(bench: Bench, repetition: int, order: list[str], shared: dict
             cold_run = bench.folder("cold")
             env = pipeline_environment(shared["local_env"], cold_run, shared["prefect_home"])
             measurement = run_pipeline(bench, "cold", repetition, env, cold_run / "output.log")
+        elif variant in SPEED_UP_VARIANTS:
+            run = bench.folder(variant)
+            env = pipeline_environment(shared["local_env"], run, shared["prefect_home"])
+            script = None
+            if variant == NO_KERNELS_AHEAD:
+                script = PROJECT_DIR / "bench" / "pipeline_no_kernels_ahead.py"
+            else:
+                env[fast_start.SWITCH] = "0"
+            measurement = run_pipeline(bench, variant, repetition, env, run / "output.log", script)
         elif variant == "rerun":
             assert cold_run is not None, "rerun is scheduled right after its cold run"
             env = pipeline_environment(shared["local_env"], cold_run, shared["prefect_home"])
@@ -423,13 +468,20 @@ def run_repetition(bench: Bench, repetition: int, order: list[str], shared: dict
                 bench.server_pids += recorded_server_pids(services_dir)
                 stop_services(services_dir)
         bench.measurements.append(measurement)
-        print(f" {measurement.seconds:.1f} s, RMSE {measurement.rmse}", flush=True)
+        print(
+            f" {measurement.seconds:.1f} s ({measurement.cpu_seconds:.1f} s CPU), RMSE {measurement.rmse}", flush=True
+        )
 
 
-def rotated_order(repetition: int) -> list[str]:
-    shift = repetition % len(ROTATION_UNITS)
-    units = ROTATION_UNITS[shift:] + ROTATION_UNITS[:shift]
-    return [variant for unit in units for variant in unit]
+def slug(variant: str) -> str:
+    """A variant's name on the command line (--variants): "cold, fast start off" -> cold-fast-start-off."""
+    return variant.lower().replace(", ", "-").replace(" ", "-")
+
+
+def rotated_order(repetition: int, selected: tuple[str, ...]) -> list[str]:
+    units = [kept for unit in ROTATION_UNITS if (kept := tuple(v for v in unit if v in selected))]
+    shift = repetition % len(units)
+    return [variant for unit in units[shift:] + units[:shift] for variant in unit]
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -477,12 +529,20 @@ def data_description(data_dir: Path, quick: bool) -> dict[str, object]:
     return {"kind": "synthetic (taxi_duration.synthetic)" if quick else "real TLC files", "files": files}
 
 
+def _median_of(bench: Bench, variant: str) -> float | None:
+    seconds = [m.seconds for m in bench.measurements if m.variant == variant]
+    return statistics.median(seconds) if seconds else None
+
+
 def summarize(bench: Bench) -> list[dict[str, object]]:
-    plain_median = statistics.median(m.seconds for m in bench.measurements if m.variant == "plain")
-    plain_gc_median = statistics.median(m.seconds for m in bench.measurements if m.variant == PLAIN_GC)
+    plain_median = _median_of(bench, "plain")
+    assert plain_median is not None, "plain is always measured"
+    plain_gc_median = _median_of(bench, PLAIN_GC)
     rows = []
     for variant in VARIANTS:
         runs = [m for m in bench.measurements if m.variant == variant]
+        if not runs:
+            continue
         seconds = [m.seconds for m in runs]
         median = statistics.median(seconds)
         ratio = median / plain_median
@@ -494,7 +554,7 @@ def summarize(bench: Bench) -> list[dict[str, object]]:
                 "min": min(seconds),
                 "max": max(seconds),
                 "ratio": ratio,
-                "ratio_to_plain_gc_paused": median / plain_gc_median,
+                "ratio_to_plain_gc_paused": None if plain_gc_median is None else median / plain_gc_median,
                 "target": target,
                 "within_target": None if target is None else ratio <= target,
                 "tree_peak_bytes": max(m.tree_peak_bytes for m in runs),
@@ -502,6 +562,65 @@ def summarize(bench: Bench) -> list[dict[str, object]]:
             }
         )
     return rows
+
+
+def speed_up_savings(bench: Bench) -> list[dict[str, object]]:
+    """What each switched-off speed-up costs a cold run: the cold run without it minus the cold run.
+
+    `saved_share` is the saving as a share of the cold run without it. `paired` are the same
+    differences within each repetition (both ran minutes apart), which cancel slow spells of the
+    shared machine that a median of each alone keeps.
+    """
+    cold = {m.repetition: m.seconds for m in bench.measurements if m.variant == "cold"}
+    cold_cpu = [m.cpu_seconds for m in bench.measurements if m.variant == "cold"]
+    savings = []
+    for variant in SPEED_UP_VARIANTS:
+        without = {m.repetition: m.seconds for m in bench.measurements if m.variant == variant}
+        if not without or not cold:
+            continue
+        without_cpu = [m.cpu_seconds for m in bench.measurements if m.variant == variant]
+        cold_median, without_median = statistics.median(cold.values()), statistics.median(without.values())
+        paired = [without[r] - cold[r] for r in sorted(without) if r in cold]
+        savings.append(
+            {
+                "variant": variant,
+                "cold_median": cold_median,
+                "without_median": without_median,
+                "saved": without_median - cold_median,
+                "saved_share": (without_median - cold_median) / without_median,
+                "paired": paired,
+                "paired_median": statistics.median(paired) if paired else None,
+                "cpu_cold_median": statistics.median(cold_cpu),
+                "cpu_without_median": statistics.median(without_cpu),
+                "repetitions": len(without),
+            }
+        )
+    return savings
+
+
+def render_savings(savings: list[dict[str, object]]) -> list[str]:
+    if not savings:
+        return []
+    lines = [
+        "",
+        "What the speed-ups save a cold run (issue 28: a speed-up that saves less than 3 % of a cold run goes). "
+        "saved = median of the cold runs without it - median of the cold runs; share = saved / median without it; "
+        "paired = (without - cold) within each repetition.",
+        "",
+        "| switched off | runs with | N | median s without | median s cold | saved s | share | paired: median "
+        "(min..max) s | CPU s without / cold (medians) |",
+        "|---|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for row in savings:
+        how = "`TAXI_FAST_START=0`" if row["variant"] == FAST_START_OFF else "bench/pipeline_no_kernels_ahead.py"
+        paired = row["paired"]
+        spread = f"{row['paired_median']:+.1f} ({min(paired):+.1f}..{max(paired):+.1f})" if paired else "-"
+        lines.append(
+            f"| {row['variant'].removeprefix('cold, ')} | {how} | {row['repetitions']} | {row['without_median']:.1f} "
+            f"| {row['cold_median']:.1f} | {row['saved']:+.1f} | {row['saved_share']:+.1%} | {spread} "
+            f"| {row['cpu_without_median']:.1f} / {row['cpu_cold_median']:.1f} |"
+        )
+    return lines
 
 
 def rmse_check(bench: Bench) -> dict[str, object]:
@@ -519,7 +638,11 @@ def rmse_check(bench: Bench) -> dict[str, object]:
 
 
 def render_markdown(
-    header: dict[str, object], rows: list[dict[str, object]], rmse: dict[str, object], quick: bool
+    header: dict[str, object],
+    rows: list[dict[str, object]],
+    rmse: dict[str, object],
+    quick: bool,
+    savings: list[dict[str, object]],
 ) -> str:
     machine = header["machine"]
     data = header["data"]
@@ -558,7 +681,7 @@ def render_markdown(
             within = ("yes" if row["within_target"] else "no") + (" (not enforced: quick)" if quick else "")
         lines.append(
             f"| {row['variant']} | {row['median']:.1f} | {row['min']:.1f} | {row['max']:.1f} | {row['ratio']:.2f}x "
-            f"| {target} | {within} | {row['ratio_to_plain_gc_paused']:.2f}x "
+            f"| {target} | {within} | {_ratio(row['ratio_to_plain_gc_paused'])} "
             f"| tree {_mib(row['tree_peak_bytes'])}, largest {_mib(row['largest_process_bytes'])} |"
         )
     lines += [
@@ -568,9 +691,16 @@ def render_markdown(
         "ratio shows what the pipeline costs against a script that uses the same trick. "
         "cold: the pipeline, nothing cached, local Prefect server already running. "
         "servers: with `make services` (MLflow server + Prefect server). rerun: cold again, every stage reused. "
-        "first run: cold plus starting the local Prefect server (no target).",
+        "first run: cold plus starting the local Prefect server (no target). "
+        "cold, fast start off: cold with TAXI_FAST_START=0 (taxi_duration.fast_start's garbage-collector pause off). "
+        "cold, no kernels ahead: cold with no runner started ahead (bench/pipeline_no_kernels_ahead.py).",
+        *render_savings(savings),
     ]
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: object) -> str:
+    return "-" if value is None else f"{value:.2f}x"
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -595,6 +725,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--output-dir", type=Path, default=PROJECT_DIR / "outputs" / "bench", help="where the table and JSON go"
     )
+    parser.add_argument(
+        "--variants",
+        default=",".join(map(slug, DEFAULT_VARIANTS)),
+        help="comma-separated variants to run (plain always runs; rerun needs cold); default: "
+        f"{','.join(map(slug, DEFAULT_VARIANTS))}; also: "
+        f"{','.join(slug(v) for v in VARIANTS if v not in DEFAULT_VARIANTS)}",
+    )
     parser.add_argument("--check", action="store_true", help="exit 1 when a ratio misses its target")
     parser.add_argument("--interval", type=float, default=0.15, help="memory sampling interval, seconds (default 0.15)")
     parser.add_argument("--timeout", type=float, default=3600, help="limit for one run, seconds (default 3600)")
@@ -616,6 +753,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--repeat must be at least 1, got {args.repeat}")
     if args.quick and args.data_dir:
         parser.error("--quick generates its own data; do not pass --data-dir with it")
+    selected = {name.strip() for name in args.variants.split(",") if name.strip()} | {"plain"}
+    unknown = selected - {slug(v) for v in VARIANTS}
+    if unknown:
+        parser.error(f"unknown variants {sorted(unknown)}; choose from {','.join(map(slug, VARIANTS))}")
+    if "rerun" in selected and "cold" not in selected:
+        parser.error("rerun reuses a cold run's outputs: select cold too")
+    args.variants = tuple(v for v in VARIANTS if slug(v) in selected)
     if args.rows < 100:
         parser.error(f"--rows must be at least 100, got {args.rows}")
     return args
@@ -686,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         setup_seconds = time.monotonic() - setup_started
         for repetition in range(args.repeat):
-            run_repetition(bench, repetition, rotated_order(repetition), shared)
+            run_repetition(bench, repetition, rotated_order(repetition, args.variants), shared)
         servers_rss = services_rss(services_dir)
         ok = True
     except BenchError as error:
@@ -705,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = summarize(bench)
     rmse = rmse_check(bench)
+    savings = speed_up_savings(bench)
     header = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine_description(),
@@ -722,7 +867,7 @@ def main(argv: list[str] | None = None) -> int:
         "servers_start_seconds": round(setup_seconds, 1),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
     }
-    markdown = render_markdown(header, rows, rmse, args.quick)
+    markdown = render_markdown(header, rows, rmse, args.quick, savings)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / "pipeline.md").write_text(markdown)
     (args.output_dir / "pipeline.json").write_text(
@@ -731,6 +876,7 @@ def main(argv: list[str] | None = None) -> int:
                 **header,
                 "targets": TARGETS,
                 "summary": rows,
+                "speed_up_savings": savings,
                 "rmse_check": rmse,
                 "server_pids": bench.server_pids,
                 "measurements": [asdict(m) for m in bench.measurements],

@@ -54,19 +54,11 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=_stop_when_orphaned, args=(args.parent_pid, records), daemon=True).start()
 
     with fast_start.imports_without_gc():
-        from jupyter_client.asynchronous import AsyncKernelClient
         from jupyter_client.manager import AsyncKernelManager
         from jupyter_core.utils import run_sync
-        from traitlets import default
-
-    client_class = fast_start.kernel_client_class(AsyncKernelClient)
 
     class RecordingKernelManager(AsyncKernelManager):
         """Notes the kernel's pid as soon as it exists, for the parent to reap if need be."""
-
-        @default("client_factory")
-        def _client_class(self) -> type:
-            return client_class
 
         # jupyter_client types the async manager's start_kernel as its sync parent's; it is a coroutine.
         async def start_kernel(self, **kwargs: Any) -> None:  # type: ignore[override]
