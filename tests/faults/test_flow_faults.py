@@ -62,7 +62,7 @@ def slow_project(tmp_path) -> Path:
     copy = tmp_path / "project"
     notebooks = copy / "notebooks"
     notebooks.mkdir(parents=True)
-    for source in (PROJECT_DIR / "notebooks").glob("*.ipynb"):
+    for source in [*(PROJECT_DIR / "notebooks").glob("*.ipynb"), PROJECT_DIR / "notebooks" / "pipeline.yaml"]:
         (notebooks / source.name).write_bytes(source.read_bytes())
     explore = nbformat.read(notebooks / "01_explore.ipynb", as_version=4)
     explore.cells.insert(2, new_code_cell("import time\ntime.sleep(600)  # injected by the test"))
@@ -264,7 +264,7 @@ def test_notebook_faults_through_the_flow(
 ):
     project = tmp_path / "project"
     (project / "notebooks").mkdir(parents=True)
-    for source in (PROJECT_DIR / "notebooks").glob("*.ipynb"):
+    for source in [*(PROJECT_DIR / "notebooks").glob("*.ipynb"), PROJECT_DIR / "notebooks" / "pipeline.yaml"]:
         (project / "notebooks" / source.name).write_bytes(source.read_bytes())
     explore = nbformat.read(project / "notebooks" / "01_explore.ipynb", as_version=4)
     explore.cells.insert(3, new_code_cell(cell))

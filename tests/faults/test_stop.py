@@ -283,7 +283,7 @@ def sleeping_project(tmp_path: Path) -> Path:
     """The project's notebooks, but 01_explore sleeps ten minutes in its third cell."""
     copy = tmp_path / "project"
     (copy / "notebooks").mkdir(parents=True)
-    for source in (PROJECT_DIR / "notebooks").glob("*.ipynb"):
+    for source in [*(PROJECT_DIR / "notebooks").glob("*.ipynb"), PROJECT_DIR / "notebooks" / "pipeline.yaml"]:
         shutil.copyfile(source, copy / "notebooks" / source.name)
     explore = nbformat.read(copy / "notebooks" / "01_explore.ipynb", as_version=4)
     explore.cells.insert(2, new_code_cell("import time\ntime.sleep(600)  # injected by the test"))
