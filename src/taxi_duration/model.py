@@ -62,15 +62,16 @@ def train_booster(
     y_val: np.ndarray,
     num_boost_round: int = NUM_BOOST_ROUND,
     early_stopping_rounds: int = EARLY_STOPPING_ROUNDS,
+    params: dict[str, Any] | None = None,
 ) -> xgb.Booster:
-    """Train with early stopping on the validation month."""
+    """Train with early stopping on the validation month; `params` override XGB_PARAMS (a tuned trial's, nthread)."""
     import xgboost as xgb
 
     train = xgb.DMatrix(X_train, label=y_train)
     validation = xgb.DMatrix(X_val, label=y_val)
     return xgb.train(
         # Not one of the logged training params: it bounds memory, it does not shape the model.
-        params={**XGB_PARAMS, "max_cached_hist_node": hist_cache_nodes(X_train.shape[1])},
+        params={**XGB_PARAMS, **(params or {}), "max_cached_hist_node": hist_cache_nodes(X_train.shape[1])},
         dtrain=train,
         num_boost_round=num_boost_round,
         evals=[(validation, "validation")],
