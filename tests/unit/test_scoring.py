@@ -363,7 +363,7 @@ def test_the_closing_lines_name_the_refused_trips_per_reason() -> None:
         "mlflow_run_id": "abc",
         "experiment": "e",
         "tracking_uri": "u",
-        "reused_from": None,
+        "reused_stages": {},
         "gallery": "g",
         "metrics": {
             "scored_trips": 66_269,
