@@ -72,13 +72,13 @@ serve: env ## Serve the monthly scheduled deployment (Ctrl-C stops) on the local
 	$(BIN)/python flows/serve.py
 
 services: env ## Start real MLflow and Prefect servers on 127.0.0.1 in the background; runs then use them
-	$(BIN)/python -m taxi_duration.services start
+	$(BIN)/python -m taxi_duration.servers.local_servers start
 
 services-stop: env ## Stop exactly the servers `make services` (or a run) started
-	$(BIN)/python -m taxi_duration.services stop
+	$(BIN)/python -m taxi_duration.servers.local_servers stop
 
 ui: env ## Print the MLflow and Prefect UI addresses
-	@$(BIN)/python -m taxi_duration.services urls
+	@$(BIN)/python -m taxi_duration.servers.local_servers urls
 
 bench: env ## Time the pipeline against the plain script, and a cold run with TAXI_FAST_START=0 (BENCH_ARGS="--repeat 3 --check" or "--quick"); table in outputs/bench/pipeline.md
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
@@ -95,11 +95,11 @@ lab: env ## JupyterLab on notebooks/, kernel from the project environment (root 
 
 compare: env ## Compare two runs A=<run> B=<run> (MLflow run id, prefix or folder): one offline report in the newer run's folder
 	@test -n "$(A)" -a -n "$(B)" || { echo "usage: make compare A=<run id, prefix or folder> B=<run id, prefix or folder>"; exit 2; }
-	$(BIN)/python -m taxi_duration.compare $(A) $(B)
+	$(BIN)/python -m taxi_duration.review.compare $(A) $(B)
 
 reopen: env ## Reopen RUN=<run> [STAGE=03_train] in JupyterLab with the run's exact parameters (notebooks/reopened/)
 	@test -n "$(RUN)" || { echo "usage: make reopen RUN=<run id, prefix or folder> [STAGE=01_explore|02_features|03_train|04_score]"; exit 2; }
-	$(BIN)/python -m taxi_duration.reopen $(RUN) $(if $(STAGE),--stage $(STAGE))
+	$(BIN)/python -m taxi_duration.review.reopen $(RUN) $(if $(STAGE),--stage $(STAGE))
 
 test: env lint ## Lint, then run the whole test suite (every layer; TEST_WORKERS=2 processes side by side; ends with the 25 slowest)
 	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal) --durations=25 $(PYTEST_ARGS)

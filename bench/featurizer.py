@@ -3,7 +3,7 @@
     .venv/bin/python bench/featurizer.py                        # 3.4 million trips a month, 5 repetitions
     .venv/bin/python bench/featurizer.py --rows 100000 --repeat 3   # quick
 
-Two synthetic yellow months (TLC-shaped, from taxi_duration.synthetic) are prepared with
+Two synthetic yellow months (TLC-shaped, from taxi_duration.data.synthetic) are prepared with
 prepare_trips, then each step runs both ways on the same frames:
 
 * matrices: `DictVectorizer().fit_transform(records(train))` + `.transform(records(validation))`
@@ -35,10 +35,16 @@ import pandas as pd
 import scipy.sparse
 from sklearn.feature_extraction import DictVectorizer
 
-from taxi_duration.data import DROPOFF_COLUMN, PICKUP_COLUMN, normalize_trips
-from taxi_duration.features import feature_records, fit_trip_matrix, prepare_trips, trip_duration_minutes, trip_matrix
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import generate_trips_table
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import generate_trips_table
+from taxi_duration.data.tripfiles import DROPOFF_COLUMN, PICKUP_COLUMN, normalize_trips
+from taxi_duration.modeling.features import (
+    feature_records,
+    fit_trip_matrix,
+    prepare_trips,
+    trip_duration_minutes,
+    trip_matrix,
+)
 
 YELLOW_MONTHLY_TRIPS = 3_400_000
 COLOR = "yellow"

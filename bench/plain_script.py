@@ -5,7 +5,7 @@
 No Prefect, no papermill, no notebooks, and none of the package's feature code: this is what
 a person writes from the course recipe (read parquet, duration with `.dt.total_seconds()`,
 keep 1-60 minutes, PU_DO = PU + "_" + DO, `to_dict(orient="records")` + DictVectorizer).
-Only the training comes from the package (`taxi_duration.model`: XGB_PARAMS, the rounds and
+Only the training comes from the package (`taxi_duration.modeling.model`: XGB_PARAMS, the rounds and
 early stopping, through `train_booster` itself), so the booster does exactly the work the
 pipeline's does, and the MLflow logging mirrors the training
 notebook's (params, metrics, the pickled preprocessor, the model with a signature and
@@ -39,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--pause-gc",
         action="store_true",
         help="pause the garbage collector during the imports and skip its final scan at exit, "
-        "as the pipeline's processes do (taxi_duration.fast_start)",
+        "as the pipeline's processes do (taxi_duration.runner.fast_start)",
     )
     args = parser.parse_args(argv)
     if not 1 <= args.month <= 12:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         timings[step] = now - started
         started = now
 
-    from taxi_duration.fast_start import imports_without_gc
+    from taxi_duration.runner.fast_start import imports_without_gc
 
     with imports_without_gc() if args.pause_gc else contextlib.nullcontext():
         import mlflow
@@ -92,8 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         from sklearn.metrics import root_mean_squared_error
 
         # The pipeline's exact training, so both train the same booster (not its feature code).
-        from taxi_duration.model import train_booster, training_params
-        from taxi_duration.tracking import model_pip_requirements
+        from taxi_duration.modeling.model import train_booster, training_params
+        from taxi_duration.tracking.mlflow_runs import model_pip_requirements
 
     lap("imports")
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(preprocessor, "wb") as sink:
                 pickle.dump(vectorizer, sink)
             mlflow.log_artifact(str(preprocessor), artifact_path="preprocessor")
-        # As taxi_duration.tracking.log_xgboost_model: a signature from five rows and the same
+        # As taxi_duration.tracking.mlflow_runs.log_xgboost_model: a signature from five rows and the same
         # exact pip requirements (MLflow inferring them would cost seconds).
         requirements = model_pip_requirements()
         info = mlflow.xgboost.log_model(
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {step:<16} {seconds:7.2f} s")
     print(f"  {'total':<16} {sum(timings.values()):7.2f} s")
     if args.pause_gc:
-        from taxi_duration.fast_start import exit_without_final_collection
+        from taxi_duration.runner.fast_start import exit_without_final_collection
 
         exit_without_final_collection()
     return 0

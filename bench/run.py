@@ -17,11 +17,11 @@ Variants, each a fresh process started as a user would start it:
   rerun      the same command again on the outputs and store of the cold run just before it:
              every stage is reused from the stage cache.
   servers    the pipeline with `make services` up: a real `mlflow server` and the Prefect server,
-             started once (`python -m taxi_duration.services start`); fresh outputs each time.
+             started once (`python -m taxi_duration.servers.local_servers start`); fresh outputs each time.
   first run  the first run ever: like cold, but with an empty services folder, so the pipeline
              starts the local Prefect server itself (stopped afterwards). Reported, no target.
   cold, fast start off
-             cold with TAXI_FAST_START=0: taxi_duration.fast_start's garbage-collector pause off.
+             cold with TAXI_FAST_START=0: taxi_duration.runner.fast_start's garbage-collector pause off.
   cold, no kernels ahead (only with --variants)
              cold with no runner started ahead of its stage (bench/pipeline_no_kernels_ahead.py).
              Below the table: what each saves a cold run (median and paired per repetition), with
@@ -69,9 +69,10 @@ from pathlib import Path
 import psutil
 from scale import high_water_mark  # bench/ is the script's folder, first on sys.path
 
-from taxi_duration import fast_start, runfiles, settings
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import write_trip_file
+from taxi_duration import runfiles, settings
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import write_trip_file
+from taxi_duration.runner import fast_start
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_DIR = PROJECT_DIR.parent / "shared" / "data" / "tlc"
@@ -272,7 +273,7 @@ def pipeline_environment(services: dict[str, str], run: Path, prefect_home: Path
 
 
 def services_command(action: str) -> list[str]:
-    return [sys.executable, "-m", "taxi_duration.services", action]
+    return [sys.executable, "-m", "taxi_duration.servers.local_servers", action]
 
 
 def start_services(bench: Bench, env: dict[str, str], log: Path) -> None:
@@ -296,7 +297,7 @@ def recorded_server_pids(services_dir: Path) -> list[int]:
 
 
 def stop_services(services_dir: Path) -> None:
-    """`python -m taxi_duration.services stop` for one folder: only the servers recorded there."""
+    """`python -m taxi_duration.servers.local_servers stop` for one folder: only the servers recorded there."""
     env = {**base_environment(), "TAXI_SERVICES_DIR": str(services_dir)}
     completed = subprocess.run(
         services_command("stop"), cwd=PROJECT_DIR, env=env, capture_output=True, text=True, timeout=120
@@ -526,7 +527,7 @@ def data_description(data_dir: Path, quick: bool) -> dict[str, object]:
     for month in (TRAIN_MONTH, TRAIN_MONTH.next()):
         path = data_dir / f"{COLOR}_tripdata_{month.label()}.parquet"
         files[month.label()] = {"path": str(path), "rows": pq.ParquetFile(path).metadata.num_rows}
-    return {"kind": "synthetic (taxi_duration.synthetic)" if quick else "real TLC files", "files": files}
+    return {"kind": "synthetic (taxi_duration.data.synthetic)" if quick else "real TLC files", "files": files}
 
 
 def _median_of(bench: Bench, variant: str) -> float | None:
@@ -687,12 +688,12 @@ def render_markdown(
     lines += [
         "",
         "plain: bench/plain_script.py. plain, GC paused: the same with `--pause-gc`, the garbage-collector "
-        "pause the pipeline's own processes use (taxi_duration.fast_start); the targets are against plain, the last "
+        "pause the pipeline's own processes use (taxi_duration.runner.fast_start); the targets are against plain, the last "
         "ratio shows what the pipeline costs against a script that uses the same trick. "
         "cold: the pipeline, nothing cached, local Prefect server already running. "
         "servers: with `make services` (MLflow server + Prefect server). rerun: cold again, every stage reused. "
         "first run: cold plus starting the local Prefect server (no target). "
-        "cold, fast start off: cold with TAXI_FAST_START=0 (taxi_duration.fast_start's garbage-collector pause off). "
+        "cold, fast start off: cold with TAXI_FAST_START=0 (taxi_duration.runner.fast_start's garbage-collector pause off). "
         "cold, no kernels ahead: cold with no runner started ahead (bench/pipeline_no_kernels_ahead.py).",
         *render_savings(savings),
     ]

@@ -3,7 +3,7 @@
     .venv/bin/python bench/scale.py                  # 3.4 million trips a month (a yellow month)
     .venv/bin/python bench/scale.py --rows 200000    # quick
 
-Writes synthetic yellow 2023-03 and 2023-04 files (taxi_duration.synthetic) into a temporary
+Writes synthetic yellow 2023-03 and 2023-04 files (taxi_duration.data.synthetic) into a temporary
 folder and runs `flows/pipeline.py --year 2023 --month 3 --color yellow` on them as a user
 would, with the outputs, download cache, stage cache, MLflow store, Prefect home and services
 folder all inside that temporary folder (the project's own are left alone; Prefect runs its
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import psutil
 
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import write_trip_file
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import write_trip_file
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 YELLOW_MONTHLY_TRIPS = 3_400_000

@@ -6,7 +6,7 @@
 Why settings.ENVIRONMENT_DEFAULTS sets OMP_WAIT_POLICY=PASSIVE: a backfill's months train side
 by side, and the test suite runs pipelines on both of a 2-core machine's cores. Each run here
 starts --side-by-side processes at once; each trains model.train_booster on the matrices of
-two synthetic green months (build_matrices on taxi_duration.synthetic trips, --rows a month),
+two synthetic green months (build_matrices on taxi_duration.data.synthetic trips, --rows a month),
 with the libraries' own thread count, under one wait policy. Times are each training's own,
 medians over --repeat rounds, the policies alternating (A B, B A, ...) so drift in the
 machine's load hits both alike. The boosters are checked equal across policies: the policy
@@ -30,7 +30,8 @@ POLICIES = (UNSET, "PASSIVE")
 TRAINING = """
 import json, sys, time
 from pathlib import Path
-from taxi_duration import data, features, model
+from taxi_duration.data import tripfiles
+from taxi_duration.modeling import features, model
 train, validation = (features.prepare_trips(data.read_trips(Path(sys.argv[1]) / f"green_tripdata_2023-0{m}.parquet", "green"), "green")
                      for m in (2, 3))
 matrices = features.build_matrices(train, validation)
@@ -43,8 +44,8 @@ print(json.dumps({"seconds": seconds, "trees": booster.num_boosted_rounds(),
 
 
 def write_months(folder: Path, rows: int) -> None:
-    from taxi_duration.periods import Month
-    from taxi_duration.synthetic import write_trip_file
+    from taxi_duration.data.periods import Month
+    from taxi_duration.data.synthetic import write_trip_file
 
     for month in (Month(2023, 2), Month(2023, 3)):
         write_trip_file(folder, "green", month, rows, seed=7)

@@ -4,13 +4,13 @@
                           [--data-source URL|DIR] [--experiment NAME] [--force] [--verbose]
 
 Prefect's entrypoint (prefect.yaml, `make serve`): flows/score.py:taxi_duration_scoring. The flow
-is defined in taxi_duration.orchestration.scoring, the command line in taxi_duration.orchestration.cli.
+is defined in taxi_duration.orchestration.scoring_flow, the command line in taxi_duration.orchestration.cli.
 """
 
 from __future__ import annotations
 
 from taxi_duration.orchestration import cli
-from taxi_duration.orchestration.scoring import taxi_duration_scoring
+from taxi_duration.orchestration.scoring_flow import taxi_duration_scoring
 
 __all__ = ["taxi_duration_scoring"]
 

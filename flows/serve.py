@@ -2,14 +2,14 @@
 
     python flows/serve.py [--cron "0 6 3 * *"] [--name monthly]
 
-Defined in taxi_duration.orchestration.serve.
+Defined in taxi_duration.orchestration.deployment.
 """
 
 from __future__ import annotations
 
 import sys
 
-from taxi_duration.orchestration.serve import main
+from taxi_duration.orchestration.deployment import main
 
 if __name__ == "__main__":
     sys.exit(main())

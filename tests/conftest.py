@@ -20,9 +20,10 @@ from types import ModuleType
 
 import pytest
 
-from taxi_duration import services, settings
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import write_trip_file
+from taxi_duration import settings
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import write_trip_file
+from taxi_duration.servers import local_servers
 
 # As the entry points do, before anything here imports Prefect or XGBoost: the tests that run
 # the package in this process get the same library defaults as the runs they start.
@@ -109,8 +110,8 @@ def pytest_unconfigure(config):
     """The controller stops the servers once every worker is done, and forgets the folder."""
     if hasattr(config, "workerinput") or not _saved_service_knobs:
         return
-    for name in services.SERVICE_FACTORIES:
-        services.stop(name)
+    for name in local_servers.SERVICE_FACTORIES:
+        local_servers.stop(name)
     shutil.rmtree(os.environ["TAXI_SERVICES_DIR"], ignore_errors=True)
     for key, value in _saved_service_knobs.items():
         if value is None:
@@ -297,7 +298,7 @@ def flow_run_artifacts(prefect_api: str, flow_run_id: str) -> list:
 
 def local_prefect_api() -> str:
     """The API of the tests' local Prefect server, which the pipeline runs report to."""
-    server = services.read_state("prefect")
+    server = local_servers.read_state("prefect")
     assert server is not None, "a pipeline run should have started the tests' local Prefect server"
     return server["env_value"]
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
 from taxi_duration import runfiles
-from taxi_duration.periods import InvalidParameterError, Month, parse_month
+from taxi_duration.data.periods import InvalidParameterError, Month, parse_month
 
 
 class ManifestError(ValueError):

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     import pandas as pd
     from sklearn.feature_extraction import DictVectorizer
 
-    from taxi_duration.features import FeatureMatrices
+    from taxi_duration.modeling.features import FeatureMatrices
 
 PREPROCESSOR_FILENAME = "preprocessor.b"
 VALIDATION_RECORDS = "features/validation_records.parquet"
@@ -143,7 +143,7 @@ def load_matrices(run_dir: Path) -> FeatureMatrices:
     import numpy as np
     import scipy.sparse
 
-    from taxi_duration.features import FeatureMatrices
+    from taxi_duration.modeling.features import FeatureMatrices
 
     paths = _matrix_paths(run_dir)
     missing = [str(path) for path in paths.values() if not path.is_file()]

@@ -10,7 +10,7 @@ as `nyc-taxi-duration` (the `champion` alias points at one of its versions):
 
 The checks are part of the model, so `mlflow models serve`, `mlflow models predict`,
 `pyfunc.load_model(...).predict` and `mlflow.sklearn.load_model(...).predict` all apply them: a
-zone id is a whole number among TLC's zones (taxi_duration.zones), a distance a finite number
+zone id is a whole number among TLC's zones (taxi_duration.data.zones), a distance a finite number
 of miles from 0 to MAX_TRIP_MILES. A batch with a trip that breaks a rule is refused whole with
 an MlflowException (INVALID_PARAMETER_VALUE: HTTP 400 from MLflow's scoring server) naming the
 row, the field and the rule; an empty batch gets an empty answer. The scoring notebook sets such trips
@@ -31,8 +31,9 @@ import pandas as pd
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.pipeline import Pipeline
 
-from taxi_duration import features, zones
-from taxi_duration.data import DISTANCE_COLUMN, LOCATION_COLUMNS
+from taxi_duration.data import zones
+from taxi_duration.data.tripfiles import DISTANCE_COLUMN, LOCATION_COLUMNS
+from taxi_duration.modeling import features
 
 if TYPE_CHECKING:
     import scipy.sparse

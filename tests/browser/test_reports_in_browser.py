@@ -145,7 +145,7 @@ def test_hostile_output_does_not_run_in_the_report(browser, tmp_path):
     import nbformat
     from nbformat.v4 import new_code_cell, new_notebook, new_output
 
-    from taxi_duration.reports import render_reports
+    from taxi_duration.review.reports import render_reports
 
     notebook = new_notebook(
         cells=[

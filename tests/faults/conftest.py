@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fault_server import MONTH, FaultServer
 
-from taxi_duration.synthetic import write_trip_file
+from taxi_duration.data.synthetic import write_trip_file
 
 
 @pytest.fixture

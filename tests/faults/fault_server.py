@@ -17,7 +17,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from taxi_duration.periods import Month
+from taxi_duration.data.periods import Month
 
 MONTH = Month(2024, 1)
 NAME = "green_tripdata_2024-01.parquet"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from taxi_duration import services, settings
+from taxi_duration import settings
 from taxi_duration.orchestration import console
+from taxi_duration.servers import local_servers
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -27,9 +28,9 @@ PROJECT_DIR = Path(__file__).resolve().parents[2]
 PROBE = """
 import sys
 
-from taxi_duration import run_servers
+from taxi_duration.servers import endpoints
 from taxi_duration.orchestration import console  # first: it sets the environment Prefect reads at import
-from taxi_duration.trip_errors import TripFileInvalid
+from taxi_duration.data.trip_errors import TripFileInvalid
 
 from prefect import flow, task
 from prefect.states import Failed
@@ -73,7 +74,7 @@ def _api_log_messages(flow_run_id: str) -> list[str]:
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    state = services.read_state("prefect")
+    state = local_servers.read_state("prefect")
     assert state is not None, "the probe ran on the tests' local Prefect server"
     with temporary_settings(updates={PREFECT_API_URL: state["env_value"]}), get_client(sync_client=True) as client:
         logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(flow_run_id)])))
@@ -98,7 +99,9 @@ def test_verbose_shows_the_traceback_in_the_terminal(prefect_home: Path) -> None
     completed = _probe(prefect_home, "--verbose")
 
     assert "Traceback (most recent call last)" in completed.stderr, completed.stderr
-    assert "taxi_duration.trip_errors.TripFileInvalid: green_tripdata_2023-04.parquet has no rows" in completed.stderr
+    assert (
+        "taxi_duration.data.trip_errors.TripFileInvalid: green_tripdata_2023-04.parquet has no rows" in completed.stderr
+    )
     assert "NoneType: None" not in completed.stderr, completed.stderr
 
 
@@ -106,7 +109,7 @@ def test_every_recognised_failure_names_an_exception_class() -> None:
     for module, name in console.RECOGNISED_FAILURES:
         found = getattr(importlib.import_module(module), name)
         assert isinstance(found, type) and issubclass(found, Exception), (module, name)
-    assert console.is_recognised(sys.modules["taxi_duration.trip_errors"].TripFileInvalid("no rows"))
+    assert console.is_recognised(sys.modules["taxi_duration.data.trip_errors"].TripFileInvalid("no rows"))
     assert not console.is_recognised(KeyError("surprise"))
     assert not console.is_recognised(None)
 
@@ -120,7 +123,7 @@ def _formatted(handler: logging.Handler, error: BaseException) -> str:
 
 
 def test_only_recognised_failures_lose_their_traceback_and_only_in_the_block() -> None:
-    from taxi_duration.trip_errors import TripFileInvalid
+    from taxi_duration.data.trip_errors import TripFileInvalid
 
     (handler, *_) = console.console_handlers()
     original = handler.formatter
@@ -136,9 +139,9 @@ def test_a_module_half_imported_by_another_thread_is_skipped(monkeypatch: pytest
     # before its classes exist, while another thread's failure is being logged.
     from types import ModuleType
 
-    from taxi_duration.trip_errors import TripDataError
+    from taxi_duration.data.trip_errors import TripDataError
 
-    monkeypatch.setitem(sys.modules, "taxi_duration.registry", ModuleType("taxi_duration.registry"))
+    monkeypatch.setitem(sys.modules, "taxi_duration.tracking.registry", ModuleType("taxi_duration.tracking.registry"))
     assert TripDataError in console.recognised_failures()
     assert console.is_recognised(TripDataError("no rows"))
     assert not console.is_recognised(KeyError("surprise"))

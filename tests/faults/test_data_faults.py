@@ -33,8 +33,10 @@ from fault_server import (
     status,
 )
 
-from taxi_duration import data
-from taxi_duration.data import (
+from taxi_duration.data import tripfiles
+from taxi_duration.data.download import download_file, retry_delays
+from taxi_duration.data.synthetic import generate_trips_table
+from taxi_duration.data.tripfiles import (
     TripDataError,
     TripDownloadError,
     TripFileInvalid,
@@ -43,8 +45,6 @@ from taxi_duration.data import (
     read_trips,
     validate_trip_file,
 )
-from taxi_duration.download import download_file, retry_delays
-from taxi_duration.synthetic import generate_trips_table
 
 FAST = {"timeout_seconds": 5, "backoff_seconds": 0.001}
 PATH = f"/trip-data/{NAME}"
@@ -192,7 +192,7 @@ def test_nothing_listening_is_retried_then_reported(tmp_path, monkeypatch):
 def test_waits_double_between_attempts(tmp_path, fault_server, caplog):
     fault_server.script(PATH, status(503))
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="taxi_duration.download"), pytest.raises(TripDownloadError):
+    with caplog.at_level(logging.WARNING, logger="taxi_duration.data.download"), pytest.raises(TripDownloadError):
         fetch(fault_server, tmp_path / "cache", attempts=4, backoff_seconds=0.02)
     elapsed = time.monotonic() - started
 
@@ -214,7 +214,7 @@ def test_failed_download_leaves_an_existing_destination_as_it_was(tmp_path, faul
 
 
 def test_download_error_is_a_trip_data_error_so_the_flow_does_not_retry_it_again():
-    # The fetch task (taxi_duration.orchestration.stage) skips its own retries for TripDataError.
+    # The fetch task (taxi_duration.orchestration.tasks) skips its own retries for TripDataError.
     assert issubclass(TripDownloadError, TripDataError)
     assert not issubclass(TripDownloadError, TripFileNotFound)
 
@@ -344,4 +344,4 @@ def test_missing_file_reads_as_does_not_exist(tmp_path):
 
 def test_bad_file_errors_are_trip_data_errors():
     assert issubclass(TripFileInvalid, TripDataError)
-    assert data.TripFileInvalid is TripFileInvalid
+    assert tripfiles.TripFileInvalid is TripFileInvalid

@@ -19,8 +19,8 @@ from nbformat.v4 import new_code_cell
 from terminal import TRACEBACK, assert_one_clear_failure, last_paragraph
 
 from taxi_duration import settings
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import generate_trips_table, write_trip_file
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import generate_trips_table, write_trip_file
 
 pytestmark = pytest.mark.flow
 

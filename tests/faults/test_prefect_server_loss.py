@@ -16,7 +16,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import services, settings
+from taxi_duration import settings
+from taxi_duration.servers import local_servers
 
 pytestmark = pytest.mark.flow
 
@@ -29,15 +30,15 @@ def doomed_prefect_server(tmp_path, monkeypatch, free_port) -> dict:
     """A real Prefect server of this test's own (the session's shared one serves the other tests),
     API only: what the pipeline talks to, without the scheduler's services or the UI."""
     monkeypatch.setenv("TAXI_SERVICES_DIR", str(tmp_path / "services"))
-    service = services.prefect_service(port=free_port())
+    service = local_servers.prefect_service(port=free_port())
     service = dataclasses.replace(
         service,
         command=[*service.command, "--no-services"],
         environment={**service.environment, "PREFECT_SERVER_UI_ENABLED": "false"},
     )
-    state = services.start(service)
+    state = local_servers.start(service)
     yield state
-    services.stop("prefect")  # nothing left to stop once the test killed it
+    local_servers.stop("prefect")  # nothing left to stop once the test killed it
 
 
 def _gate_position() -> int:

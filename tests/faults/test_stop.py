@@ -26,10 +26,11 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 from nbformat.v4 import new_code_cell
 
-from taxi_duration import run_servers, settings
+from taxi_duration import settings
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import write_trip_file
 from taxi_duration.orchestration.stopping import STOP_DEADLINE_SECONDS
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import write_trip_file
+from taxi_duration.servers import endpoints
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 SIGNAL_TO_EXIT_SECONDS = 30  # what the pipeline promises: gone this long after its signal, at the latest
@@ -124,7 +125,7 @@ def cpu_burner() -> Iterator[subprocess.Popen]:
 @pytest.fixture
 def prefect_server_up(prefect_home: Path) -> None:
     """The tests' shared local Prefect server, running before a run can be stopped while starting it."""
-    run_servers.ensure_prefect_server()
+    endpoints.ensure_prefect_server()
 
 
 def _start(

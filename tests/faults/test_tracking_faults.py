@@ -18,7 +18,7 @@ import requests
 from mlflow.tracking import MlflowClient
 from terminal import assert_one_clear_failure
 
-from taxi_duration import services
+from taxi_duration.servers import local_servers
 
 pytestmark = pytest.mark.flow
 
@@ -54,7 +54,7 @@ def mlflow_server(tmp_path, empty_tracking_store, free_port):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **services.MLFLOW_SERVER_DEFAULTS},
+        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true", **local_servers.MLFLOW_SERVER_DEFAULTS},
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120

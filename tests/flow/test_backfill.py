@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import write_trip_file
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import write_trip_file
 
 pytestmark = pytest.mark.flow
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import run_servers
+from taxi_duration.servers import endpoints
 
 pytestmark = pytest.mark.flow
 
@@ -31,7 +31,7 @@ DASK_ROW = re.compile(
 @pytest.fixture(scope="module")
 def prefect_server() -> str:
     """The API URL of the session's local Prefect server (stopped when `make test` ends: tests/conftest.py)."""
-    return run_servers.ensure_prefect_server()
+    return endpoints.ensure_prefect_server()
 
 
 def _start_backfill(prefect_home: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen:

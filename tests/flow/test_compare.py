@@ -13,9 +13,10 @@ import nbformat
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import compare, reopen, runfiles
-from taxi_duration.comparison import compare_runs
-from taxi_duration.past_runs import find_run
+from taxi_duration import runfiles
+from taxi_duration.review import compare, reopen
+from taxi_duration.review.past_runs import find_run
+from taxi_duration.review.run_diff import compare_runs
 
 pytestmark = pytest.mark.flow
 
@@ -102,7 +103,14 @@ def test_the_source_diff_shows_exactly_the_edit(real_months):
 def test_make_compare_takes_a_run_id_prefix_and_a_folder(real_months):
     older, newer = (find_run(str(folder), real_months.outputs) for folder in (real_months.older, real_months.newer))
     completed = subprocess.run(
-        [sys.executable, "-m", "taxi_duration.compare", newer.run_id[:6], str(real_months.older), "--no-archive"],
+        [
+            sys.executable,
+            "-m",
+            "taxi_duration.review.compare",
+            newer.run_id[:6],
+            str(real_months.older),
+            "--no-archive",
+        ],
         env=_env(real_months),
         capture_output=True,
         text=True,
@@ -113,7 +121,7 @@ def test_make_compare_takes_a_run_id_prefix_and_a_folder(real_months):
     assert completed.stdout.strip() == f"Comparison: {newer.folder / compare.report_name(older)}"
 
     unknown = subprocess.run(
-        [sys.executable, "-m", "taxi_duration.compare", "feedbeef", newer.run_id],
+        [sys.executable, "-m", "taxi_duration.review.compare", "feedbeef", newer.run_id],
         env=_env(real_months),
         capture_output=True,
         text=True,
@@ -161,7 +169,7 @@ def test_make_reopen_says_when_the_checkout_differs_from_the_run(real_months):
     run = find_run(str(real_months.older), real_months.outputs)
     # The project copy holds the edited 03_train.ipynb, and is no git checkout.
     completed = subprocess.run(
-        [sys.executable, "-m", "taxi_duration.reopen", run.short_id],
+        [sys.executable, "-m", "taxi_duration.review.reopen", run.short_id],
         env=_env(real_months, TAXI_PROJECT_DIR=str(real_months.project)),
         capture_output=True,
         text=True,
@@ -179,7 +187,7 @@ def test_make_reopen_says_when_the_checkout_differs_from_the_run(real_months):
     assert json.loads(written.read_text())["metadata"]["taxi_reopened"]["run_id"] == run.run_id
 
     missing = subprocess.run(
-        [sys.executable, "-m", "taxi_duration.reopen", run.short_id, "--stage", "04_score"],
+        [sys.executable, "-m", "taxi_duration.review.reopen", run.short_id, "--stage", "04_score"],
         env=_env(real_months, TAXI_PROJECT_DIR=str(real_months.project)),
         capture_output=True,
         text=True,

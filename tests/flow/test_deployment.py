@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from taxi_duration import settings
-from taxi_duration.schedule import (
+from taxi_duration.orchestration.schedule import (
     DEPLOYMENT_DESCRIPTION,
     DEPLOYMENT_NAME,
     DEPLOYMENT_TAGS,
@@ -42,10 +42,10 @@ BAD_OVERRIDES = [{"month": "x"}, {"year": 2023.5}, {"force": "yes"}, {"color": 3
 
 @pytest.fixture(scope="module")
 def serve_module():
-    """What flows/serve.py runs (taxi_duration.orchestration.serve), imported without serving."""
-    from taxi_duration.orchestration import serve
+    """What flows/serve.py runs (taxi_duration.orchestration.deployment), imported without serving."""
+    from taxi_duration.orchestration import deployment
 
-    return serve
+    return deployment
 
 
 @pytest.fixture(scope="module")

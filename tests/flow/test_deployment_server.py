@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from taxi_duration import run_servers, settings
+from taxi_duration import settings
+from taxi_duration.servers import endpoints
 
 pytestmark = pytest.mark.flow
 
@@ -20,12 +21,12 @@ def registered():
     settings.apply_environment_defaults()
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from taxi_duration.orchestration import serve
+    from taxi_duration.orchestration import deployment
 
-    api = run_servers.ensure_prefect_server()
+    api = endpoints.ensure_prefect_server()
     with pytest.MonkeyPatch.context() as patch, temporary_settings({PREFECT_API_URL: api}):
         patch.chdir(PROJECT_DIR)  # the entrypoint is recorded relative to it, as serve.main() runs
-        deployment_id = serve.build_deployment(name="typed-form-check").apply()
+        deployment_id = deployment.build_deployment(name="typed-form-check").apply()
     yield api, deployment_id
     from prefect.client.orchestration import SyncPrefectClient
 

@@ -14,7 +14,9 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import model, runfiles, services, serving
+from taxi_duration import runfiles, serving
+from taxi_duration.modeling import model
+from taxi_duration.servers import local_servers
 
 pytestmark = pytest.mark.flow
 
@@ -159,7 +161,7 @@ def test_yellow_taxis_run_end_to_end_with_another_experiment_and_a_big_month_is_
     assert [row["stage"] for row in timings] == ["fetch-trip-files", *NOTEBOOKS]
     assert all(row["status"] == "COMPLETED" and row["seconds"] > 0 for row in timings)
 
-    server = services.read_state("prefect")  # the tests' local server, which the run started or reused
+    server = local_servers.read_state("prefect")  # the tests' local server, which the run started or reused
     assert server is not None
     windows = notebook_task_windows(server["env_value"], run.data.tags["prefect.flow_run_id"])
     explore, features = windows["01_explore"], windows["02_features"]

@@ -14,8 +14,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from nbformat.v4 import new_code_cell, new_markdown_cell
 
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import write_trip_file
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import write_trip_file
 
 pytestmark = pytest.mark.flow
 

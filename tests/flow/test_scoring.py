@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import features, model, serving
-from taxi_duration.data import read_trips
+from taxi_duration import serving
+from taxi_duration.data.tripfiles import read_trips
+from taxi_duration.modeling import features, model
 
 pytestmark = pytest.mark.flow
 
@@ -138,8 +139,9 @@ def test_real_2023_05_scored_with_the_2023_03_champion(real_run):
 def test_a_reopened_scoring_notebook_reproduces_the_scoring_run(real_run, tmp_path):
     import papermill
 
-    from taxi_duration import reopen, runfiles
-    from taxi_duration.past_runs import find_run
+    from taxi_duration import runfiles
+    from taxi_duration.review import reopen
+    from taxi_duration.review.past_runs import find_run
 
     (run,) = _scoring_runs(real_run.tracking_uri)
     past = find_run(run.info.run_id[:8], real_run.outputs)

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from taxi_duration import data, runner, stagecache, stages
+from taxi_duration import runner
+from taxi_duration.data import tripfiles
+from taxi_duration.data.periods import InvalidParameterError
+from taxi_duration.orchestration import declarations, stage_cache
 from taxi_duration.orchestration.pipeline import plan_and_start_runners
 from taxi_duration.orchestration.request import RunRequest, plan, plan_stages, resolve_request, run_values
-from taxi_duration.periods import InvalidParameterError
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 STAGES = ["01_explore", "02_features", "03_train"]
@@ -55,7 +57,7 @@ def _started(request: RunRequest) -> list[str]:
     try:
         return sorted(runners)
     finally:
-        stages.close_runners(runners)
+        declarations.close_runners(runners)
         assert all(runner.child.returncode is not None for runner in runners.values())
 
 
@@ -65,7 +67,7 @@ def _cache_stages(request: RunRequest, cache_dir, tmp_path, *cached: str) -> Non
     (tmp_path / "earlier-run").mkdir()
     (tmp_path / "earlier-run" / "output.txt").write_text("x")
     for stage in cached:
-        stagecache.StageCache(cache_dir).store(stage, keys[stage], tmp_path / "earlier-run", "run-id", ["output.txt"])
+        stage_cache.StageCache(cache_dir).store(stage, keys[stage], tmp_path / "earlier-run", "run-id", ["output.txt"])
 
 
 def test_a_request_is_resolved_once_into_a_frozen_value(synthetic_source, cache_dir, tmp_path):
@@ -83,7 +85,7 @@ def test_a_request_is_resolved_once_into_a_frozen_value(synthetic_source, cache_
     [
         ({"month": 13}, InvalidParameterError),
         ({"color": "purple"}, InvalidParameterError),
-        ({"data_source": "/no/such/folder"}, data.TripDataError),
+        ({"data_source": "/no/such/folder"}, tripfiles.TripDataError),
     ],
 )
 def test_bad_input_fails_while_resolving(synthetic_source, cache_dir, changes, error):
@@ -111,7 +113,7 @@ def test_each_stage_is_keyed_by_what_it_receives_but_not_by_where_things_are(syn
     explore = {stage.name: stage for stage in pipeline}["01_explore"]
     received = runner.stage_parameters(explore.notebook, run_values(request, files), explore.parameters)
     assert received["train_file"] == files["train"] and "validation_file" not in received  # it reads train only
-    assert planned["01_explore"] == stagecache.stage_key(explore, received, stages.trip_digests(files), {}), (
+    assert planned["01_explore"] == stage_cache.stage_key(explore, received, declarations.trip_digests(files), {}), (
         "the key is the shared rule's"
     )
     other_month = dict(files, validation=files["train"])  # 02_features reads validation; 01_explore does not
@@ -194,7 +196,7 @@ def test_the_flow_parameters_of_a_request_ask_for_that_same_request(synthetic_so
 
 def test_the_scoring_key_follows_the_pinned_model_version(synthetic_source, cache_dir):
     # The scoring stage receives the pinned version (models:/NAME/VERSION): a moved alias scores again.
-    scoring = stages.pipeline("scoring")
+    scoring = declarations.pipeline("scoring")
     files = {"scored": str(synthetic_source / "green_tripdata_2023-05.parquet")}
 
     def keys(model_uri: str, run_dir: str = "/runs/one") -> dict[str, str]:

@@ -21,7 +21,9 @@ import pandas as pd
 import pytest
 import scipy.sparse
 
-from taxi_duration import drift, features, model, serving, tracking
+from taxi_duration import serving
+from taxi_duration.modeling import drift, features, model
+from taxi_duration.tracking import mlflow_runs
 
 pytestmark = pytest.mark.integration
 
@@ -73,10 +75,10 @@ def test_logged_requirements_build_an_environment_that_loads_and_scores_the_mode
     expected = model.predict(booster, X)
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # Artifacts beside the store, as the flow files them (never in the checkout's ./mlruns).
-    run_id = tracking.start_run(tracking_uri, "model-environment", "model-environment", params={}, tags={})
-    model_uri = tracking.log_xgboost_model(tracking_uri, run_id, booster, X[:5], expected[:5])
+    run_id = mlflow_runs.start_run(tracking_uri, "model-environment", "model-environment", params={}, tags={})
+    model_uri = mlflow_runs.log_xgboost_model(tracking_uri, run_id, booster, X[:5], expected[:5])
     profile = drift.trip_profile("2023-03", trips["trip_distance"], None)
-    servable_uri = tracking.log_servable_model(tracking_uri, run_id, servable, serving.input_example(trips), profile)
+    servable_uri = mlflow_runs.log_servable_model(tracking_uri, run_id, servable, serving.input_example(trips), profile)
     mlflow.set_tracking_uri(tracking_uri)
     local_model = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(tmp_path / "model")))
     local_servable = Path(mlflow.artifacts.download_artifacts(servable_uri, dst_path=str(tmp_path / "servable")))

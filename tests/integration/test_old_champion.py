@@ -9,7 +9,7 @@ through the scoring command, and `mlflow models serve` answers with it over HTTP
 predictions the old code gave. Loading it in this process leaves no trace of its old copy: sys.path
 is as before and every taxi_duration module comes from the running package.
 
-These tests import no module of the package by its path inside it beyond `taxi_duration.registry`:
+These tests import no module of the package by its path inside it beyond `taxi_duration.tracking.registry`:
 they use the command lines and the registry's public functions, so they hold across a move.
 """
 
@@ -36,7 +36,7 @@ import pandas as pd
 import pytest
 
 import taxi_duration
-from taxi_duration import registry
+from taxi_duration.tracking import registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.long]
 
@@ -55,7 +55,10 @@ import json, sys
 from pathlib import Path
 
 import taxi_duration
-from taxi_duration import data, drift, features, model, registry, serving, settings, tracking
+from taxi_duration import serving, settings
+from taxi_duration.data import tripfiles
+from taxi_duration.modeling import drift, features, model
+from taxi_duration.tracking import mlflow_runs, registry
 
 settings.apply_environment_defaults()
 source, tracking_uri, out, old_src = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])

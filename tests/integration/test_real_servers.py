@@ -1,6 +1,6 @@
 """The pipeline against real servers: `mlflow server` and `prefect server start` on free loopback ports.
 
-The servers are started the way `make services` starts them (taxi_duration.services). The
+The servers are started the way `make services` starts them (taxi_duration.servers.local_servers). The
 MLflow backend is PostgreSQL when TAXI_TEST_POSTGRES_URI names a server (`.ci/start-postgres`
 starts one; CI always does), else SQLite. Everything is read back the way a team reads it:
 the run through MLflow's REST API (artifacts downloaded through the server), the flow run
@@ -22,7 +22,8 @@ import psutil
 import pytest
 import requests
 
-from taxi_duration import services, settings
+from taxi_duration import settings
+from taxi_duration.servers import local_servers
 
 pytestmark = [pytest.mark.integration, pytest.mark.flow]
 
@@ -60,19 +61,23 @@ def real_servers(tmp_path, monkeypatch, mlflow_backend, free_port):
     """Both servers up on free ports, in this test's own services folder; stopped afterwards."""
     monkeypatch.setenv("TAXI_SERVICES_DIR", str(tmp_path / "services"))
     artifacts = tmp_path / "artifact-store"
-    mlflow = services.start(
-        services.mlflow_service(port=free_port(), backend_store_uri=mlflow_backend[1], artifacts_destination=artifacts)
+    mlflow = local_servers.start(
+        local_servers.mlflow_service(
+            port=free_port(), backend_store_uri=mlflow_backend[1], artifacts_destination=artifacts
+        )
     )
     try:
-        prefect = services.start(services.prefect_service(port=free_port()))
+        prefect = local_servers.start(local_servers.prefect_service(port=free_port()))
     except BaseException:
-        services.stop("mlflow")  # a failed start leaves no server of this test behind
+        local_servers.stop("mlflow")  # a failed start leaves no server of this test behind
         raise
     yield {"mlflow": mlflow, "prefect": prefect, "artifacts": artifacts, "backend": mlflow_backend}
     for name in ("prefect", "mlflow"):
-        assert services.stop(name), f"{name} server was no longer running at the end of the test"
+        assert local_servers.stop(name), f"{name} server was no longer running at the end of the test"
     for state in (mlflow, prefect):
-        assert not services._alive(state["pid"]), f"{state['name']} server process {state['pid']} survived the stop"
+        assert not local_servers._alive(state["pid"]), (
+            f"{state['name']} server process {state['pid']} survived the stop"
+        )
 
 
 def test_pipeline_on_real_mlflow_and_prefect_servers(real_servers, tmp_path, synthetic_source):
@@ -87,7 +92,7 @@ def test_pipeline_on_real_mlflow_and_prefect_servers(real_servers, tmp_path, syn
     }
     for variable in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
         env.pop(variable, None)
-    assert (services.services_dir() / "services.env").read_text().splitlines() == [
+    assert (local_servers.services_dir() / "services.env").read_text().splitlines() == [
         f"PREFECT_API_URL={prefect_api}",
         f"MLFLOW_TRACKING_URI={mlflow_url}",
     ]

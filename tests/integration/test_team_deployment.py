@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import pytest
 import requests
 
-from taxi_duration import gate_lock
+from taxi_duration.tracking import gate_lock
 
 from .compose_topology import PROJECT_DIR, Processes, Topology, compose_services
 

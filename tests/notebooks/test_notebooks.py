@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from taxi_duration import model, runfiles, settings, tracking
+from taxi_duration import runfiles, settings
+from taxi_duration.modeling import model
 from taxi_duration.runner import NotebookExecutionError, execute_notebook
+from taxi_duration.tracking import mlflow_runs
 
 pytestmark = pytest.mark.notebooks
 INLINE_PNG = re.compile(r'<img [^>]*src="data:image/png;base64,')
@@ -75,7 +77,7 @@ def test_features_then_train_log_to_the_given_run(synthetic_source, isolated_sto
 
     # Artifacts beside the test's store, as the flow files them (never in the checkout's ./mlruns).
     # Tagged as the flow tags its runs: scoring reads the training month from there.
-    run_id = tracking.start_run(
+    run_id = mlflow_runs.start_run(
         isolated_stores["tracking_uri"],
         "notebook-test",
         "notebook-test",

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from taxi_duration import runfiles, settings
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import write_trip_file
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import write_trip_file
 
 pytestmark = [pytest.mark.notebooks, pytest.mark.long]
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from taxi_duration import registry
+from taxi_duration.tracking import registry
 
 
 def main(spec_path: str, index: str) -> None:

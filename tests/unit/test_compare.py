@@ -13,10 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from taxi_duration import compare, explore, gallery, manifests, model, reopen, reports, runfiles
-from taxi_duration.comparison import Figure, compare_runs, figure_pairs, notebook_change
-from taxi_duration.past_runs import RunNotFoundError, find_run, previous_month_run
-from taxi_duration.periods import Month, parse_month
+from taxi_duration import manifests, runfiles
+from taxi_duration.data.periods import Month, parse_month
+from taxi_duration.modeling import explore, model
+from taxi_duration.review import compare, gallery, reopen, reports
+from taxi_duration.review.past_runs import RunNotFoundError, find_run, previous_month_run
+from taxi_duration.review.run_diff import Figure, compare_runs, figure_pairs, notebook_change
 
 # The smallest valid PNG (1x1), as notebooks carry plots: base64 text.
 PNG = base64.b64encode(
@@ -271,7 +273,7 @@ def test_the_gallery_links_a_run_to_its_comparison():
 
 def test_reopen_writes_the_exact_parameters_and_keeps_the_run_intact(tmp_path, monkeypatch):
     run = find_run(str(_run_folder(tmp_path / "outputs", "2023-01", "aaaa000000000001")), tmp_path / "outputs")
-    monkeypatch.setattr(reopen.tracking, "git_commit", lambda: "def456")
+    monkeypatch.setattr(reopen.mlflow_runs, "git_commit", lambda: "def456")
     reopened = reopen.reopen(run, "03_train", notebooks_dir=tmp_path / "notebooks")
     notebook = nbformat.read(reopened.notebook, as_version=4)
     assert not [cell for cell in notebook.cells if "injected-parameters" in cell.metadata.get("tags", [])]

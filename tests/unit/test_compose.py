@@ -18,7 +18,7 @@ from types import ModuleType
 import pytest
 import yaml
 
-from taxi_duration.services import MLFLOW_SERVER_DEFAULTS
+from taxi_duration.servers.local_servers import MLFLOW_SERVER_DEFAULTS
 
 from .test_install_path import locked_versions
 

@@ -11,7 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from taxi_duration.data import (
+from taxi_duration.data.download import download_file
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import generate_trips_table, write_trip_file
+from taxi_duration.data.tripfiles import (
     TripDataError,
     TripDownloadError,
     TripFileInvalid,
@@ -26,9 +29,6 @@ from taxi_duration.data import (
     trip_source,
     validate_trip_file,
 )
-from taxi_duration.download import download_file
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import generate_trips_table, write_trip_file
 
 MONTH = Month(2024, 1)
 NAME = "green_tripdata_2024-01.parquet"

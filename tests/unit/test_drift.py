@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from taxi_duration import drift
+from taxi_duration.modeling import drift
 
 
 def profile(month: str, distance, duration=None) -> dict:

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from taxi_duration.data import TripDataError
-from taxi_duration.explore import busiest_zones, duration_filter_breakdown, null_counts, profile_month
+from taxi_duration.data.tripfiles import TripDataError
+from taxi_duration.modeling.explore import busiest_zones, duration_filter_breakdown, null_counts, profile_month
 
 START = pd.Timestamp("2024-03-05 12:00")
 

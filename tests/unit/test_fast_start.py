@@ -1,4 +1,4 @@
-"""taxi_duration.fast_start: the collector pause, the skipped final collection and the TAXI_FAST_START switch."""
+"""taxi_duration.runner.fast_start: the collector pause, the skipped final collection and the TAXI_FAST_START switch."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-from taxi_duration import fast_start
-from taxi_duration.fast_start import imports_without_gc
+from taxi_duration.runner import fast_start
+from taxi_duration.runner.fast_start import imports_without_gc
 
 
 @pytest.fixture(autouse=True)
@@ -43,7 +43,7 @@ def _garbage_cycle_finalized_at_exit(freeze_before_exit: bool, switch: str = "1"
     """Whether a garbage reference cycle's finalizer ran when the interpreter shut down."""
     script = textwrap.dedent(f"""
         import gc, sys
-        from taxi_duration.fast_start import exit_without_final_collection
+        from taxi_duration.runner.fast_start import exit_without_final_collection
 
         class Node:
             def __del__(self):

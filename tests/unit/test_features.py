@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 from sklearn.feature_extraction import DictVectorizer
 
-from taxi_duration.data import TripDataError
-from taxi_duration.features import (
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import generate_trips_table
+from taxi_duration.data.tripfiles import TripDataError
+from taxi_duration.modeling.features import (
     FeatureMatrices,
     build_matrices,
     feature_records,
@@ -16,8 +18,6 @@ from taxi_duration.features import (
     prepare_trips,
     trip_duration_minutes,
 )
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import generate_trips_table
 
 PREFIX = {"green": "lpep", "yellow": "tpep"}
 START = pd.Timestamp("2024-01-10 08:00:00")

@@ -13,8 +13,10 @@ from hypothesis import strategies as st
 from sklearn.feature_extraction import DictVectorizer
 from sklearn.utils.validation import check_is_fitted
 
-from taxi_duration import data
-from taxi_duration.features import (
+from taxi_duration.data import tripfiles
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import generate_trips_table
+from taxi_duration.modeling.features import (
     build_matrices,
     feature_records,
     fit_trip_matrix,
@@ -22,9 +24,7 @@ from taxi_duration.features import (
     prepare_trips,
     trip_matrix,
 )
-from taxi_duration.periods import Month
 from taxi_duration.runfiles import load_preprocessor, save_preprocessor
-from taxi_duration.synthetic import generate_trips_table
 
 START = pd.Timestamp("2023-03-10 08:00:00")
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -238,23 +238,23 @@ def test_saved_vectorizer_transforms_records_like_the_fast_matrix(tmp_path):
 
 
 def test_real_green_2023_03_to_04_matches_dictvectorizer(real_tlc_dir):
-    columns = list(data.required_columns("green"))
+    columns = list(tripfiles.required_columns("green"))
     train_path, validation_path = (
-        real_tlc_dir / data.trip_filename("green", month) for month in (Month(2023, 3), Month(2023, 4))
+        real_tlc_dir / tripfiles.trip_filename("green", month) for month in (Month(2023, 3), Month(2023, 4))
     )
-    train = prepare_trips(data.read_trips(train_path, "green", columns), "green")
-    validation = prepare_trips(data.read_trips(validation_path, "green", columns), "green")
+    train = prepare_trips(tripfiles.read_trips(train_path, "green", columns), "green")
+    validation = prepare_trips(tripfiles.read_trips(validation_path, "green", columns), "green")
     assert_like_dictvectorizer(train, validation)
     # The reference model's published figures (tests/flow/test_pipeline.py asserts them end to end).
     summary = build_matrices(train, validation).summary()
     assert (summary["train_nnz"], summary["val_nnz"], summary["n_features"]) == (138_784, 122_674, 6_053)
 
 
-# --- at scale: the training's histogram cache (src/taxi_duration/model.py) --------------------
+# --- at scale: the training's histogram cache (src/taxi_duration/modeling/model.py) --------------------
 
 
 def test_hist_cache_nodes_keeps_the_cache_within_its_budget():
-    from taxi_duration.model import HIST_CACHE_BYTES, hist_cache_nodes
+    from taxi_duration.modeling.model import HIST_CACHE_BYTES, hist_cache_nodes
 
     assert hist_cache_nodes(6_053) == HIST_CACHE_BYTES // ((6_053 + 256) * 16)
     assert hist_cache_nodes(60_000) * (60_000 + 256) * 16 <= HIST_CACHE_BYTES
@@ -267,7 +267,7 @@ def test_hist_cache_nodes_keeps_the_cache_within_its_budget():
 def test_a_bounded_histogram_cache_trains_the_very_same_model():
     import xgboost as xgb
 
-    from taxi_duration.model import XGB_PARAMS, train_booster
+    from taxi_duration.modeling.model import XGB_PARAMS, train_booster
 
     frame = generate_trips_table("yellow", Month(2023, 3), 8_000, seed=3).to_pandas()
     trips = prepare_trips(frame, "yellow")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from taxi_duration.gallery import build_gallery, mlflow_run_url, read_run_records, write_run_record
+from taxi_duration.review.gallery import build_gallery, mlflow_run_url, read_run_records, write_run_record
 
 
 def _record(started: str, status: str = "FINISHED", rmse: float | None = 5.4709, color: str = "green", **extra):

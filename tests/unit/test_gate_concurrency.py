@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from taxi_duration import gate_lock, registry, run_servers, tracking
-from taxi_duration.features import RAW_FEATURES
+from taxi_duration.modeling.features import RAW_FEATURES
+from taxi_duration.servers import endpoints
+from taxi_duration.tracking import gate_lock, mlflow_runs, registry
 
 from .test_registry import challenger_data, one_xgboost_thread, train_and_log, uri  # noqa: F401 - fixtures by name
 
@@ -131,7 +132,7 @@ def race(uri: str, folder: Path, environment: dict[str, str]) -> None:  # noqa: 
             wait_for(folder, results, children)
             decisions = [json.loads((folder / name).read_text()) for name in results]
             rmse_of = {first.version: rmses[0], **{d["version"]: d["rmse"] for d in decisions}}
-            alias = tracking.mlflow_client(uri).get_model_version_by_alias(model, registry.CHAMPION_ALIAS)
+            alias = mlflow_runs.mlflow_client(uri).get_model_version_by_alias(model, registry.CHAMPION_ALIAS)
             check_decisions(first.version, rmse_of, decisions, str(alias.version))
     finally:
         for child in children:
@@ -157,7 +158,7 @@ def test_concurrent_gates_on_one_machine_take_turns_through_the_file_lock(uri, t
 
 @pytest.mark.integration
 def test_concurrent_gates_take_turns_through_a_prefect_global_concurrency_limit(uri, tmp_path):  # noqa: F811 - the fixture
-    api = run_servers.ensure_prefect_server()
+    api = endpoints.ensure_prefect_server()
     race(uri, tmp_path, {**os.environ, "PREFECT_API_URL": api})
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -176,7 +177,7 @@ def test_limit_names_keep_to_what_prefect_allows_and_stay_apart():
 
 def test_the_file_lock_excludes_a_second_holder(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # noqa: F811 - this test's own store, not the fixture
-    holder = "import sys, time; from taxi_duration import gate_lock\nwith gate_lock.champion_gate(sys.argv[1], 'm'):\n    print('held', flush=True); time.sleep(30)"
+    holder = "import sys, time; from taxi_duration.tracking import gate_lock\nwith gate_lock.champion_gate(sys.argv[1], 'm'):\n    print('held', flush=True); time.sleep(30)"
     environment = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
     other = subprocess.Popen([sys.executable, "-c", holder, uri], env=environment, stdout=subprocess.PIPE, text=True)
     try:
@@ -198,7 +199,7 @@ def test_the_file_lock_excludes_a_second_holder(tmp_path):
 
 @pytest.mark.integration
 def test_a_limit_that_would_not_exclude_is_refused_naming_it(monkeypatch):
-    api = run_servers.ensure_prefect_server()
+    api = endpoints.ensure_prefect_server()
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
     from prefect.settings import PREFECT_API_URL, temporary_settings

@@ -131,7 +131,7 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_package_has_no_import_cycle():
     graph = package_import_graph()
-    assert len(graph) > 30 and graph["taxi_duration.data"] >= {"taxi_duration.settings"}, "the graph is read"
+    assert len(graph) > 30 and graph["taxi_duration.data.tripfiles"] >= {"taxi_duration.settings"}, "the graph is read"
     assert import_cycles(graph) == []
 
 
@@ -179,3 +179,36 @@ def test_no_module_reaches_into_another_modules_private_names():
             if is_module_attribute and node.attr.startswith("_") and not node.attr.startswith("__"):
                 reaches.append(f"{path.name}: {node.value.id}.{node.attr}")
     assert reaches == []
+
+
+def _module_stems() -> list[str]:
+    return sorted(path.stem for path in PACKAGE_DIR.rglob("*.py") if path.stem != "__init__")
+
+
+def test_the_top_folder_holds_fifteen_modules_at_most_the_rest_in_subpackages():
+    top = sorted(path.stem for path in PACKAGE_DIR.glob("*.py") if path.stem != "__init__")
+    subpackages = sorted(path.name for path in PACKAGE_DIR.iterdir() if (path / "__init__.py").is_file())
+    assert len(top) <= 15, top
+    assert len(subpackages) >= 5 and len(_module_stems()) > 3 * len(top), (top, subpackages)
+
+
+def test_no_two_modules_share_a_name_or_differ_only_by_a_suffix():
+    stems = _module_stems()
+    assert sorted(set(stems)) == stems, [stem for stem in stems if stems.count(stem) > 1]
+    assert [(short, long) for short in stems for long in stems if short != long and long.startswith(short)] == []
+
+
+def test_stage_names_appear_in_the_package_nowhere_the_declarations_file_names_them():
+    import yaml
+
+    declarations = yaml.safe_load((PROJECT_DIR / "notebooks" / "pipeline.yaml").read_text())
+    names = {stage for stages in declarations["pipelines"].values() for stage in stages}
+    assert len(names) >= 4, "the declarations are read"
+    found = [
+        f"{path.relative_to(PROJECT_DIR)}:{number}: {line.strip()}"
+        for path in sorted(PACKAGE_DIR.rglob("*"))
+        if path.suffix in (".py", ".j2", ".json", ".csv")
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if any(name in line for name in names)
+    ]
+    assert found == []

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from taxi_duration import manifests, runfiles
-from taxi_duration.periods import Month
+from taxi_duration.data.periods import Month
 
 # Manifests as the notebooks wrote them before `kind` and `run_record` existed (a real run's
 # files, the busiest zones and distance buckets cut to two rows).

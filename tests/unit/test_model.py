@@ -7,7 +7,7 @@ import pytest
 import scipy.sparse
 import xgboost as xgb
 
-from taxi_duration.model import NUM_BOOST_ROUND, XGB_PARAMS, predict, rmse, train_booster, training_params
+from taxi_duration.modeling.model import NUM_BOOST_ROUND, XGB_PARAMS, predict, rmse, train_booster, training_params
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import datetime as dt
 
 import pytest
 
-from taxi_duration.periods import FIRST_PUBLISHED, InvalidParameterError, Month, PipelineParams
+from taxi_duration.data.periods import FIRST_PUBLISHED, InvalidParameterError, Month, PipelineParams
 
 TODAY = dt.date(2024, 6, 15)
 

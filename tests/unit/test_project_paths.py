@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from taxi_duration import data, schedule, settings
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import write_trip_file
+from taxi_duration import settings
+from taxi_duration.data import tripfiles
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import write_trip_file
+from taxi_duration.orchestration import schedule
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 KNOBS = ("TAXI_DATA_SOURCE", "TAXI_DATA_DIR", "TAXI_OUTPUTS_DIR", "TAXI_CACHE_DIR")
@@ -54,21 +56,21 @@ def test_a_relative_data_source_is_found_from_any_working_directory(
 ) -> None:
     write_trip_file(project / "tlc", "green", Month(2023, 3), 50, seed=1)
     monkeypatch.setenv("TAXI_DATA_SOURCE", "tlc")
-    source = data.trip_source()
+    source = tripfiles.trip_source()
     assert source.location == str(project / "tlc")
     assert source.cache_dir == project / "data"
-    data.check_source_location("tlc")  # a folder under the project root, not under the working directory
+    tripfiles.check_source_location("tlc")  # a folder under the project root, not under the working directory
     assert schedule.is_published("tlc", "green", Month(2023, 3))
-    assert data.trip_source("tlc", "cache").cache_dir == project / "cache"
+    assert tripfiles.trip_source("tlc", "cache").cache_dir == project / "cache"
 
 
 def test_a_missing_relative_source_is_named(project: Path) -> None:
-    with pytest.raises(data.TripDataError, match="no-such-folder"):
-        data.check_source_location("no-such-folder")
+    with pytest.raises(tripfiles.TripDataError, match="no-such-folder"):
+        tripfiles.check_source_location("no-such-folder")
 
 
 def test_urls_are_left_alone(project: Path) -> None:
-    assert data.trip_source("https://example.org/trip-data").location == "https://example.org/trip-data"
+    assert tripfiles.trip_source("https://example.org/trip-data").location == "https://example.org/trip-data"
 
 
 def test_make_help_shows_values_not_variable_names() -> None:

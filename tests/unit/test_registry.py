@@ -19,12 +19,20 @@ import pandas as pd
 import pytest
 import xgboost as xgb
 
-from taxi_duration import drift, registry, serving, tracking
-from taxi_duration.features import RAW_FEATURES, FeatureMatrices, build_matrices, feature_records, prepare_trips
-from taxi_duration.model import predict, rmse, train_booster
-from taxi_duration.periods import Month, parse_month
+from taxi_duration import serving
+from taxi_duration.data.periods import Month, parse_month
+from taxi_duration.data.synthetic import generate_trips_table
+from taxi_duration.modeling import drift
+from taxi_duration.modeling.features import (
+    RAW_FEATURES,
+    FeatureMatrices,
+    build_matrices,
+    feature_records,
+    prepare_trips,
+)
+from taxi_duration.modeling.model import predict, rmse, train_booster
 from taxi_duration.settings import ENVIRONMENT_DEFAULTS
-from taxi_duration.synthetic import generate_trips_table
+from taxi_duration.tracking import mlflow_runs, registry
 
 MODEL = registry.DEFAULT_REGISTERED_MODEL
 EXPERIMENT = "registry-tests"
@@ -53,7 +61,7 @@ def uri(tmp_path, monkeypatch, empty_tracking_store) -> str:
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
     shutil.copyfile(empty_tracking_store, tmp_path / "mlflow.db")
     yield f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.import_mlflow().set_tracking_uri(None)
+    mlflow_runs.import_mlflow().set_tracking_uri(None)
 
 
 def decoy_uri(folder: Path) -> str:
@@ -98,7 +106,7 @@ def train_and_log(
     booster = train_booster(matrices.X_train, matrices.y_train, matrices.X_val, matrices.y_val, num_boost_round=rounds)
     predictions = predict(booster, matrices.X_val)
     train_month = parse_month(validation_month).previous().label()
-    run_id = tracking.start_run(  # tagged as the flow tags its runs
+    run_id = mlflow_runs.start_run(  # tagged as the flow tags its runs
         uri,
         EXPERIMENT,
         name,
@@ -107,12 +115,12 @@ def train_and_log(
     )
     booster_uri = None
     if log_booster or not servable:
-        booster_uri = tracking.log_xgboost_model(uri, run_id, booster, matrices.X_val[:5], predictions[:5])
+        booster_uri = mlflow_runs.log_xgboost_model(uri, run_id, booster, matrices.X_val[:5], predictions[:5])
     model_uri = booster_uri
     if servable:
         profile = drift.trip_profile("train", matrices.training_column("trip_distance"), matrices.y_train)
         pipeline = serving.servable_model(matrices.vectorizer, booster)
-        model_uri = tracking.log_servable_model(uri, run_id, pipeline, serving.input_example(validation), profile)
+        model_uri = mlflow_runs.log_servable_model(uri, run_id, pipeline, serving.input_example(validation), profile)
     return LoggedRun(
         run_id,
         model_uri,
@@ -134,7 +142,7 @@ def gate(uri: str, run: LoggedRun, as_frame: bool = False, with_train_month: boo
     # MLflow's process-wide URI points at another store, as in a process that never called
     # the log_* helpers: a gate that used it (mlflow.register_model, load_model("models:/..."))
     # would find no registered model, or a stranger's, and these tests would fail.
-    tracking.import_mlflow().set_tracking_uri(decoy_uri(Path(uri.removeprefix("sqlite:///")).parent))
+    mlflow_runs.import_mlflow().set_tracking_uri(decoy_uri(Path(uri.removeprefix("sqlite:///")).parent))
     records = run.validation if as_frame else raw_records(run)
     return registry.register_and_gate(
         uri,
@@ -158,15 +166,15 @@ def rescored_independently(champion: LoggedRun, challenger: LoggedRun) -> float:
 
 def champion_version(uri: str) -> str:
     # str(): the SQL store hands versions back as int, the REST store as str.
-    return str(tracking.mlflow_client(uri).get_model_version_by_alias(MODEL, registry.CHAMPION_ALIAS).version)
+    return str(mlflow_runs.mlflow_client(uri).get_model_version_by_alias(MODEL, registry.CHAMPION_ALIAS).version)
 
 
 def version_numbers(uri: str) -> list[str]:
-    return sorted(str(v.version) for v in tracking.mlflow_client(uri).search_model_versions(f"name = '{MODEL}'"))
+    return sorted(str(v.version) for v in mlflow_runs.mlflow_client(uri).search_model_versions(f"name = '{MODEL}'"))
 
 
 def run_of(uri: str, run_id: str):
-    return tracking.mlflow_client(uri).get_run(run_id)
+    return mlflow_runs.mlflow_client(uri).get_run(run_id)
 
 
 # Champion: small February sample validated on March. Challenger: larger March sample validated
@@ -190,10 +198,10 @@ def test_first_model_becomes_champion(uri, tmp_path):
     assert decision.champion_version is None and decision.champion_rmse is None
     assert decision.reason == "first registered model becomes champion"
     assert champion_version(uri) == "1"
-    version = tracking.mlflow_client(uri).get_model_version(MODEL, "1")
+    version = mlflow_runs.mlflow_client(uri).get_model_version(MODEL, "1")
     assert version.run_id == first.run_id
     # The servable model's files, not the booster's (the SQL store keeps no model_id on versions).
-    client = tracking.mlflow_client(uri)
+    client = mlflow_runs.mlflow_client(uri)
     assert version.source == client.get_logged_model(first.model_uri.removeprefix("models:/")).artifact_location
     assert version.source != client.get_logged_model(first.booster_uri.removeprefix("models:/")).artifact_location
     assert version.tags[registry.VERSION_TAG_RUN_ID] == first.run_id
@@ -218,7 +226,7 @@ def test_first_model_becomes_champion(uri, tmp_path):
     np.testing.assert_allclose(
         pipeline.predict(pd.DataFrame(raw_records(first))), predict(first.booster, first.matrices.X_val), rtol=1e-6
     )
-    assert metadata[tracking.TRAINING_PROFILE_KEY]["trips"] == first.matrices.X_train.shape[0]
+    assert metadata[mlflow_runs.TRAINING_PROFILE_KEY]["trips"] == first.matrices.X_train.shape[0]
     assert not (tmp_path / "decoy.db").exists()
 
 
@@ -244,7 +252,7 @@ def test_worse_challenger_leaves_the_champion_and_is_compared_on_its_own_month(u
     assert float(tags["taxi.promotion.champion_rmse"]) == decision.champion_rmse
     assert tags["taxi.promotion.champion_version"] == "1"
     assert tags["taxi.promotion.registered_version"] == "2"
-    version_tags = tracking.mlflow_client(uri).get_model_version(MODEL, "2").tags
+    version_tags = mlflow_runs.mlflow_client(uri).get_model_version(MODEL, "2").tags
     assert version_tags["taxi.promotion.decision"] == "kept"
     assert version_tags["taxi.promotion.reason"] == decision.reason
     assert version_tags["taxi.validation_month"] == "2023-04"
@@ -266,7 +274,7 @@ def test_better_challenger_becomes_champion(uri, tmp_path):
     assert champion_version(uri) == "2"
     assert "beats champion v1 re-scored on 2023-04" in decision.reason
     assert run_of(uri, better.run_id).data.tags["taxi.promotion.decision"] == "promoted"
-    assert tracking.mlflow_client(uri).get_model_version(MODEL, "2").tags["taxi.promotion.decision"] == "promoted"
+    assert mlflow_runs.mlflow_client(uri).get_model_version(MODEL, "2").tags["taxi.promotion.decision"] == "promoted"
 
 
 @pytest.mark.parametrize("champion_vocabulary", ["narrower", "wider"])
@@ -304,7 +312,7 @@ def test_champion_trained_on_the_validation_month_stays_without_an_in_sample_com
     champion = train_and_log(uri, "champion", *challenger_data(), rounds=1)
     # Versions registered before the version tag existed: the month comes from the champion's run.
     gate(uri, champion, with_train_month=champion_month_from == "version tag")
-    client = tracking.mlflow_client(uri)
+    client = mlflow_runs.mlflow_client(uri)
     assert (registry.VERSION_TAG_TRAIN_MONTH in client.get_model_version(MODEL, "1").tags) == (
         champion_month_from == "version tag"
     )
@@ -342,7 +350,7 @@ def test_champion_trained_on_the_validation_month_stays_without_an_in_sample_com
 
 def register_bare_booster(uri: str, run: LoggedRun) -> str:
     """Register `run`'s booster as champion, as a version of the project before the servable model did."""
-    client = tracking.mlflow_client(uri)
+    client = mlflow_runs.mlflow_client(uri)
     logged_model = client.get_logged_model(run.booster_uri.removeprefix("models:/"))
     version = registry._create_version(client, MODEL, logged_model, run.run_id, run.validation_month, run.rmse)
     client.set_registered_model_alias(MODEL, registry.CHAMPION_ALIAS, version)
@@ -373,7 +381,7 @@ def test_bare_booster_champion_is_replaced_by_a_servable_challenger_and_the_gate
     assert tags["taxi.promotion.reason"] == decision.reason
     assert tags["taxi.promotion.champion_version"] == "1"
     assert tags["taxi.promotion.champion_rmse"] == registry.NO_CHAMPION
-    assert tracking.mlflow_client(uri).get_model_version(MODEL, "2").tags["taxi.promotion.reason"] == decision.reason
+    assert mlflow_runs.mlflow_client(uri).get_model_version(MODEL, "2").tags["taxi.promotion.reason"] == decision.reason
 
     # The servable champion is now re-scored as usual: a worse challenger keeps it.
     # Validated on May: v2 was trained on March, so the comparison is a fair one.
@@ -394,7 +402,7 @@ def test_bare_booster_champion_is_replaced_by_a_servable_challenger_and_the_gate
 def test_champion_that_cannot_be_loaded_changes_nothing(uri, tmp_path):
     champion = train_and_log(uri, "champion", *champion_data(), rounds=5)
     gate(uri, champion)  # the first model needs no re-scoring
-    client = tracking.mlflow_client(uri)
+    client = mlflow_runs.mlflow_client(uri)
     location = client.get_logged_model(champion.model_uri.removeprefix("models:/")).artifact_location
     shutil.rmtree(Path(location.removeprefix("file://")))  # its artifacts lost
     challenger = train_and_log(uri, "challenger", *challenger_data(), rounds=5)
@@ -412,7 +420,7 @@ def test_champion_that_cannot_be_loaded_changes_nothing(uri, tmp_path):
 
 def test_a_model_of_another_run_is_refused(uri, tmp_path):
     first = train_and_log(uri, "first", *champion_data(), rounds=2)
-    other_run = tracking.start_run(uri, EXPERIMENT, "other", params={}, tags={})
+    other_run = mlflow_runs.start_run(uri, EXPERIMENT, "other", params={}, tags={})
     with pytest.raises(ValueError, match=f"logged by run {first.run_id}, not run {other_run}"):
         registry.register_and_gate(
             uri,

@@ -10,7 +10,7 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
-from taxi_duration.reports import first_error, render_reports, sanitize_html, sanitize_outputs
+from taxi_duration.review.reports import first_error, render_reports, sanitize_html, sanitize_outputs
 
 INLINE_PNG = re.compile(r'<img [^>]*src="data:image/png;base64,')
 EXTERNAL_SCRIPT = re.compile(r"<script[^>]*\ssrc=", re.IGNORECASE)
@@ -153,7 +153,7 @@ def test_sanitize_html_removes_active_content(fragment):
 
 
 def test_a_kept_exporter_renders_each_notebook_as_a_new_one_would(tmp_path, monkeypatch):
-    from taxi_duration import reports
+    from taxi_duration.review import reports
 
     first, second = tmp_path / "first", tmp_path / "second"
     first.mkdir()
@@ -179,7 +179,7 @@ def test_report_plots_carry_their_figures_alt_text(tmp_path):
     import nbformat
     import numpy as np
 
-    from taxi_duration import plots, reports
+    from taxi_duration.review import plots, reports
 
     figure = plots.residual_histogram(np.array([1.0, 2.0, 3.0]), np.array([1.5, 2.0, 2.0]))
     assert figure.alt_text().startswith(figure.axes[0].get_title())

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import scipy.sparse
 
-from taxi_duration.features import build_matrices, prepare_trips
+from taxi_duration.modeling.features import build_matrices, prepare_trips
 from taxi_duration.runfiles import (
     PREPROCESSOR_FILENAME,
     MissingRunFileError,

@@ -11,10 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from taxi_duration import schedule
-from taxi_duration.data import TripDataError, trip_filename
-from taxi_duration.periods import InvalidParameterError, Month
-from taxi_duration.schedule import NoPublishedMonthError, PublicationCheckError, is_published, newest_trainable_month
+from taxi_duration.data.periods import InvalidParameterError, Month
+from taxi_duration.data.tripfiles import TripDataError, trip_filename
+from taxi_duration.orchestration import schedule
+from taxi_duration.orchestration.schedule import (
+    NoPublishedMonthError,
+    PublicationCheckError,
+    is_published,
+    newest_trainable_month,
+)
 
 AUGUST_15 = dt.date(2023, 8, 15)
 

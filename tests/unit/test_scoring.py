@@ -14,13 +14,15 @@ import pandas as pd
 import pytest
 import xgboost as xgb
 
-from taxi_duration import datasets, drift, registry, scoring, serving, tracking
-from taxi_duration.data import DROPOFF_COLUMN, PICKUP_COLUMN
-from taxi_duration.features import RAW_FEATURES, build_matrices, prepare_trips
-from taxi_duration.model import predict, rmse, train_booster
-from taxi_duration.periods import Month
+from taxi_duration import serving
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import generate_trips_table, write_trip_file
+from taxi_duration.data.tripfiles import DROPOFF_COLUMN, PICKUP_COLUMN
+from taxi_duration.modeling import batch_scoring, drift
+from taxi_duration.modeling.features import RAW_FEATURES, build_matrices, prepare_trips
+from taxi_duration.modeling.model import predict, rmse, train_booster
 from taxi_duration.settings import ENVIRONMENT_DEFAULTS
-from taxi_duration.synthetic import generate_trips_table, write_trip_file
+from taxi_duration.tracking import datasets, mlflow_runs, registry
 
 TRIP_COLUMNS = ["ride_id", "pickup_datetime", "PULocationID", "DOLocationID", "trip_distance", "actual_minutes"]
 
@@ -38,7 +40,7 @@ def test_trips_with_dropoffs_keep_the_one_to_sixty_minute_window(tmp_path, color
     kept = np.flatnonzero((minutes >= 1) & (minutes <= 60))
     assert 0 < len(kept) < len(raw)  # the synthetic month has trips on both sides of the window
 
-    trips, has_actuals = scoring.trips_to_score(path, color, month)
+    trips, has_actuals = batch_scoring.trips_to_score(path, color, month)
 
     assert has_actuals is True
     assert list(trips.columns) == TRIP_COLUMNS
@@ -54,8 +56,8 @@ def test_trips_with_dropoffs_keep_the_one_to_sixty_minute_window(tmp_path, color
 
 def test_ride_ids_are_stable_across_reads(tmp_path):
     path = write_trip_file(tmp_path, "green", Month(2023, 3), 200, seed=4)
-    first, _ = scoring.trips_to_score(path, "green", Month(2023, 3))
-    again, _ = scoring.trips_to_score(path, "green", Month(2023, 3))
+    first, _ = batch_scoring.trips_to_score(path, "green", Month(2023, 3))
+    again, _ = batch_scoring.trips_to_score(path, "green", Month(2023, 3))
     pd.testing.assert_frame_equal(first, again)
     assert first["ride_id"].is_unique
 
@@ -78,7 +80,7 @@ def file_without_actuals(folder, how: str):
 def test_a_month_without_dropoffs_is_scored_whole(tmp_path, how):
     path, month, frame = file_without_actuals(tmp_path, how)
 
-    trips, has_actuals = scoring.trips_to_score(path, "green", month)
+    trips, has_actuals = batch_scoring.trips_to_score(path, "green", month)
 
     assert has_actuals is False
     assert list(trips.columns) == TRIP_COLUMNS
@@ -86,13 +88,13 @@ def test_a_month_without_dropoffs_is_scored_whole(tmp_path, how):
     assert trips["actual_minutes"].isna().all()
     assert trips["ride_id"].tolist() == [f"2023/05_{row}" for row in range(300)]
     np.testing.assert_array_equal(trips["DOLocationID"].to_numpy(), frame["DOLocationID"].to_numpy())
-    assert scoring.scored_metrics(trips, np.zeros(len(trips)), has_actuals) == {"rmse": None, "mean_error": None}
+    assert batch_scoring.scored_metrics(trips, np.zeros(len(trips)), has_actuals) == {"rmse": None, "mean_error": None}
 
 
 # --- predictions file ----------------------------------------------------------------------
 
 
-def a_scoring_model(**overrides) -> scoring.ScoringModel:
+def a_scoring_model(**overrides) -> batch_scoring.ScoringModel:
     fields = {
         "requested_uri": "models:/m@champion",
         "name": "m",
@@ -103,34 +105,34 @@ def a_scoring_model(**overrides) -> scoring.ScoringModel:
         "validation_month": "2023-03",
         "validation_rmse": 5.5,
     }
-    return scoring.ScoringModel(**{**fields, **overrides})
+    return batch_scoring.ScoringModel(**{**fields, **overrides})
 
 
 def test_predictions_frame_and_metrics(tmp_path):
     path = write_trip_file(tmp_path, "green", Month(2023, 3), 200, seed=6)
-    trips, has_actuals = scoring.trips_to_score(path, "green", Month(2023, 3))
+    trips, has_actuals = batch_scoring.trips_to_score(path, "green", Month(2023, 3))
     predicted = trips["actual_minutes"].to_numpy() + 2.0  # two minutes too long, every trip
 
-    frame = scoring.predictions_frame(trips, predicted, a_scoring_model())
+    frame = batch_scoring.predictions_frame(trips, predicted, a_scoring_model())
 
-    assert list(frame.columns) == scoring.PREDICTION_COLUMNS
+    assert list(frame.columns) == batch_scoring.PREDICTION_COLUMNS
     assert (frame["model_name"] == "m").all() and (frame["model_version"] == "3").all()
     np.testing.assert_array_equal(frame["predicted_minutes"].to_numpy(), predicted)
     assert "predicted_minutes" not in trips.columns  # the trips are left as they were
-    metrics = scoring.scored_metrics(trips, predicted, has_actuals)
+    metrics = batch_scoring.scored_metrics(trips, predicted, has_actuals)
     assert metrics["rmse"] == pytest.approx(2.0) and metrics["mean_error"] == pytest.approx(2.0)
-    assert scoring.predictions_path("green", Month(2023, 3)) == "predictions/green_2023-03.parquet"
+    assert batch_scoring.predictions_path("green", Month(2023, 3)) == "predictions/green_2023-03.parquet"
 
 
 def test_trips_the_model_refuses_are_set_aside_and_counted(tmp_path: Path) -> None:
     path = write_trip_file(tmp_path, "green", Month(2023, 3), 200, seed=6)
-    month, _ = scoring.trips_to_score(path, "green", Month(2023, 3))
+    month, _ = batch_scoring.trips_to_score(path, "green", Month(2023, 3))
     month["trip_distance"] = month["trip_distance"].astype("float64")
     month.loc[[3, 7, 9], "trip_distance"] = [5000.0, 250.0, -1.0]  # as TLC's files have them
     month["PULocationID"] = month["PULocationID"].astype("Int64")
     month.loc[11, "PULocationID"] = pd.NA
 
-    trips, refused = scoring.scorable_trips(month)
+    trips, refused = batch_scoring.scorable_trips(month)
 
     assert len(trips) == len(month) - 4 and serving.refusal_reasons(trips).isna().all()
     assert set(trips["ride_id"]) == set(month["ride_id"].drop([3, 7, 9, 11]))
@@ -141,33 +143,33 @@ def test_trips_the_model_refuses_are_set_aside_and_counted(tmp_path: Path) -> No
         "trip_distance.negative",
         "PULocationID.missing",
     ]
-    metrics = scoring.refusal_metrics(refused)
+    metrics = batch_scoring.refusal_metrics(refused)
     assert metrics == {
         "refused_trips": 4,
         "refused.trip_distance.too_long": 2,
         "refused.trip_distance.negative": 1,
         "refused.PULocationID.missing": 1,
     }
-    assert scoring.refusal_lines(metrics) == [
+    assert batch_scoring.refusal_lines(metrics) == [
         "trip_distance over 100 miles: 2",
         "PULocationID missing: 1",
         "trip_distance negative: 1",
     ]
-    table = scoring.refusal_table(refused, len(month))
+    table = batch_scoring.refusal_table(refused, len(month))
     assert table["refused because"].tolist()[0] == "trip_distance over 100 miles" and table["trips"].sum() == 4
     assert table["the rule"].tolist()[0] == "a finite number of miles from 0 to 100"
-    assert scoring.refused_path("green", Month(2023, 3)) == "refused/green_2023-03.parquet"
+    assert batch_scoring.refused_path("green", Month(2023, 3)) == "refused/green_2023-03.parquet"
 
 
 def test_a_month_without_refusals_counts_none(tmp_path: Path) -> None:
     path = write_trip_file(tmp_path, "green", Month(2023, 3), 100, seed=6)
-    month, _ = scoring.trips_to_score(path, "green", Month(2023, 3))
+    month, _ = batch_scoring.trips_to_score(path, "green", Month(2023, 3))
 
-    trips, refused = scoring.scorable_trips(month)
+    trips, refused = batch_scoring.scorable_trips(month)
 
     assert len(trips) == len(month) and refused.empty and "reason" in refused.columns
-    assert scoring.refusal_metrics(refused) == {"refused_trips": 0}
-    assert scoring.refusal_table(refused, len(month)).empty
+    assert batch_scoring.refusal_metrics(refused) == {"refused_trips": 0}
+    assert batch_scoring.refusal_table(refused, len(month)).empty
 
 
 def test_scoring_model_names_its_pinned_version():
@@ -206,9 +208,9 @@ def register(
     matrices = build_matrices(train, validation)
     booster = train_booster(matrices.X_train, matrices.y_train, matrices.X_val, matrices.y_val, num_boost_round=3)
     run_rmse = rmse(matrices.y_val, predict(booster, matrices.X_val)) + rmse_penalty
-    run_id = tracking.start_run(uri, "scoring-tests", name, params={}, tags=tags)
+    run_id = mlflow_runs.start_run(uri, "scoring-tests", name, params={}, tags=tags)
     profile = drift.trip_profile("train", matrices.training_column("trip_distance"), matrices.y_train)
-    model_uri = tracking.log_servable_model(
+    model_uri = mlflow_runs.log_servable_model(
         uri, run_id, serving.servable_model(matrices.vectorizer, booster), serving.input_example(validation), profile
     )
     registry.register_and_gate(
@@ -248,15 +250,15 @@ def registered(tmp_path_factory, empty_tracking_store) -> Registered:
             {},
             rmse_penalty=100.0,
         )
-        tracking.import_mlflow().set_tracking_uri(None)
+        mlflow_runs.import_mlflow().set_tracking_uri(None)
     return Registered(uri, [first[0], second[0]], [first[1], second[1]], [first[2], second[2]])
 
 
 def test_champion_alias_resolves_to_its_version_with_its_tags(registered):
-    model = scoring.resolve_model(registered.uri, scoring.DEFAULT_MODEL_URI)
+    model = batch_scoring.resolve_model(registered.uri, batch_scoring.DEFAULT_MODEL_URI)
 
-    assert scoring.DEFAULT_MODEL_URI == f"models:/{MODEL}@champion"
-    assert (model.requested_uri, model.name, model.version) == (scoring.DEFAULT_MODEL_URI, MODEL, "1")
+    assert batch_scoring.DEFAULT_MODEL_URI == f"models:/{MODEL}@champion"
+    assert (model.requested_uri, model.name, model.version) == (batch_scoring.DEFAULT_MODEL_URI, MODEL, "1")
     assert model.source_run_id == registered.run_ids[0]
     assert model.validation_month == "2023-03"
     assert model.validation_rmse == registered.rmses[0]
@@ -268,7 +270,7 @@ def test_champion_alias_resolves_to_its_version_with_its_tags(registered):
 def test_a_version_number_resolves_to_that_version(registered, version):
     index = int(version) - 1
 
-    model = scoring.resolve_model(registered.uri, f"  models:/{MODEL}/{version} ")
+    model = batch_scoring.resolve_model(registered.uri, f"  models:/{MODEL}/{version} ")
 
     assert (model.name, model.version) == (MODEL, version)
     assert model.source_run_id == registered.run_ids[index]
@@ -278,7 +280,7 @@ def test_a_version_number_resolves_to_that_version(registered, version):
 
 
 def test_the_version_names_its_logged_model(registered):
-    model = scoring.resolve_model(registered.uri, f"models:/{MODEL}/2")
+    model = batch_scoring.resolve_model(registered.uri, f"models:/{MODEL}/2")
     assert model.model_id == registered.model_uris[1].removeprefix("models:/")
 
 
@@ -286,8 +288,8 @@ def test_the_version_names_its_logged_model(registered):
     "model_uri", [f"models:/{MODEL}@challenger", f"models:/{MODEL}/99", "models:/no-such-model@champion"]
 )
 def test_an_unknown_alias_or_version_is_not_found(registered, model_uri):
-    with pytest.raises(scoring.ModelNotFoundError) as raised:
-        scoring.resolve_model(registered.uri, model_uri)
+    with pytest.raises(batch_scoring.ModelNotFoundError) as raised:
+        batch_scoring.resolve_model(registered.uri, model_uri)
     assert model_uri in str(raised.value) and "make run" in str(raised.value)
     assert isinstance(raised.value, LookupError)
 
@@ -306,8 +308,8 @@ def test_an_unknown_alias_or_version_is_not_found(registered, model_uri):
 def test_a_uri_that_names_no_registered_version_is_refused(model_uri, tmp_path):
     store = tmp_path / "never-opened.db"
     with pytest.raises(ValueError, match="is not a registered model") as raised:
-        scoring.resolve_model(f"sqlite:///{store}", model_uri)
-    assert scoring.DEFAULT_MODEL_URI in str(raised.value)
+        batch_scoring.resolve_model(f"sqlite:///{store}", model_uri)
+    assert batch_scoring.DEFAULT_MODEL_URI in str(raised.value)
     assert not store.exists()
 
 
@@ -319,7 +321,7 @@ def test_trip_datasets_are_recorded_as_run_inputs(tmp_path, empty_tracking_store
         monkeypatch.setenv(key, value)
     shutil.copyfile(empty_tracking_store, tmp_path / "mlflow.db")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = tracking.start_run(uri, "dataset-tests", "datasets", params={}, tags={})
+    run_id = mlflow_runs.start_run(uri, "dataset-tests", "datasets", params={}, tags={})
     sha_train = hashlib.sha256(b"february").hexdigest()
     sha_score = hashlib.sha256(b"may").hexdigest()
     url = "https://d37ci6vzurychx.cloudfront.net/trip-data/green_tripdata_2023-02.parquet"
@@ -334,7 +336,7 @@ def test_trip_datasets_are_recorded_as_run_inputs(tmp_path, empty_tracking_store
         ],
     )
 
-    inputs = tracking.mlflow_client(uri).get_run(run_id).inputs.dataset_inputs
+    inputs = mlflow_runs.mlflow_client(uri).get_run(run_id).inputs.dataset_inputs
     by_name = {entry.dataset.name: entry for entry in inputs}
     assert sorted(by_name) == ["green_tripdata_2023-02.parquet", "green_tripdata_2023-05.parquet"]
     train, score = by_name["green_tripdata_2023-02.parquet"], by_name["green_tripdata_2023-05.parquet"]
@@ -349,7 +351,7 @@ def test_trip_datasets_are_recorded_as_run_inputs(tmp_path, empty_tracking_store
 
 
 def test_the_closing_lines_name_the_refused_trips_per_reason() -> None:
-    from taxi_duration.orchestration.scoring import format_score_summary
+    from taxi_duration.orchestration.scoring_flow import format_score_summary
 
     result = {
         "color": "green",

@@ -12,11 +12,13 @@ import pytest
 import xgboost as xgb
 from mlflow.exceptions import MlflowException
 
-from taxi_duration import drift, features, serving, tracking
-from taxi_duration.model import predict, train_booster
-from taxi_duration.periods import Month
+from taxi_duration import serving
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import generate_trips_table
+from taxi_duration.modeling import drift, features
+from taxi_duration.modeling.model import predict, train_booster
 from taxi_duration.settings import ENVIRONMENT_DEFAULTS
-from taxi_duration.synthetic import generate_trips_table
+from taxi_duration.tracking import mlflow_runs
 
 
 @pytest.fixture(autouse=True)
@@ -335,25 +337,25 @@ def uri(tmp_path, monkeypatch, empty_tracking_store) -> str:
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
     shutil.copyfile(empty_tracking_store, tmp_path / "mlflow.db")
     yield f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.import_mlflow().set_tracking_uri(None)
+    mlflow_runs.import_mlflow().set_tracking_uri(None)
 
 
 def test_logged_servable_model_loads_back_with_its_profile_and_signature(trained, uri, tmp_path):
-    tracking.import_mlflow()  # first, without its import-time warning; the imports below bind the names
+    mlflow_runs.import_mlflow()  # first, without its import-time warning; the imports below bind the names
     import mlflow.artifacts
     import mlflow.pyfunc
     import mlflow.sklearn
     from mlflow.models import Model
 
     profile = drift.trip_profile("2023-02", trained.matrices.training_column("trip_distance"), trained.matrices.y_train)
-    run_id = tracking.start_run(uri, "serving-tests", "servable", params={}, tags={})
+    run_id = mlflow_runs.start_run(uri, "serving-tests", "servable", params={}, tags={})
     raw = trained.raw()
 
-    model_uri = tracking.log_servable_model(uri, run_id, trained.pipeline, serving.input_example(raw), profile)
+    model_uri = mlflow_runs.log_servable_model(uri, run_id, trained.pipeline, serving.input_example(raw), profile)
 
     assert model_uri.startswith("models:/m-")
-    logged = tracking.mlflow_client(uri).get_logged_model(model_uri.removeprefix("models:/"))
-    assert logged.source_run_id == run_id and logged.name == tracking.SERVABLE_MODEL_NAME
+    logged = mlflow_runs.mlflow_client(uri).get_logged_model(model_uri.removeprefix("models:/"))
+    assert logged.source_run_id == run_id and logged.name == mlflow_runs.SERVABLE_MODEL_NAME
     local = mlflow.artifacts.download_artifacts(
         artifact_uri=logged.artifact_location, dst_path=str(tmp_path / "downloaded"), tracking_uri=uri
     )
@@ -362,7 +364,7 @@ def test_logged_servable_model_loads_back_with_its_profile_and_signature(trained
     np.testing.assert_allclose(loaded.predict(raw), trained.booster_minutes(raw), rtol=1e-6, atol=1e-6)
 
     description = Model.load(local)
-    assert description.metadata[tracking.TRAINING_PROFILE_KEY] == profile
+    assert description.metadata[mlflow_runs.TRAINING_PROFILE_KEY] == profile
     assert description.signature.inputs.input_names() == serving.RAW_COLUMNS
     # The types MLflow enforces, as the model checks them: a double distance; zone ids the model
     # types itself (a `long` would let MLflow's server truncate 74.5 to zone 74). None required,
@@ -375,7 +377,7 @@ def test_logged_servable_model_loads_back_with_its_profile_and_signature(trained
     assert description.flavors["sklearn"]["serialization_format"] == "skops"
     # The package travels with the model as its code, the zone table with it.
     assert (Path(local) / "code" / "taxi_duration" / "serving.py").is_file()
-    assert (Path(local) / "code" / "taxi_duration" / "taxi_zone_lookup.csv").is_file()
+    assert (Path(local) / "code" / "taxi_duration" / "data" / "taxi_zone_lookup.csv").is_file()
     # pyfunc, as `mlflow models serve` and `predict` load it, applies the model's checks.
     served = mlflow.pyfunc.load_model(local)
     np.testing.assert_array_equal(served.predict(raw), trained.pipeline.predict(raw))

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from taxi_duration import stages
-from taxi_duration.orchestration.stage import waits_for
-from taxi_duration.stages import DeclarationError, Stage
+from taxi_duration.orchestration import declarations
+from taxi_duration.orchestration.declarations import DeclarationError, Stage
+from taxi_duration.orchestration.tasks import waits_for
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
@@ -25,16 +25,16 @@ def _project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, declarations: str,
 
 
 def test_the_shipped_declarations_load_in_order_with_their_fields():
-    training = stages.pipeline("training")
+    training = declarations.pipeline("training")
     assert [stage.name for stage in training] == ["01_explore", "02_features", "03_train"]
     explore, features, train = training
     assert explore.report_only and explore.reads == ("train",) and explore.needs == ()
     assert features.reads == ("train", "validation") and "preprocessor.b" in features.produces
     assert train.needs == ("02_features",) and "xgboost" in train.preload and not train.report_only
     assert all(stage.notebook == PROJECT_DIR / "notebooks" / f"{stage.name}.ipynb" for stage in training)
-    (score,) = stages.pipeline("scoring")
+    (score,) = declarations.pipeline("scoring")
     assert score.reads == ("scored",) and dict(score.parameters) == {}
-    assert stages.find(score.name) == score
+    assert declarations.find(score.name) == score
 
 
 def test_upstream_comes_first_and_otherwise_declaration_order_holds(tmp_path, monkeypatch):
@@ -58,7 +58,7 @@ pipelines:
 """,
         ("a.ipynb", "b.ipynb", "c.ipynb"),
     )
-    ordered = stages.pipeline("training")
+    ordered = declarations.pipeline("training")
     assert [stage.name for stage in ordered] == ["features", "train", "report"]
     assert dict(ordered[2].parameters) == {"bins": 12}
 
@@ -78,7 +78,7 @@ pipelines:
 def test_a_bad_declaration_is_refused_naming_the_file_and_the_entry(tmp_path, monkeypatch, entry, message):
     path = _project(tmp_path, monkeypatch, f"pipelines:\n  training:\n    one:\n      {entry}\n", ("a.ipynb",))
     with pytest.raises(DeclarationError) as refused:
-        stages.pipeline("training")
+        declarations.pipeline("training")
     assert str(refused.value).startswith(f"{path}: ") and message in str(refused.value)
 
 
@@ -91,16 +91,16 @@ def test_a_cycle_is_refused_naming_its_stages(tmp_path, monkeypatch):
         ("a.ipynb",),
     )
     with pytest.raises(DeclarationError, match=r"pipeline.yaml: pipelines.training: the `needs` of a, b form a cycle"):
-        stages.pipeline("training")
+        declarations.pipeline("training")
 
 
 def test_an_unknown_pipeline_or_a_missing_file_is_refused(tmp_path, monkeypatch):
     _project(tmp_path, monkeypatch, "pipelines:\n  training:\n    a:\n      notebook: a.ipynb\n", ("a.ipynb",))
     with pytest.raises(DeclarationError, match="no pipeline 'scoring'; it declares: training"):
-        stages.pipeline("scoring")
+        declarations.pipeline("scoring")
     (tmp_path / "project" / "notebooks" / "pipeline.yaml").unlink()
     with pytest.raises(DeclarationError, match="cannot read the stage declarations"):
-        stages.pipeline("training")
+        declarations.pipeline("training")
 
 
 def _stage(name: str, needs: tuple[str, ...] = (), report_only: bool = False) -> Stage:

@@ -8,9 +8,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from taxi_duration.data import validate_trip_file
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import generate_trips_table, main, write_trip_file
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import generate_trips_table, main, write_trip_file
+from taxi_duration.data.tripfiles import validate_trip_file
 
 GREEN_COLUMNS = [
     "VendorID",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from taxi_duration.tracking import artifact_location_for
+from taxi_duration.tracking.mlflow_runs import artifact_location_for
 
 
 @pytest.mark.parametrize("uri", ["http://127.0.0.1:5000", "https://mlflow.example.com/", "databricks://profile"])

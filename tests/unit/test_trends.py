@@ -6,7 +6,7 @@ import base64
 import re
 import xml.etree.ElementTree as ElementTree
 
-from taxi_duration import gallery, trends
+from taxi_duration.review import gallery, trends
 
 
 def _record(

@@ -17,9 +17,10 @@ import pandas as pd
 import psutil
 import pytest
 
-from taxi_duration import features, tracking, tuning
-from taxi_duration.periods import Month
-from taxi_duration.synthetic import generate_trips_table
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import generate_trips_table
+from taxi_duration.modeling import features, tuning
+from taxi_duration.tracking import mlflow_runs
 
 # A trial function in a worker finds the test's folder here (set before the workers start).
 TEST_FOLDER_ENV = "TAXI_TEST_TUNING_DIR"
@@ -39,7 +40,7 @@ def search_data() -> tuning.SearchData:
 @pytest.fixture
 def parent_run(isolated_stores: dict[str, Any]) -> tuning.TrialTracking:
     uri = str(isolated_stores["tracking_uri"])
-    run_id = tracking.start_run(uri, "tuning-test", "pipeline", params={}, tags={})
+    run_id = mlflow_runs.start_run(uri, "tuning-test", "pipeline", params={}, tags={})
     return tuning.TrialTracking(uri, run_id)
 
 
@@ -50,7 +51,7 @@ def test_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def child_runs(where: tuning.TrialTracking) -> list[Any]:
-    client = tracking.mlflow_client(where.tracking_uri)
+    client = mlflow_runs.mlflow_client(where.tracking_uri)
     experiment_id = client.get_run(where.parent_run_id).info.experiment_id
     runs = client.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{where.parent_run_id}'")
     return sorted(runs, key=lambda run: int(run.data.tags["taxi.trial_number"]))
@@ -161,7 +162,7 @@ def test_sequential_search_starts_with_the_recipe_and_records_every_trial(
         assert run.data.metrics["duration_seconds"] > 0
         assert run.data.params["max_depth"] == str(trial.params["max_depth"])
         assert run.data.tags["taxi.trial_worker"] == f"{socket.gethostname()}:{os.getpid()}"
-    parent = tracking.mlflow_client(parent_run.tracking_uri).get_run(parent_run.parent_run_id).data
+    parent = mlflow_runs.mlflow_client(parent_run.tracking_uri).get_run(parent_run.parent_run_id).data
     assert parent.params["tune.trials"] == "5"
     assert parent.params["tune.study"] == result.study_name
     assert parent.params["tune.best.learning_rate"] == str(result.best.params["learning_rate"])

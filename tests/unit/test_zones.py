@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from taxi_duration import zones
+from taxi_duration.data import zones
 
 SHIPPED = Path(zones.__file__).with_name(zones.LOOKUP_FILE)
 
@@ -45,4 +45,4 @@ def test_pyproject_ships_the_table_as_package_data() -> None:
     import tomllib
 
     pyproject = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
-    assert zones.LOOKUP_FILE in pyproject["tool"]["setuptools"]["package-data"]["taxi_duration"]
+    assert zones.LOOKUP_FILE in pyproject["tool"]["setuptools"]["package-data"]["taxi_duration.data"]

@@ -16,16 +16,19 @@ the environment first. Doing it here, once, gives every way in the same environm
 command lines, a Prefect worker loading the entrypoint `flows/pipeline.py:taxi_duration_pipeline`,
 and a Dask worker importing the flow.
 
-Prefect and MLflow are then imported with the collector paused (taxi_duration.fast_start),
+Prefect and MLflow are then imported with the collector paused (taxi_duration.runner.fast_start),
 since every module here needs them.
 """
 
-from taxi_duration import fast_start, run_servers, settings, tracking
+from taxi_duration import settings
+from taxi_duration.runner import fast_start
+from taxi_duration.servers import endpoints
+from taxi_duration.tracking import mlflow_runs
 
 settings.apply_environment_defaults()
-run_servers.adopt_running_services()
+endpoints.adopt_running_services()
 
 with fast_start.imports_without_gc():
     import prefect  # noqa: F401 - imported here, once, with the collector paused
 
-    tracking.import_mlflow()
+    mlflow_runs.import_mlflow()

@@ -32,10 +32,12 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from taxi_duration import data, run_servers, services, settings
+from taxi_duration import settings
+from taxi_duration.data import tripfiles
+from taxi_duration.data.periods import Color, InvalidParameterError, PipelineParams, month_range
 from taxi_duration.orchestration import console, stopping
 from taxi_duration.orchestration.pipeline import taxi_duration_pipeline
-from taxi_duration.periods import Color, InvalidParameterError, PipelineParams, month_range
+from taxi_duration.servers import endpoints, local_servers
 
 DEFAULT_MAX_PARALLEL = 2
 PIPELINE_MODULE = "taxi_duration.orchestration.pipeline"  # what a Dask worker must be able to import
@@ -265,9 +267,9 @@ def run_backfill(
     """`backfill` with `max_parallel` months at a time, in threads or on Dask (see `task_runner`)."""
     runner = task_runner(max_parallel, dask, dask_address)
     with (
-        run_servers.prefect_api_for_run(),
+        endpoints.prefect_api_for_run(),
         prefect_api_for_workers(dask, dask_address),
-        run_servers.without_flow_heartbeats(),
+        endpoints.without_flow_heartbeats(),
     ):
         # Prefect's annotation again, as on @flow above.
         return backfill.with_options(task_runner=runner)(first=first, last=last, **options)  # type: ignore[arg-type]
@@ -328,10 +330,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for m in month_range(args.first, args.last):
             PipelineParams.parse(m.year, m.month, args.color)
-        data.check_source_location(data.trip_source(args.data_source).location)
+        tripfiles.check_source_location(tripfiles.trip_source(args.data_source).location)
         task_runner(args.max_parallel, args.dask, dask_address)
         settings.prefect_server_mode()
-    except (InvalidParameterError, data.TripDataError, ValueError) as error:
+    except (InvalidParameterError, tripfiles.TripDataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
                 experiment=args.experiment,
                 force=args.force,
             )
-    except (DaskUnavailableError, services.ServiceError) as error:
+    except (DaskUnavailableError, local_servers.ServiceError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     console.settle_prefect_workers()

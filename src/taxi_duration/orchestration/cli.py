@@ -15,12 +15,16 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from taxi_duration import data, fast_start, run_servers, services, settings, tracking
+from taxi_duration import settings
+from taxi_duration.data import tripfiles
+from taxi_duration.data.periods import InvalidParameterError
 from taxi_duration.orchestration import console, lost_server, stopping
 from taxi_duration.orchestration.pipeline import taxi_duration_pipeline
-from taxi_duration.orchestration.report import format_summary
 from taxi_duration.orchestration.request import call_flow, resolve_request
-from taxi_duration.periods import InvalidParameterError
+from taxi_duration.orchestration.run_summary import format_summary
+from taxi_duration.runner import fast_start
+from taxi_duration.servers import endpoints, local_servers
+from taxi_duration.tracking import mlflow_runs
 
 DESCRIPTION = "The pipeline flow: fetch the data, then execute the training stages notebooks/pipeline.yaml declares."
 USAGE_EXAMPLE = (
@@ -62,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             args.force,
         )
         settings.prefect_server_mode()
-    except (InvalidParameterError, data.TripDataError, ValueError) as error:
+    except (InvalidParameterError, tripfiles.TripDataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        tracking.check_reachable(request.tracking_uri)
-    except tracking.TrackingUnavailableError as error:
+        mlflow_runs.check_reachable(request.tracking_uri)
+    except mlflow_runs.TrackingUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     owned = lost_server.OwnedRun()
@@ -89,13 +93,13 @@ def _run_flow(
     """
     try:
         with (
-            run_servers.prefect_api_for_run() as prefect_api,
-            run_servers.without_flow_heartbeats(),
+            endpoints.prefect_api_for_run() as prefect_api,
+            endpoints.without_flow_heartbeats(),
             lost_server.said_once(),
             console.one_clear_failure(verbose),
         ):
             result = run()
-    except services.ServiceError as error:
+    except local_servers.ServiceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except lost_server.PrefectServerLost as lost:
@@ -140,7 +144,7 @@ SCORE_USAGE = (
 
 
 def parse_score_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from taxi_duration.scoring import DEFAULT_MODEL_URI
+    from taxi_duration.modeling.batch_scoring import DEFAULT_MODEL_URI
 
     parser = argparse.ArgumentParser(
         description="Score one month's trips with a registered model (the scoring stages).", epilog=SCORE_USAGE
@@ -168,8 +172,12 @@ def parse_score_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def score_main(argv: list[str] | None = None) -> int:
     """`python flows/score.py` (`make score`): exit 2 for bad input or an unknown model, 1 when the run fails."""
-    from taxi_duration.orchestration.scoring import format_score_summary, resolve_score_request, taxi_duration_scoring
-    from taxi_duration.scoring import ModelNotFoundError
+    from taxi_duration.modeling.batch_scoring import ModelNotFoundError
+    from taxi_duration.orchestration.scoring_flow import (
+        format_score_summary,
+        resolve_score_request,
+        taxi_duration_scoring,
+    )
 
     stopping.install()
     args = parse_score_args(argv)
@@ -178,10 +186,10 @@ def score_main(argv: list[str] | None = None) -> int:
             args.year, args.month, args.color, args.model, args.data_source, args.experiment, args.force
         )
         settings.prefect_server_mode()
-    except tracking.TrackingUnavailableError as error:
+    except mlflow_runs.TrackingUnavailableError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (InvalidParameterError, data.TripDataError, ValueError, ModelNotFoundError) as error:
+    except (InvalidParameterError, tripfiles.TripDataError, ValueError, ModelNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     owned = lost_server.OwnedRun()

@@ -28,20 +28,20 @@ SETTLE_TIMEOUT_SECONDS = 10.0
 # By module and name: a class whose module was never imported cannot have been raised, and
 # importing some of them (registry, scoring) takes seconds.
 RECOGNISED_FAILURES = (
-    ("taxi_duration.trip_errors", "TripDataError"),  # a month missing, an empty or wrong file, a failed download
-    ("taxi_duration.periods", "InvalidParameterError"),  # bad parameters
+    ("taxi_duration.data.trip_errors", "TripDataError"),  # a month missing, an empty or wrong file, a failed download
+    ("taxi_duration.data.periods", "InvalidParameterError"),  # bad parameters
     ("taxi_duration.runner.parameters", "NotebookParameterError"),
-    ("taxi_duration.schedule", "NoPublishedMonthError"),
+    ("taxi_duration.orchestration.schedule", "NoPublishedMonthError"),
     ("taxi_duration.runner.parent", "NotebookExecutionError"),  # a failed notebook: the runner's paragraph
     ("taxi_duration.runner.parent", "NotebookStopped"),
-    ("taxi_duration.tracking", "TrackingUnavailableError"),  # a server that cannot be reached
-    ("taxi_duration.services", "ServiceError"),
+    ("taxi_duration.tracking.mlflow_runs", "TrackingUnavailableError"),  # a server that cannot be reached
+    ("taxi_duration.servers.local_servers", "ServiceError"),
     ("taxi_duration.orchestration.lost_server", "PrefectServerLost"),
-    ("taxi_duration.schedule", "PublicationCheckError"),
+    ("taxi_duration.orchestration.schedule", "PublicationCheckError"),
     ("taxi_duration.orchestration.backfill", "DaskUnavailableError"),
-    ("taxi_duration.gate_lock", "GateLockError"),
-    ("taxi_duration.registry", "RegistryError"),
-    ("taxi_duration.scoring", "ModelNotFoundError"),
+    ("taxi_duration.tracking.gate_lock", "GateLockError"),
+    ("taxi_duration.tracking.registry", "RegistryError"),
+    ("taxi_duration.modeling.batch_scoring", "ModelNotFoundError"),
 )
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from taxi_duration import tracking
+from taxi_duration.tracking import mlflow_runs
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,6 @@ def publish(record: dict[str, Any], links: list[RunLink], summary_markdown: str)
 
     for link in links:
         create_link_artifact(link=link.url, link_text=link.text, description=link.text)
-    tracking.set_tags(
+    mlflow_runs.set_tags(
         str(record["tracking_uri"]), str(record["mlflow_run_id"]), {"mlflow.note.content": summary_markdown}
     )

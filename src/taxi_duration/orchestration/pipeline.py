@@ -4,7 +4,7 @@ The flow owns the MLflow run: it creates it before the first notebook, passes it
 training notebook, archives every executed notebook and its HTML report (pass or fail) under
 `notebooks/` and `reports/`, and sets the final status: FINISHED only if every stage
 succeeded. Stages whose inputs have not changed since an earlier successful run are reused
-(taxi_duration.stagecache) unless `force`.
+(taxi_duration.orchestration.stage_cache) unless `force`.
 """
 
 # No `from __future__ import annotations` here: the flows' parameter types must be real objects,
@@ -19,9 +19,9 @@ from typing import Any, TypeVar
 from prefect import flow
 from prefect.runtime import flow_run
 
-from taxi_duration import runfiles, runner, settings, stages, tracking
-from taxi_duration.orchestration import lost_server, stopping
-from taxi_duration.orchestration.report import SUMMARY_METRICS, RunEnding, report_run
+from taxi_duration import runfiles, runner, settings
+from taxi_duration.data.periods import Color, MonthNumber, Year
+from taxi_duration.orchestration import declarations, lost_server, stopping
 from taxi_duration.orchestration.request import (
     RunRequest,
     StagePlan,
@@ -31,7 +31,8 @@ from taxi_duration.orchestration.request import (
     resolve_request,
     run_values,
 )
-from taxi_duration.orchestration.stage import (
+from taxi_duration.orchestration.run_summary import SUMMARY_METRICS, RunEnding, report_run
+from taxi_duration.orchestration.tasks import (
     RunContext,
     StagesRun,
     ending_quietly,
@@ -42,7 +43,7 @@ from taxi_duration.orchestration.stage import (
     run_stages,
     tag_reused_stages,
 )
-from taxi_duration.periods import Color, MonthNumber, Year
+from taxi_duration.tracking import mlflow_runs
 
 T = TypeVar("T")
 
@@ -79,7 +80,7 @@ def taxi_duration_pipeline(
         request, owned = handed
     else:
         request = resolve_request(year, month, color, data_source, experiment, force, registered_model)
-        tracking.check_reachable(request.tracking_uri)
+        mlflow_runs.check_reachable(request.tracking_uri)
         owned = lost_server.OwnedRun()
     return ending_quietly(lambda: run_pipeline(request, owned))
 
@@ -96,7 +97,7 @@ def run_pipeline(request: RunRequest, owned: lost_server.OwnedRun) -> dict[str, 
     early_plan, runners = plan_and_start_runners(request)
     try:
         with stopping.at_last_resort(lambda: _kill_runs_left_running(request)):
-            for orphan in tracking.mark_orphaned_runs_killed(request.tracking_uri, request.experiment):
+            for orphan in mlflow_runs.mark_orphaned_runs_killed(request.tracking_uri, request.experiment):
                 print(
                     f"MLflow run {orphan} was left RUNNING by a pipeline process that no longer exists: marked KILLED"
                 )
@@ -114,29 +115,29 @@ def run_pipeline(request: RunRequest, owned: lost_server.OwnedRun) -> dict[str, 
             _kill_runs_left_running(request)
         raise
     finally:
-        stages.close_runners(runners)  # those no stage took over (a stage failed, or the flow was stopped)
+        declarations.close_runners(runners)  # those no stage took over (a stage failed, or the flow was stopped)
 
 
 def _kill_runs_left_running(request: RunRequest) -> None:
     """Archive the notebooks of this process's runs still RUNNING and mark them KILLED (on a stop)."""
     try:
-        for run in tracking.running_runs_of_this_process(request.tracking_uri, request.experiment):
+        for run in mlflow_runs.running_runs_of_this_process(request.tracking_uri, request.experiment):
             run_dir = run.data.tags.get("taxi.run_dir")
             executed = sorted(Path(run_dir).glob("*.ipynb")) if run_dir else []
             if executed:
-                tracking.log_files(request.tracking_uri, run.info.run_id, executed, "notebooks")
-            tracking.set_tags(
+                mlflow_runs.log_files(request.tracking_uri, run.info.run_id, executed, "notebooks")
+            mlflow_runs.set_tags(
                 request.tracking_uri,
                 run.info.run_id,
                 {"taxi.killed_reason": "the pipeline was stopped (SIGTERM or Ctrl-C)"},
             )
-            tracking.finish_run(request.tracking_uri, run.info.run_id, "KILLED")
+            mlflow_runs.finish_run(request.tracking_uri, run.info.run_id, "KILLED")
             print(f"MLflow run {run.info.run_id} was still RUNNING when the pipeline was stopped: marked KILLED")
     except Exception as problem:  # noqa: BLE001 - on the way out; the next start marks an orphan KILLED
         print(f"warning: could not mark this pipeline's MLflow runs KILLED: {problem!r}")
 
 
-def plan_and_start_runners(request: RunRequest) -> tuple[StagePlan | None, stages.Runners]:
+def plan_and_start_runners(request: RunRequest) -> tuple[StagePlan | None, declarations.Runners]:
     """The stage plan, if the month's files are already here, and the runners started for it.
 
     Runners start only for the stages that will execute, and only for a small month (its
@@ -152,23 +153,23 @@ def plan_and_start_runners(request: RunRequest) -> tuple[StagePlan | None, stage
         raise
     except Exception:  # noqa: BLE001 - fetch-trip-files validates the files and says what is wrong
         return None, {}
-    return early_plan, stages.start_runners(early_plan.to_execute) if early_plan.limit > 1 else {}
+    return early_plan, declarations.start_runners(early_plan.to_execute) if early_plan.limit > 1 else {}
 
 
 def _start_mlflow_run(request: RunRequest, started: dt.datetime) -> RunContext:
     params = request.params
     tags = {
-        **tracking.process_tags(),
+        **mlflow_runs.process_tags(),
         "prefect.flow_run_id": str(flow_run.id),
         "prefect.flow_run_name": str(flow_run.name),
         "taxi.color": params.color,
         "taxi.train_month": params.train_month.label(),
         "taxi.validation_month": params.validation_month.label(),
     }
-    commit = tracking.git_commit()
+    commit = mlflow_runs.git_commit()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    run_id = tracking.start_run(
+    run_id = mlflow_runs.start_run(
         request.tracking_uri,
         request.experiment,
         run_name=f"{params.color}-{params.train_month.label()}-{started:%Y%m%dT%H%M%SZ}",
@@ -181,7 +182,7 @@ def _start_mlflow_run(request: RunRequest, started: dt.datetime) -> RunContext:
         tags=tags,
     )
     run_dir = runfiles.run_folder(settings.outputs_dir(), params.color, params.train_month.label(), started, run_id)
-    tracking.set_tags(request.tracking_uri, run_id, {"taxi.run_dir": str(run_dir)})
+    mlflow_runs.set_tags(request.tracking_uri, run_id, {"taxi.run_dir": str(run_dir)})
     return RunContext(request.tracking_uri, run_id, run_dir)
 
 
@@ -190,7 +191,7 @@ def _run_stages(
     context: RunContext,
     started: dt.datetime,
     early_plan: StagePlan | None,
-    runners: stages.Runners,
+    runners: declarations.Runners,
     owned: lost_server.OwnedRun,
 ) -> dict[str, Any]:
     """Fetch, then the declared stages; on the way out (success or not) close the MLflow run and record it."""
@@ -267,7 +268,7 @@ def _close_run(context: RunContext, ending: RunEnding) -> bool:
     never mask the real error."""
     try:
         tag_reused_stages(context, ending.outcomes)
-        tracking.finish_run(context.tracking_uri, context.run_id, ending.status)
+        mlflow_runs.finish_run(context.tracking_uri, context.run_id, ending.status)
         return True
     except Exception as problem:  # e.g. the tracking server went away mid-run
         print(

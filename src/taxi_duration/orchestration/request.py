@@ -18,10 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from taxi_duration import data, runner, settings, stagecache, stages
-from taxi_duration.orchestration import lost_server
-from taxi_duration.periods import Month, PipelineParams
-from taxi_duration.stages import Stage
+from taxi_duration import runner, settings
+from taxi_duration.data import tripfiles
+from taxi_duration.data.periods import Month, PipelineParams
+from taxi_duration.orchestration import declarations, lost_server, stage_cache
+from taxi_duration.orchestration.declarations import Stage
 
 TRAINING = "training"  # the pipeline (notebooks/pipeline.yaml) a RunRequest runs
 # run_dir and mlflow_run_id before the MLflow run exists: locations, so the keys do not depend on them.
@@ -41,7 +42,7 @@ class RunRequest:
     """Everything a pipeline run needs before it starts, checked."""
 
     params: PipelineParams
-    source: data.TripSource
+    source: tripfiles.TripSource
     tracking_uri: str
     experiment: str
     registered_model: str | None
@@ -83,10 +84,10 @@ def resolve_request(
     With year and month both None (the scheduled deployment, or `--latest`), the newest month
     whose data and following month the source has published.
     """
-    source = data.trip_source(data_source)
-    data.check_source_location(source.location)
+    source = tripfiles.trip_source(data_source)
+    tripfiles.check_source_location(source.location)
     if year is None and month is None:
-        from taxi_duration import schedule
+        from taxi_duration.orchestration import schedule
 
         newest = schedule.newest_trainable_month(source.location, color)
         print(f"No month given: training on {newest}, the newest month with its following month published")
@@ -100,7 +101,7 @@ def resolve_request(
         force=force,
         timeout_seconds=settings.notebook_timeout_seconds(),
         overlap_max_trips=settings.overlap_max_trips(),
-        pipeline=stages.pipeline(TRAINING),
+        pipeline=declarations.pipeline(TRAINING),
     )
 
 
@@ -168,7 +169,7 @@ class StagePlan:
     keys: dict[str, str]  # stage -> cache key
     trip_digests: dict[str, str]  # month role -> sha256 of its file
     limit: int  # notebooks at once: 2 lets report-only stages run beside others (a small month), 1 none
-    reuse: dict[str, stagecache.CacheEntry]  # stages whose outputs are reused, and from where
+    reuse: dict[str, stage_cache.CacheEntry]  # stages whose outputs are reused, and from where
 
     @property
     def to_execute(self) -> tuple[Stage, ...]:
@@ -186,19 +187,19 @@ def plan_stages(
     has at most `max_trips` trips (settings.overlap_max_trips: two kernels on a bigger month
     need more memory than a modest machine has).
     """
-    digests = stages.trip_digests(trip_files)
+    digests = declarations.trip_digests(trip_files)
     keys: dict[str, str] = {}
     for stage in pipeline:
         received = runner.stage_parameters(stage.notebook, values, stage.parameters)
-        keys[stage.name] = stagecache.stage_key(stage, received, digests, keys)
-    cache = stagecache.StageCache(settings.stage_cache_dir())
+        keys[stage.name] = stage_cache.stage_key(stage, received, digests, keys)
+    cache = stage_cache.StageCache(settings.stage_cache_dir())
     found = {} if force else {stage.name: cache.lookup(stage.name, keys[stage.name]) for stage in pipeline}
     first_month = next(iter(trip_files.values()))
     return StagePlan(
         stages=pipeline,
         keys=keys,
         trip_digests=digests,
-        limit=2 if data.trip_count(Path(first_month)) <= max_trips else 1,
+        limit=2 if tripfiles.trip_count(Path(first_month)) <= max_trips else 1,
         reuse={stage: entry for stage, entry in found.items() if entry is not None},
     )
 

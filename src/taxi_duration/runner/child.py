@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from taxi_duration import fast_start
+from taxi_duration.runner import fast_start
 from taxi_duration.runner.parameters import read_union_annotations
 from taxi_duration.runner.preload import preload_code
 from taxi_duration.runner.processes import STOP_GRACE_SECONDS, create_time, reap_kernel

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taxi_duration.reports import ReportPaths, render_reports
+from taxi_duration.review.reports import ReportPaths, render_reports
 from taxi_duration.runner.cells import cell_label, check_every_cell_ran, read_notebook
 from taxi_duration.runner.messages import describe_failure
 from taxi_duration.runner.parameters import check_parameters
@@ -186,7 +186,7 @@ class PreparedRunner:
 
     The child process starts the kernel and has it import, silently, the modules the
     notebook's code cells import plus `preload` (with the collector paused: see
-    taxi_duration.fast_start), then waits for the executed notebook's path and the parameters
+    taxi_duration.runner.fast_start), then waits for the executed notebook's path and the parameters
     (execute_notebook sends them). Started ahead, the kernel's start and imports overlap
     whatever runs before. The imports bind no name in the kernel, and
     the executed notebook shows only the notebook's own cells, numbered from 1. Close a

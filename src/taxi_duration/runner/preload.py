@@ -19,7 +19,7 @@ def preload_code(notebook: Path, extra_modules: list[str]) -> str:
     return (
         "def _taxi_preload(names):\n"
         "    import importlib\n"
-        "    from taxi_duration.fast_start import imports_without_gc\n"
+        "    from taxi_duration.runner.fast_start import imports_without_gc\n"
         "    with imports_without_gc():\n"
         "        for name in names:\n"
         "            try:\n"

@@ -1,0 +1,1 @@
+"""MLflow: runs and their files, input datasets, the registry, the champion gate and its lock."""
