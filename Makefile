@@ -61,7 +61,7 @@ score: env ## Score YEAR-MONTH with the champion (MODEL=models:/nyc-taxi-duratio
 	$(BIN)/python flows/score.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(MODEL),--model $(MODEL)) $(if $(FORCE),--force) $(if $(VERBOSE),--verbose)
 
 serve-model: env ## Serve the champion over HTTP on 127.0.0.1:$(MODEL_PORT) (POST trip fields to /invocations)
-	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$$($(BIN)/python -c 'from taxi_duration import run_servers, settings; run_servers.adopt_running_services(); print(settings.tracking_uri())')}" \
+	MLFLOW_TRACKING_URI="$${MLFLOW_TRACKING_URI:-$$($(BIN)/python -c 'from taxi_duration import settings; from taxi_duration.servers import endpoints; endpoints.adopt_running_services(); print(settings.tracking_uri())')}" \
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m $(or $(MODEL),models:/nyc-taxi-duration@champion) --env-manager local --host 127.0.0.1 --port $(MODEL_PORT)
 
 backfill: env ## Run every month FROM=YYYY-MM TO=YYYY-MM (PARALLEL=2 at a time; DASK=1 or DASK_ADDRESS=tcp://host:8786 for Dask)
