@@ -170,9 +170,11 @@ def test_sequential_search_starts_with_the_recipe_and_records_every_trial(
 
 
 def test_trials_in_local_worker_processes(search_data: tuning.SearchData, parent_run: tuning.TrialTracking) -> None:
-    result = tuning.run_search(search_data, 4, workers=2, trials_tracking=parent_run)
+    shallow = {**tuning.recipe_values(), "max_depth": 4, "num_boost_round": 12}
+    result = tuning.run_search(search_data, 4, workers=2, trials_tracking=parent_run, first_trials=[shallow])
 
     assert result.engine == "in 2 local worker processes"
+    assert result.trials[1].params == shallow
     assert [trial.state for trial in result.trials] == ["FINISHED"] * 4
     assert result.recipe.params == tuning.recipe_values()
     workers = {run.data.tags["taxi.trial_worker"] for run in child_runs(parent_run)}

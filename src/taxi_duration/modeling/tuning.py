@@ -29,7 +29,7 @@ import math
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor
 from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
@@ -379,7 +379,7 @@ class _OnDask:
         try:
             trial_workers = self._trial_workers()
             self.capacity = len(trial_workers)
-            self.description = f"on {where} ({self.capacity} trial at a time per worker)"
+            self.description = f"on {where} ({self.capacity} trial workers, one trial each at a time)"
             # Sent to every worker once, not with each trial.
             self._data = self._client.scatter(data, broadcast=True)
         except BaseException:
@@ -570,11 +570,13 @@ def run_search(
     dask_address: str | None = None,
     study_name: str | None = None,
     trials_tracking: TrialTracking | None = None,
+    first_trials: Sequence[dict[str, Any]] = (),
     trial_function: TrialFunction = run_trial,
 ) -> SearchResult:
     """Run `n_trials` trials, `workers` at a time (default: the cores), the recipe's values first.
 
-    Each trial is told to the study as it ends, and recorded as an MLflow child run when
+    `first_trials` are tried right after the recipe (a previous search's best, or the same trials
+    again elsewhere, as bench/tuning.py does). Each trial is told to the study as it ends, and recorded as an MLflow child run when
     `trials_tracking` is given; the parent run gets the best parameters afterwards. A trial
     that fails or whose worker dies is FAILED and the search goes on; a lost Dask scheduler
     raises DaskSchedulerLostError after recording the trials it took with it.
@@ -593,7 +595,8 @@ def run_search(
         # constant_liar: trials still running count as bad guesses, so parallel asks spread out.
         sampler=optuna.samplers.TPESampler(seed=seed, constant_liar=True),
     )
-    study.enqueue_trial(recipe_values())
+    for values in (recipe_values(), *first_trials):
+        study.enqueue_trial(values)
     records: dict[int, TrialRecord] = {}
     asked: dict[int, optuna.Trial] = {}
 
