@@ -52,7 +52,7 @@ def probe():
     raises_recognised()
 
 
-with run_servers.prefect_api_for_run(), console.one_clear_failure(verbose="--verbose" in sys.argv):
+with endpoints.prefect_api_for_run(), console.one_clear_failure(verbose="--verbose" in sys.argv):
     state = probe(return_state=True)
 console.settle_prefect_workers()
 print(state.state_details.flow_run_id)

@@ -55,10 +55,7 @@ import json, sys
 from pathlib import Path
 
 import taxi_duration
-from taxi_duration import serving, settings
-from taxi_duration.data import tripfiles
-from taxi_duration.modeling import drift, features, model
-from taxi_duration.tracking import mlflow_runs, registry
+from taxi_duration import data, drift, features, model, registry, serving, settings, tracking
 
 settings.apply_environment_defaults()
 source, tracking_uri, out, old_src = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
