@@ -71,7 +71,7 @@ def run_record(
     finished = dt.datetime.now(dt.UTC)
     experiment_id = mlflow_runs.experiment_id_of(context.tracking_uri, context.run_id)
     metrics = manifest_metrics(ending.outcomes)
-    stage_rows = stage_rows_of(ending.timings, {stage.name for stage in request.pipeline})
+    stage_rows = stage_rows_of(ending.timings, {stage.name for stage in request.stages})
     promotion, promoted_by = manifest_value(ending.outcomes, "promotion")
     return {
         "kind": "train",
@@ -95,7 +95,7 @@ def run_record(
         "mlflow_url": gallery.mlflow_run_url(context.tracking_uri, experiment_id, context.run_id),
         "prefect_flow_run_id": flow_run_id,
         "stages": stage_rows,
-        **declarations.provenance(request.pipeline),
+        **declarations.provenance(request.stages),
     }
 
 
