@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from prefect import flow
 from prefect.runtime import flow_run
 
-from taxi_duration import runfiles, runner, settings
+from taxi_duration import manifests, runfiles, runner, settings
 from taxi_duration.data.periods import Color, MonthNumber, Year
 from taxi_duration.orchestration import declarations, lost_server, stopping
 from taxi_duration.orchestration.request import (
@@ -37,9 +37,9 @@ from taxi_duration.orchestration.tasks import (
     StagesRun,
     ending_quietly,
     fetch_trip_files,
+    last_record,
     log_trip_datasets,
     manifest_metrics,
-    manifest_value,
     run_stages,
     tag_reused_stages,
 )
@@ -264,8 +264,7 @@ TRIP_DATASET_CONTEXTS = {"train": "training", "validation": "validation"}
 def _result(request: RunRequest, context: RunContext, ending: RunEnding, gallery_path: Path) -> dict[str, Any]:
     """What the flow returns (and the command line prints): a plain, JSON-ready summary."""
     metrics = manifest_metrics(ending.outcomes)
-    model_uri, _ = manifest_value(ending.outcomes, "model_uri")
-    promotion, promoted_by = manifest_value(ending.outcomes, "promotion")
+    training, trained_by = last_record(ending.outcomes, manifests.TrainingManifest)
     params = request.params
     return {
         "color": params.color,
@@ -275,12 +274,12 @@ def _result(request: RunRequest, context: RunContext, ending: RunEnding, gallery
         "prefect_flow_run_id": str(flow_run.id),
         "experiment": request.experiment,
         "tracking_uri": context.tracking_uri,
-        "model_uri": model_uri,
+        "model_uri": None if training is None else training.model_uri,
         "run_dir": str(context.run_dir),
         "reports": [str(context.run_dir / f"{stage.name}.review.html") for stage in request.stages],
         "gallery": str(gallery_path),
         # A reused stage registered nothing in this run.
-        "promotion": None if promoted_by is None or promoted_by.reused else promotion,
+        "promotion": None if training is None or trained_by is None or trained_by.reused else training.promotion,
         "reused_stages": {stage: o.reused_from.mlflow_run_id for stage, o in ending.outcomes.items() if o.reused_from},
         **{key: metrics[key] for key in SUMMARY_METRICS},
     }

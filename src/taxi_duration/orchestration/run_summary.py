@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from taxi_duration import settings
+from taxi_duration import manifests, settings
 from taxi_duration.orchestration import declarations, links, lost_server
 from taxi_duration.orchestration.request import RunRequest
-from taxi_duration.orchestration.tasks import RunContext, StageOutcome, manifest_metrics, manifest_value
+from taxi_duration.orchestration.tasks import RunContext, StageOutcome, last_record, manifest_metrics
 from taxi_duration.review import gallery
 from taxi_duration.tracking import mlflow_runs
 
@@ -72,7 +72,8 @@ def run_record(
     experiment_id = mlflow_runs.experiment_id_of(context.tracking_uri, context.run_id)
     metrics = manifest_metrics(ending.outcomes)
     stage_rows = stage_rows_of(ending.timings, {stage.name for stage in request.stages})
-    promotion, promoted_by = manifest_value(ending.outcomes, "promotion")
+    training, promoted_by = last_record(ending.outcomes, manifests.TrainingManifest)
+    promotion = None if training is None else training.promotion
     return {
         "kind": "train",
         "color": params.color,

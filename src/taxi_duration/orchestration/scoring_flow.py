@@ -20,7 +20,7 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
-from taxi_duration import runfiles, settings
+from taxi_duration import manifests, runfiles, settings
 from taxi_duration.data import tripfiles
 from taxi_duration.data.periods import Color, Month, MonthNumber, Year, scoring_month
 from taxi_duration.modeling import batch_scoring
@@ -34,9 +34,9 @@ from taxi_duration.orchestration.tasks import (
     StagesRun,
     ending_quietly,
     fetch_trip_files,
+    last_record,
     log_trip_datasets,
     manifest_metrics,
-    manifest_value,
     run_stages,
     tag_reused_stages,
 )
@@ -331,8 +331,10 @@ def _publish_summary(record: dict[str, Any], metrics: dict[str, Any], run_dir: P
 def _result(
     request: ScoreRequest, context: RunContext, outcomes: dict[str, StageOutcome], gallery_path: Path
 ) -> dict[str, Any]:
-    has_actuals, _ = manifest_value(outcomes, "has_actuals")
-    files, _ = manifest_value(outcomes, "files")
+    scored, _ = last_record(outcomes, manifests.ScoringManifest)
+    if scored is None:
+        raise ValueError(f"no scoring stage's manifest among {', '.join(outcomes)}: the scoring pipeline declares none")
+    has_actuals, files = scored.has_actuals, scored.files
     return {
         "color": request.color,
         "scored_month": request.month.label(),

@@ -26,7 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed, State
 
-from taxi_duration import runfiles, runner, settings
+from taxi_duration import manifests, runfiles, runner, settings
 from taxi_duration.data import tripfiles
 from taxi_duration.data.periods import Month
 from taxi_duration.orchestration import declarations, stage_cache
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from prefect.futures import PrefectFuture
 
 T = TypeVar("T")
+Record = TypeVar("Record", bound=manifests.StageManifest)
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class StageOutcome:
     """How a stage ended: its manifest, and the cache entry it was reused from (None: it ran)."""
 
     stage: str
-    manifest: dict[str, Any]
+    manifest: manifests.StageManifest
     reused_from: stage_cache.CacheEntry | None = None
 
     @property
@@ -71,19 +72,20 @@ class StageOutcome:
         return "CACHED" if self.reused else "COMPLETED"
 
 
-def manifest_value(outcomes: Mapping[str, StageOutcome], key: str) -> tuple[Any, StageOutcome | None]:
-    """`key` from the last stage whose manifest has it (model_uri, promotion, ...), with that stage's outcome."""
+def last_record(outcomes: Mapping[str, StageOutcome], kind: type[Record]) -> tuple[Record | None, StageOutcome | None]:
+    """The manifest of the last stage whose record is of `kind` (a training, a scoring record), with its outcome:
+    the flows ask for a kind of result, never for a stage by name."""
     for outcome in reversed(list(outcomes.values())):
-        if key in outcome.manifest:
-            return outcome.manifest[key], outcome
+        if isinstance(outcome.manifest, kind):
+            return outcome.manifest, outcome
     return None, None
 
 
-def manifest_metrics(outcomes: Mapping[str, StageOutcome]) -> dict[str, Any]:
+def manifest_metrics(outcomes: Mapping[str, StageOutcome]) -> dict[str, float]:
     """Every stage manifest's `metrics`, merged in pipeline order."""
-    merged: dict[str, Any] = {}
+    merged: dict[str, float] = {}
     for outcome in outcomes.values():
-        merged.update(outcome.manifest.get("metrics") or {})
+        merged.update(outcome.manifest.metrics)
     return merged
 
 
@@ -285,8 +287,8 @@ def run_stage(
 def _reuse(stage: Stage, entry: stage_cache.CacheEntry, context: RunContext) -> StageOutcome:
     stage_cache.StageCache.restore(entry, context.run_dir)
     _archive_stage_files(context, stage.name)
-    manifest = runfiles.read_manifest(context.run_dir, stage.name)
-    replay_run_record(context, manifest)
+    manifest = manifests.read(context.run_dir, stage.name)
+    replay_run_record(context, manifest.run_record)
     return StageOutcome(stage.name, manifest, entry)
 
 
@@ -300,21 +302,22 @@ def _execute(
     return StageOutcome(stage.name, manifest)
 
 
-def replay_run_record(context: RunContext, manifest: dict[str, Any]) -> None:
+def replay_run_record(context: RunContext, record: manifests.RunRecord | None) -> None:
     """Give a run that reuses a stage what the stage's notebook logged on the run it ran in.
 
     The manifest's `run_record` says what: params, metrics, tags, files (MLflow artifact
     folder -> run-folder paths), and the tags that say it was reused (`tags_when_reused`).
     """
-    record = manifest.get("run_record") or {}
+    if record is None:
+        return
     uri, run_id = context.tracking_uri, context.run_id
-    if record.get("params"):
-        mlflow_runs.log_params(uri, run_id, record["params"])
-    if record.get("metrics"):
-        mlflow_runs.log_metrics(uri, run_id, record["metrics"])
-    for artifact_path, paths in (record.get("artifacts") or {}).items():
+    if record.params:
+        mlflow_runs.log_params(uri, run_id, record.params)
+    if record.metrics:
+        mlflow_runs.log_metrics(uri, run_id, record.metrics)
+    for artifact_path, paths in record.artifacts.items():
         mlflow_runs.log_files(uri, run_id, [context.run_dir / path for path in paths], artifact_path)
-    tags = {**(record.get("tags") or {}), **(record.get("tags_when_reused") or {})}
+    tags = {**record.tags, **record.tags_when_reused}
     if tags:
         mlflow_runs.set_tags(uri, run_id, tags)
 
@@ -348,7 +351,7 @@ def _archive_stage_files(context: RunContext, stage: str) -> None:
 
 def _execute_notebook(
     stage: Stage, parameters: dict[str, Any], run: StagesRun, prepared: runner.PreparedRunner | None
-) -> dict[str, Any]:
+) -> manifests.StageManifest:
     """Execute one notebook, archive the executed copy and its reports, return its manifest."""
     context = run.context
     executed = context.run_dir / f"{stage.name}.ipynb"
@@ -369,7 +372,7 @@ def _execute_notebook(
         _archive_interrupted(context, executed)
         raise
     _archive(context, result)
-    return runfiles.read_manifest(context.run_dir, stage.name)
+    return manifests.read(context.run_dir, stage.name)
 
 
 def _archive_interrupted(context: RunContext, executed: Path) -> None:
