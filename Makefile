@@ -14,6 +14,11 @@ FORCE ?=
 BENCH_ARGS ?=
 MODEL ?=
 MODEL_PORT ?= 5002
+# The hyperparameter search (make run / backfill TRIALS=20 [TUNE_WORKERS=2] [TUNE_SEED=42]): off without TRIALS.
+TRIALS ?=
+TUNE_WORKERS ?=
+TUNE_SEED ?=
+TUNE_FLAGS = $(if $(TRIALS),--tune-trials $(TRIALS)) $(if $(TUNE_WORKERS),--tune-workers $(TUNE_WORKERS)) $(if $(TUNE_SEED),--tune-seed $(TUNE_SEED))
 
 # uv, pinned: the same version as in requirements/dev.txt (a unit test checks they agree).
 UV_VERSION := 0.13.9
@@ -54,8 +59,8 @@ $(ENV_STAMP): requirements/dev.txt pyproject.toml | $(UV)
 	$(UV) pip install --quiet --python $(BIN)/python --no-deps -e .
 	touch $@
 
-run: env ## Run the pipeline for YEAR-MONTH (default 2023-03) and COLOR; unchanged stages are reused
-	$(BIN)/python flows/pipeline.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(FORCE),--force) $(if $(VERBOSE),--verbose)
+run: env ## Run the pipeline for YEAR-MONTH (default 2023-03) and COLOR; unchanged stages are reused; TRIALS=20 tunes first (TUNE_WORKERS, DASK=1, DASK_ADDRESS)
+	$(BIN)/python flows/pipeline.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(FORCE),--force) $(if $(VERBOSE),--verbose) $(TUNE_FLAGS) $(if $(DASK),--dask) $(if $(DASK_ADDRESS),--dask-address $(DASK_ADDRESS))
 
 score: env ## Score YEAR-MONTH with the champion (MODEL=models:/nyc-taxi-duration/3 for another version); predictions and a report
 	$(BIN)/python flows/score.py --year $(YEAR) --month $(MONTH) --color $(COLOR) $(if $(MODEL),--model $(MODEL)) $(if $(FORCE),--force) $(if $(VERBOSE),--verbose)
@@ -66,7 +71,7 @@ serve-model: env ## Serve the champion over HTTP on 127.0.0.1:$(MODEL_PORT) (POS
 
 backfill: env ## Run every month FROM=YYYY-MM TO=YYYY-MM (PARALLEL=2 at a time; DASK=1 or DASK_ADDRESS=tcp://host:8786 for Dask)
 	@test -n "$(FROM)" -a -n "$(TO)" || { echo "usage: make backfill FROM=2023-01 TO=2023-04 [COLOR=green] [PARALLEL=2] [DASK=1 | DASK_ADDRESS=tcp://host:8786]"; exit 2; }
-	$(BIN)/python flows/backfill.py --from $(FROM) --to $(TO) --color $(COLOR) --max-parallel $(PARALLEL) $(if $(FORCE),--force) $(if $(DASK),--dask) $(if $(DASK_ADDRESS),--dask-address $(DASK_ADDRESS)) $(if $(VERBOSE),--verbose)
+	$(BIN)/python flows/backfill.py --from $(FROM) --to $(TO) --color $(COLOR) --max-parallel $(PARALLEL) $(TUNE_FLAGS) $(if $(FORCE),--force) $(if $(DASK),--dask) $(if $(DASK_ADDRESS),--dask-address $(DASK_ADDRESS)) $(if $(VERBOSE),--verbose)
 
 serve: env ## Serve the monthly scheduled deployment (Ctrl-C stops) on the local or PREFECT_API_URL server
 	$(BIN)/python flows/serve.py

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 # The flow process uses only the manifest and atomic-write helpers; the numeric stack is
 # imported where matrices are read or written (in kernels), not on every pipeline start.
 if TYPE_CHECKING:
+    import numpy as np
     import pandas as pd
     from sklearn.feature_extraction import DictVectorizer
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 PREPROCESSOR_FILENAME = "preprocessor.b"
 VALIDATION_RECORDS = "features/validation_records.parquet"
+TRAIN_PICKUP_TIMES = "features/train_pickup.npy"
 
 
 class MissingRunFileError(FileNotFoundError):
@@ -127,6 +129,24 @@ def save_table(run_dir: Path, relative_path: str, frame: pd.DataFrame) -> str:
     with atomic_path(path) as temporary:
         frame.reset_index(drop=True).to_parquet(temporary, index=False)
     return relative_path
+
+
+def save_pickup_times(run_dir: Path, pickup_times: pd.Series) -> str:
+    """Keep the training rows' pickup times, in the matrix's row order: a search carves its hold-out by them."""
+    import numpy as np
+
+    with atomic_path(Path(run_dir) / TRAIN_PICKUP_TIMES) as temporary, open(temporary, "wb") as sink:
+        np.save(sink, pickup_times.to_numpy(dtype="datetime64[ns]"))
+    return TRAIN_PICKUP_TIMES
+
+
+def load_pickup_times(run_dir: Path) -> np.ndarray:
+    import numpy as np
+
+    path = Path(run_dir) / TRAIN_PICKUP_TIMES
+    if not path.is_file():
+        raise MissingRunFileError(f"{path} does not exist: the stage that saves the features has not run here")
+    return np.load(path)
 
 
 def load_validation_records(run_dir: Path) -> pd.DataFrame:

@@ -135,6 +135,19 @@ def latest_lookback_months() -> int:
     return _whole_number_knob(LATEST_LOOKBACK_KNOB, 12, "months", minimum=1)
 
 
+DEFAULT_TUNE_SEED = 42
+
+
+def local_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def tune_workers() -> int:
+    """Trials of a hyperparameter search at a time: `TAXI_TUNE_WORKERS`, default the cores."""
+    return _whole_number_knob("TAXI_TUNE_WORKERS", local_cores(), "worker processes", minimum=1)
+
+
 def mlflow_workers() -> int:
     """Worker processes of the local MLflow server: `TAXI_MLFLOW_WORKERS`, default 1 (see services)."""
     return _whole_number_knob("TAXI_MLFLOW_WORKERS", 1, "worker processes", minimum=1)

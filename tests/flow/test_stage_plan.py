@@ -75,7 +75,11 @@ def test_a_request_is_resolved_once_into_a_frozen_value(synthetic_source, cache_
     assert (request.params.year, request.params.month, request.params.color) == (2023, 3, "green")
     assert request.source.location == str(synthetic_source)
     assert request.tracking_uri == f"sqlite:///{tmp_path / 'unused.db'}" and request.experiment == "planned"
-    assert [stage.name for stage in request.pipeline] == STAGES  # as notebooks/pipeline.yaml declares them
+    # As notebooks/pipeline.yaml declares them; the search (`when: tune_trials`) is in a run only when asked for.
+    assert [stage.name for stage in request.pipeline] == ["01_explore", "02_features", "02_tune", "03_train"]
+    assert [stage.name for stage in request.stages] == STAGES and request.tune_trials == 0
+    tuned = dataclasses.replace(request, tune_trials=3)
+    assert [stage.name for stage in tuned.stages] == ["01_explore", "02_features", "02_tune", "03_train"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         request.force = True
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from taxi_duration.data.periods import Month
+from taxi_duration.data.synthetic import write_trip_file
 from taxi_duration.orchestration import declarations
 from taxi_duration.orchestration.declarations import DeclarationError, Stage
 from taxi_duration.orchestration.tasks import waits_for
@@ -26,11 +28,13 @@ def _project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, declarations: str,
 
 def test_the_shipped_declarations_load_in_order_with_their_fields():
     training = declarations.pipeline("training")
-    assert [stage.name for stage in training] == ["01_explore", "02_features", "03_train"]
-    explore, features, train = training
+    assert [stage.name for stage in training] == ["01_explore", "02_features", "02_tune", "03_train"]
+    explore, features, tune, train = training
     assert explore.report_only and explore.reads == ("train",) and explore.needs == ()
     assert features.reads == ("train", "validation") and "preprocessor.b" in features.produces
-    assert train.needs == ("02_features",) and "xgboost" in train.preload and not train.report_only
+    assert tune.when == "tune_trials" and tune.needs == ("02_features",) and "optuna" in tune.preload
+    assert train.needs == ("02_features", "02_tune") and "xgboost" in train.preload and not train.report_only
+    assert all(stage.when is None for stage in (explore, features, train))
     assert all(stage.notebook == PROJECT_DIR / "notebooks" / f"{stage.name}.ipynb" for stage in training)
     (score,) = declarations.pipeline("scoring")
     assert score.reads == ("scored",) and dict(score.parameters) == {}
@@ -73,6 +77,7 @@ pipelines:
         ("notebook: a.ipynb\n      report_only: maybe", "pipelines.training.one: `report_only:` must be true or false"),
         ("notebook: a.ipynb\n      needs: x", "pipelines.training.one: `needs:` must be a list"),
         ("reads: [train]", "pipelines.training.one: `notebook:` must name the notebook file"),
+        ("notebook: a.ipynb\n      when: [tune_trials]", "pipelines.training.one: `when:` must name a run value"),
     ],
 )
 def test_a_bad_declaration_is_refused_naming_the_file_and_the_entry(tmp_path, monkeypatch, entry, message):
@@ -123,3 +128,89 @@ def test_report_only_stages_run_beside_the_next_stage_and_the_others_one_at_a_ti
         "errors": ("train",),
         "publish": ("train", "quality"),  # not beside quality, which ran beside train
     }
+
+
+WHEN_DECLARED = """
+pipelines:
+  training:
+    features:
+      notebook: a.ipynb
+    tune:
+      notebook: b.ipynb
+      needs: [features]
+      when: tune_trials
+    train:
+      notebook: c.ipynb
+      needs: [features, tune]
+"""
+
+
+def test_a_stage_with_when_is_in_a_run_only_when_that_run_value_is_truthy(tmp_path, monkeypatch):
+    _project(tmp_path, monkeypatch, WHEN_DECLARED, ("a.ipynb", "b.ipynb", "c.ipynb"))
+    declared = declarations.pipeline("training")
+    on = declarations.in_run(declared, {"tune_trials": 3})
+    assert [(stage.name, stage.needs) for stage in on] == [
+        ("features", ()),
+        ("tune", ("features",)),
+        ("train", ("features", "tune")),
+    ]
+    # Off: absent, and the stage that needs it waits for, and is keyed by, the others only.
+    for off_value in (0, None, False):
+        off = declarations.in_run(declared, {"tune_trials": off_value})
+        assert [(stage.name, stage.needs) for stage in off] == [("features", ()), ("train", ("features",))]
+    assert waits_for(declarations.in_run(declared, {"tune_trials": 0}))["train"] == ("features",)
+
+
+def test_a_when_naming_no_run_value_is_refused(tmp_path, monkeypatch):
+    _project(
+        tmp_path,
+        monkeypatch,
+        WHEN_DECLARED.replace("when: tune_trials", "when: tune_trial"),
+        ("a.ipynb", "b.ipynb", "c.ipynb"),
+    )
+    with pytest.raises(
+        DeclarationError, match="`when:` names tune_trial, which the run does not offer; it offers: tune_trials"
+    ):
+        declarations.in_run(declarations.pipeline("training"), {"tune_trials": 3})
+
+
+def _notebook(folder: Path, name: str, parameters: str) -> None:
+    """A notebook whose only cell is its parameters cell."""
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+
+    notebook = new_notebook(cells=[new_code_cell(parameters, id="parameters", metadata={"tags": ["parameters"]})])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(notebook, folder / name)
+
+
+def test_a_stage_left_out_leaves_its_downstream_key_as_if_it_were_never_declared(tmp_path, monkeypatch):
+    """The key of a stage downstream of one that is off equals its key in a pipeline without that stage."""
+    from taxi_duration.orchestration import request
+
+    without = WHEN_DECLARED.replace(
+        "    tune:\n      notebook: b.ipynb\n      needs: [features]\n      when: tune_trials\n", ""
+    ).replace("needs: [features, tune]", "needs: [features]")
+    keys = {}
+    for name, text in (("with", WHEN_DECLARED), ("without", without)):
+        folder = _project(tmp_path / name, monkeypatch, text, ()).parent
+        for notebook in ("a.ipynb", "b.ipynb", "c.ipynb"):
+            _notebook(
+                folder, notebook, "run_dir = 'x'\ntune_trials = 0\n" if notebook == "b.ipynb" else "run_dir = 'x'\n"
+            )
+        write_trip_file(folder, "green", Month(2023, 3), 50, seed=1)
+        trips = next(folder.glob("*.parquet"))
+        monkeypatch.setenv("TAXI_CACHE_DIR", str(tmp_path / name / "cache"))
+        for trials in (0, 3):
+            plan = request.plan_stages(
+                declarations.pipeline("training"),
+                {"tune_trials": trials, "run_dir": "r"},
+                {"train": str(trips)},
+                False,
+                0,
+            )
+            keys[name, trials] = plan.keys
+    assert keys["with", 0] == keys["without", 0] == keys["without", 3]
+    assert (
+        set(keys["with", 3]) == {"features", "tune", "train"} and keys["with", 3]["train"] != keys["with", 0]["train"]
+    )

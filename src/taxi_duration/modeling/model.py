@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -37,9 +38,13 @@ _MAX_BINS_PER_FEATURE = 256  # XGBoost's max_bin
 XGBOOST_DEFAULT_CACHED_NODES = 1 << 16
 
 
-def training_params() -> dict[str, Any]:
-    """Everything that defines a training run, as logged to MLflow."""
-    return {**XGB_PARAMS, "num_boost_round": NUM_BOOST_ROUND, "early_stopping_rounds": EARLY_STOPPING_ROUNDS}
+def training_params(tuned: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Everything that defines a training run, as logged to MLflow: the recipe's, a search's best values over them."""
+    recipe = {**XGB_PARAMS, "num_boost_round": NUM_BOOST_ROUND, "early_stopping_rounds": EARLY_STOPPING_ROUNDS}
+    unknown = sorted(set(tuned or {}) - set(recipe))
+    if unknown:
+        raise ValueError(f"tuned parameter(s) {', '.join(unknown)} are no training parameter of the recipe")
+    return {**recipe, **(tuned or {})}
 
 
 def hist_cache_nodes(n_features: int, budget_bytes: int = HIST_CACHE_BYTES) -> int:

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 
+from taxi_duration import settings
 from taxi_duration.modeling import model
 from taxi_duration.tracking import mlflow_runs
 
@@ -53,7 +54,7 @@ HOLDOUT_DAYS = 7
 # Rounds without a better hold-out RMSE after which a trial stops: the rounds the search proposes
 # are an upper bound, as in the training notebook.
 TRIAL_EARLY_STOPPING_ROUNDS = 10
-DEFAULT_SEED = 42
+DEFAULT_SEED = settings.DEFAULT_TUNE_SEED
 DASK_TRIAL_RESOURCE = "trial"
 DASK_CONNECT_TIMEOUT_SECONDS = 10
 TrialState = Literal["FINISHED", "FAILED"]
@@ -243,7 +244,7 @@ class _Engine(Protocol):
 
 
 def local_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return settings.local_cores()
 
 
 class _InThisProcess:
@@ -560,6 +561,21 @@ class SearchResult:
         )
 
 
+def parameter_importances(result: SearchResult) -> pd.Series | None:
+    """Each searched parameter's share of the hold-out RMSE's variation (Optuna's fANOVA, seeded), largest first.
+
+    None with fewer than two finished trials that differ: nothing to attribute.
+    """
+    import optuna
+
+    finished = [t for t in result.study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if len({t.value for t in finished}) < 2:
+        return None
+    evaluator = optuna.importance.FanovaImportanceEvaluator(seed=result.seed)
+    importances = optuna.importance.get_param_importances(result.study, evaluator=evaluator)
+    return pd.Series(importances, name="importance", dtype="float64").sort_values(ascending=False)
+
+
 def run_search(
     data: SearchData,
     n_trials: int,
@@ -694,6 +710,13 @@ def log_trial(where: TrialTracking, study_name: str, record: TrialRecord) -> str
 
 def log_search(where: TrialTracking, result: SearchResult) -> None:
     """The parent run's record of the search: study, number of trials, the best parameters and scores."""
+    params, metrics = search_record(result)
+    mlflow_runs.log_params(where.tracking_uri, where.parent_run_id, params)
+    mlflow_runs.log_metrics(where.tracking_uri, where.parent_run_id, metrics)
+
+
+def search_record(result: SearchResult) -> tuple[dict[str, Any], dict[str, float]]:
+    """The params and metrics `log_search` logs on the parent run (a run reusing the search logs them too)."""
     params: dict[str, Any] = {
         "tune.study": result.study_name,
         "tune.trials": len(result.trials),
@@ -705,5 +728,4 @@ def log_search(where: TrialTracking, result: SearchResult) -> None:
         metrics["tune.best_holdout_rmse"] = float(result.best.holdout_rmse or math.nan)
     if result.recipe.holdout_rmse is not None:
         metrics["tune.recipe_holdout_rmse"] = result.recipe.holdout_rmse
-    mlflow_runs.log_params(where.tracking_uri, where.parent_run_id, params)
-    mlflow_runs.log_metrics(where.tracking_uri, where.parent_run_id, metrics)
+    return params, metrics

@@ -2,6 +2,7 @@
 
     python flows/backfill.py --from 2023-01 --to 2023-04 [--color green] [--data-source URL|DIR]
                              [--experiment NAME] [--max-parallel 2] [--force]
+                             [--tune-trials N [--tune-workers N] [--tune-seed 42]]
                              [--dask | --dask-address tcp://HOST:8786]
 
 Each month is one run of the pipeline flow (a subflow here), with its own MLflow run and run
@@ -14,6 +15,9 @@ $TAXI_DASK_ADDRESS) sends them to an existing Dask scheduler, whose workers may 
 machines: those need the project installed, a route to this backfill's
 Prefect server (PREFECT_API_URL, required then; it travels with each task), and the shared
 MLflow server in their own MLFLOW_TRACKING_URI.
+
+`--tune-trials N` tunes each month's model first (the pipeline's `--tune-trials`); its trials
+run in local processes of whichever process runs the month (`--dask` here places months, not trials).
 """
 
 from __future__ import annotations
@@ -51,13 +55,29 @@ class DaskUnavailableError(RuntimeError):
 
 @task(name="backfill-month", task_run_name="{color}-{label}", cache_policy=NO_CACHE)
 def run_month(
-    label: str, year: int, month: int, color: Color, data_source: str | None, experiment: str | None, force: bool
+    label: str,
+    year: int,
+    month: int,
+    color: Color,
+    data_source: str | None,
+    experiment: str | None,
+    force: bool,
+    tune: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One month's pipeline; a failure is reported in the result, not raised, so others go on."""
+    """One month's pipeline; a failure is reported in the result, not raised, so others go on.
+
+    `tune`: the pipeline's tune_trials, tune_workers and tune_seed (None: no search).
+    """
     worker = dask_worker()
     try:
         result = taxi_duration_pipeline(
-            year=year, month=month, color=color, data_source=data_source, experiment=experiment, force=force
+            year=year,
+            month=month,
+            color=color,
+            data_source=data_source,
+            experiment=experiment,
+            force=force,
+            **(tune or {}),
         )
     except Exception as error:  # noqa: BLE001 - one month's failure must not stop the backfill
         return _failed_row(label, str(error), worker)
@@ -112,11 +132,15 @@ def backfill(
     data_source: str | None = None,
     experiment: str | None = None,
     force: bool = False,
+    tune_trials: int = 0,
+    tune_workers: int | None = None,
+    tune_seed: int = settings.DEFAULT_TUNE_SEED,
 ) -> list[dict[str, Any]]:
-    """Run the pipeline for every month from `first` to `last` (YYYY-MM, inclusive)."""
+    """Run the pipeline for every month from `first` to `last` (YYYY-MM, inclusive); `tune_trials` > 0 tunes each."""
     months = [PipelineParams.parse(m.year, m.month, color) for m in month_range(first, last)]
+    tune = {"tune_trials": tune_trials, "tune_workers": tune_workers, "tune_seed": tune_seed} if tune_trials else None
     futures = [
-        run_month.submit(p.train_month.label(), p.year, p.month, p.color, data_source, experiment, force)
+        run_month.submit(p.train_month.label(), p.year, p.month, p.color, data_source, experiment, force, tune)
         for p in months
     ]
     rows = []
@@ -317,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         help="months run at the same time (default 2); with --dask-address the cluster's worker threads decide",
     )
     parser.add_argument("--force", action="store_true", help="rerun every stage of every month")
+    parser.add_argument("--tune-trials", type=int, default=0, metavar="N", help="tune each month with N trials first")
+    parser.add_argument("--tune-workers", type=int, metavar="N", help="trials at a time (default: the cores)")
+    parser.add_argument("--tune-seed", type=int, default=settings.DEFAULT_TUNE_SEED, help="the search's seed")
     console.add_verbose_flag(parser)
     parser.add_argument("--dask", action="store_true", help="run each month in a process of a local Dask cluster")
     parser.add_argument(
@@ -332,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             PipelineParams.parse(m.year, m.month, args.color)
         tripfiles.check_source_location(tripfiles.trip_source(args.data_source).location)
         task_runner(args.max_parallel, args.dask, dask_address)
+        if args.tune_trials < 0 or (args.tune_workers is not None and args.tune_workers < 1):
+            raise ValueError("--tune-trials must be 0 or more and --tune-workers at least 1")
         settings.prefect_server_mode()
     except (InvalidParameterError, tripfiles.TripDataError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -354,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
                 data_source=args.data_source,
                 experiment=args.experiment,
                 force=args.force,
+                tune_trials=args.tune_trials,
+                tune_workers=args.tune_workers,
+                tune_seed=args.tune_seed,
             )
     except (DaskUnavailableError, local_servers.ServiceError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -28,8 +28,10 @@ from taxi_duration.tracking import mlflow_runs
 
 DESCRIPTION = "The pipeline flow: fetch the data, then execute the training stages notebooks/pipeline.yaml declares."
 USAGE_EXAMPLE = (
-    "python flows/pipeline.py --year 2023 --month 3 [--color green] [--data-source URL|DIR] [--experiment NAME]"
+    "python flows/pipeline.py --year 2023 --month 3 [--color green] [--data-source URL|DIR] [--experiment NAME] "
+    "[--tune-trials 20 [--tune-workers 2] [--tune-seed 42] [--dask | --dask-address tcp://HOST:8786]]"
 )
+DASK_ADDRESS_ENV = "TAXI_DASK_ADDRESS"  # as backfill's
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,6 +51,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--force", action="store_true", help="rerun every stage, even those whose inputs have not changed"
     )
+    parser.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="search N hyperparameter trials before training, which then uses the best (default 0: the recipe)",
+    )
+    parser.add_argument(
+        "--tune-workers", type=int, metavar="N", help="trials at a time (default $TAXI_TUNE_WORKERS, else the cores)"
+    )
+    parser.add_argument(
+        "--tune-seed", type=int, default=settings.DEFAULT_TUNE_SEED, help="the search's seed (default 42)"
+    )
+    parser.add_argument("--dask", action="store_true", help="run the trials on a local Dask cluster")
+    parser.add_argument(
+        "--dask-address",
+        metavar="tcp://HOST:PORT",
+        help=f"run the trials on this Dask scheduler's workers (default ${DASK_ADDRESS_ENV} unless --dask)",
+    )
     console.add_verbose_flag(parser)
     return parser.parse_args(argv)
 
@@ -64,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
             args.data_source,
             args.experiment,
             args.force,
+            tune_trials=args.tune_trials,
+            tune_workers=args.tune_workers,
+            tune_seed=args.tune_seed,
+            dask=args.dask,
+            # An explicit --dask (local cluster) wins over an address that only comes from the environment.
+            dask_address=args.dask_address or (None if args.dask else os.environ.get(DASK_ADDRESS_ENV) or None),
         )
         settings.prefect_server_mode()
     except (InvalidParameterError, tripfiles.TripDataError, ValueError) as error:

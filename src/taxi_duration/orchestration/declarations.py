@@ -11,7 +11,7 @@ names no stage itself.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -22,7 +22,7 @@ from taxi_duration.orchestration import stage_cache
 DECLARATIONS = "pipeline.yaml"
 # The trip months each pipeline fetches, by role: a stage `reads` some of them and gets `<role>_file`.
 MONTH_ROLES = {"training": ("train", "validation"), "scoring": ("scored",)}
-_FIELDS = {"notebook", "needs", "reads", "produces", "preload", "report_only", "parameters"}
+_FIELDS = {"notebook", "needs", "reads", "produces", "preload", "report_only", "parameters", "when"}
 
 
 class DeclarationError(ValueError):
@@ -41,6 +41,7 @@ class Stage:
     preload: tuple[str, ...] = ()  # modules its kernel imports ahead
     report_only: bool = False  # writes nothing another stage reads: may run beside the next stage
     parameters: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))  # fixed values
+    when: str | None = None  # a run value: the stage is in a run only when that value is truthy (None: always)
 
 
 def declarations_path() -> Path:
@@ -101,6 +102,9 @@ def _stage(path: Path, pipeline_name: str, name: str, entry: Any) -> Stage:
     report_only = entry.get("report_only", False)
     if not isinstance(report_only, bool):
         raise DeclarationError(f"{where}: `report_only:` must be true or false, not {report_only!r}")
+    when = entry.get("when")
+    if when is not None and (not isinstance(when, str) or not when.isidentifier()):
+        raise DeclarationError(f"{where}: `when:` must name a run value, e.g. tune_trials, not {when!r}")
     parameters = entry.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise DeclarationError(f"{where}: `parameters:` must be a mapping of parameter names to values")
@@ -113,6 +117,7 @@ def _stage(path: Path, pipeline_name: str, name: str, entry: Any) -> Stage:
         preload=_names(where, "preload", entry.get("preload")),
         report_only=report_only,
         parameters=MappingProxyType({str(key): value for key, value in parameters.items()}),
+        when=when,
     )
 
 
@@ -146,6 +151,24 @@ def _in_order(path: Path, pipeline_name: str, declared: list[Stage]) -> tuple[St
         placed.add(ready.name)
         waiting.remove(ready)
     return tuple(ordered)
+
+
+def in_run(pipeline: tuple[Stage, ...], values: Mapping[str, Any]) -> tuple[Stage, ...]:
+    """The stages a run offering `values` has: those whose `when` value is truthy, or that have none.
+
+    A stage left out is absent from the run: the stages that need it wait for, and are keyed by,
+    the others only, so a run without it is the run the pipeline would be had it never been
+    declared. A `when` that names no run value is refused (a typo would leave the stage off for good).
+    """
+    unknown = sorted({stage.when for stage in pipeline if stage.when is not None and stage.when not in values})
+    if unknown:
+        raise DeclarationError(
+            f"{declarations_path()}: `when:` names {', '.join(unknown)}, which the run does not offer; "
+            f"it offers: {', '.join(sorted(values))}"
+        )
+    kept = [stage for stage in pipeline if stage.when is None or values[stage.when]]
+    names = {stage.name for stage in kept}
+    return tuple(replace(stage, needs=tuple(name for name in stage.needs if name in names)) for stage in kept)
 
 
 def find(name: str) -> Stage:

@@ -57,6 +57,11 @@ def taxi_duration_pipeline(
     experiment: str | None = None,
     force: bool = False,
     registered_model: str | None = settings.DEFAULT_REGISTERED_MODEL,
+    tune_trials: int = 0,
+    tune_workers: int | None = None,
+    tune_seed: int = settings.DEFAULT_TUNE_SEED,
+    dask: bool = False,
+    dask_address: str | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate the trip-duration model on YEAR-MONTH, validated on the month after.
 
@@ -74,12 +79,30 @@ def taxi_duration_pipeline(
         experiment: MLflow experiment; None: $MLFLOW_EXPERIMENT_NAME, else nyc-taxi-duration.
         force: Rerun every stage, even those whose inputs are unchanged since an earlier run.
         registered_model: Registered model the trained model becomes a version of; None: register nothing.
+        tune_trials: Trials of a hyperparameter search before training (0: none; training uses the recipe).
+        tune_workers: Trials at a time; None: $TAXI_TUNE_WORKERS, else the cores.
+        tune_seed: The search's seed (Optuna's TPE sampler).
+        dask: Run the trials on a local Dask cluster.
+        dask_address: Run the trials on the Dask scheduler at this address (tcp://HOST:8786).
     """
     handed = handed_request(RunRequest)  # the command line's request, resolved and checked already
     if handed is not None:
         request, owned = handed
     else:
-        request = resolve_request(year, month, color, data_source, experiment, force, registered_model)
+        request = resolve_request(
+            year,
+            month,
+            color,
+            data_source,
+            experiment,
+            force,
+            registered_model,
+            tune_trials,
+            tune_workers,
+            tune_seed,
+            dask,
+            dask_address,
+        )
         mlflow_runs.check_reachable(request.tracking_uri)
         owned = lost_server.OwnedRun()
     return ending_quietly(lambda: run_pipeline(request, owned))
@@ -225,8 +248,8 @@ def _run_stages(
             status = "KILLED"
         raise
     finally:
-        timings += [run.timings[stage.name] for stage in request.pipeline if stage.name in run.timings]
-        outcomes = {stage.name: run.outcomes[stage.name] for stage in request.pipeline if stage.name in run.outcomes}
+        timings += [run.timings[stage.name] for stage in request.stages if stage.name in run.timings]
+        outcomes = {stage.name: run.outcomes[stage.name] for stage in request.stages if stage.name in run.outcomes}
         ending = RunEnding(status, error, outcomes, timings)
         owned.error = error
         owned.status = ending.status if _close_run(context, ending) else None
@@ -253,7 +276,7 @@ def _result(request: RunRequest, context: RunContext, ending: RunEnding, gallery
         "tracking_uri": context.tracking_uri,
         "model_uri": None if training is None else training.model_uri,
         "run_dir": str(context.run_dir),
-        "reports": [str(context.run_dir / f"{stage.name}.review.html") for stage in request.pipeline],
+        "reports": [str(context.run_dir / f"{stage.name}.review.html") for stage in request.stages],
         "gallery": str(gallery_path),
         # A reused stage registered nothing in this run.
         "promotion": None if training is None or trained_by is None or trained_by.reused else training.promotion,

@@ -50,6 +50,16 @@ class RunRequest:
     timeout_seconds: int
     overlap_max_trips: int
     pipeline: tuple[Stage, ...]  # the training stages, as notebooks/pipeline.yaml declares them
+    tune_trials: int = 0  # trials of the hyperparameter search; 0: no search (a stage declared `when: tune_trials`)
+    tune_workers: int = 1  # trials at a time
+    tune_seed: int = settings.DEFAULT_TUNE_SEED
+    dask: bool = False  # trials on a local Dask cluster
+    dask_address: str | None = None  # trials on the Dask scheduler there
+
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        """The stages this run has: the declared ones less those whose `when` value it leaves off."""
+        return declarations.in_run(self.pipeline, run_values(self, {}))
 
     @property
     def months(self) -> dict[str, Month]:
@@ -67,6 +77,11 @@ class RunRequest:
             "experiment": self.experiment,
             "force": self.force,
             "registered_model": self.registered_model,
+            "tune_trials": self.tune_trials,
+            "tune_workers": self.tune_workers,
+            "tune_seed": self.tune_seed,
+            "dask": self.dask,
+            "dask_address": self.dask_address,
         }
 
 
@@ -78,12 +93,28 @@ def resolve_request(
     experiment: str | None = None,
     force: bool = False,
     registered_model: str | None = settings.DEFAULT_REGISTERED_MODEL,
+    tune_trials: int = 0,
+    tune_workers: int | None = None,
+    tune_seed: int = settings.DEFAULT_TUNE_SEED,
+    dask: bool = False,
+    dask_address: str | None = None,
 ) -> RunRequest:
     """The run these inputs ask for; InvalidParameterError, TripDataError or ValueError naming what is wrong.
+
+    `tune_trials` > 0 adds the hyperparameter search, `tune_workers` trials at a time (None:
+    $TAXI_TUNE_WORKERS, else the cores), in local processes, on a local Dask cluster (`dask`) or
+    on the scheduler at `dask_address`.
 
     With year and month both None (the scheduled deployment, or `--latest`), the newest month
     whose data and following month the source has published.
     """
+    if tune_trials < 0:
+        raise ValueError(f"tune_trials must be 0 (no search) or more, got {tune_trials}")
+    workers = settings.tune_workers() if tune_workers is None else tune_workers
+    if workers < 1:
+        raise ValueError(f"tune_workers must be at least 1, got {workers}")
+    if dask and dask_address:
+        raise ValueError("dask starts a local Dask cluster and dask_address uses an existing one: choose one")
     source = tripfiles.trip_source(data_source)
     tripfiles.check_source_location(source.location)
     if year is None and month is None:
@@ -102,6 +133,11 @@ def resolve_request(
         timeout_seconds=settings.notebook_timeout_seconds(),
         overlap_max_trips=settings.overlap_max_trips(),
         pipeline=declarations.pipeline(TRAINING),
+        tune_trials=tune_trials,
+        tune_workers=workers,
+        tune_seed=tune_seed,
+        dask=dask,
+        dask_address=dask_address or None,
     )
 
 
@@ -158,6 +194,11 @@ def run_values(
         "tracking_uri": request.tracking_uri,
         "experiment_name": request.experiment,
         "registered_model": request.registered_model,
+        "tune_trials": request.tune_trials,
+        "tune_workers": request.tune_workers,
+        "tune_seed": request.tune_seed,
+        "dask": request.dask,
+        "dask_address": request.dask_address,
     }
 
 
@@ -165,7 +206,7 @@ def run_values(
 class StagePlan:
     """What a run does with its stages, decided from its run values and its (local) trip files."""
 
-    stages: tuple[Stage, ...]  # the pipeline's, each after its upstream
+    stages: tuple[Stage, ...]  # the run's (declarations.in_run), each after its upstream
     keys: dict[str, str]  # stage -> cache key
     trip_digests: dict[str, str]  # month role -> sha256 of its file
     limit: int  # notebooks at once: 2 lets report-only stages run beside others (a small month), 1 none
@@ -187,6 +228,7 @@ def plan_stages(
     has at most `max_trips` trips (settings.overlap_max_trips: two kernels on a bigger month
     need more memory than a modest machine has).
     """
+    pipeline = declarations.in_run(pipeline, values)
     digests = declarations.trip_digests(trip_files)
     keys: dict[str, str] = {}
     for stage in pipeline:

@@ -71,7 +71,7 @@ def run_record(
     finished = dt.datetime.now(dt.UTC)
     experiment_id = mlflow_runs.experiment_id_of(context.tracking_uri, context.run_id)
     metrics = manifest_metrics(ending.outcomes)
-    stage_rows = stage_rows_of(ending.timings, {stage.name for stage in request.pipeline})
+    stage_rows = stage_rows_of(ending.timings, {stage.name for stage in request.stages})
     training, promoted_by = last_record(ending.outcomes, manifests.TrainingManifest)
     promotion = None if training is None else training.promotion
     return {
@@ -96,7 +96,7 @@ def run_record(
         "mlflow_url": gallery.mlflow_run_url(context.tracking_uri, experiment_id, context.run_id),
         "prefect_flow_run_id": flow_run_id,
         "stages": stage_rows,
-        **declarations.provenance(request.pipeline),
+        **declarations.provenance(request.stages),
     }
 
 

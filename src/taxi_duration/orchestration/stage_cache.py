@@ -30,7 +30,10 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1]
 CHUNK = 1 << 20
 # Run values that say where things are, not what they are: no part of a key. A run folder or
 # MLflow run id is new each run, and a trip file counts by its sha256, not its path (*_file).
-LOCATION_VALUES = frozenset({"data_source", "data_dir", "run_dir", "mlflow_run_id"})
+# Where a search's trials run (how many at once, on Dask or not) says how, not what, it searches.
+LOCATION_VALUES = frozenset(
+    {"data_source", "data_dir", "run_dir", "mlflow_run_id", "tune_workers", "dask", "dask_address"}
+)
 
 
 def file_sha256(path: Path) -> str:

@@ -150,3 +150,32 @@ def profile_comparison_bar(training: dict, scored: dict, feature: str, unit: str
     axes.set(title=f"Trip {feature}: share of trips per bin", xlabel=unit, ylabel="share of trips")
     axes.legend()
     return figure
+
+
+def optimisation_history(trials: pd.DataFrame) -> Figure:
+    """Each trial's hold-out RMSE in trial order (failed trials left out), and the best so far."""
+    figure, axes = _figure()
+    finished = trials[trials["state"] == "FINISHED"].sort_values("trial")
+    axes.scatter(finished["trial"], finished["holdout_rmse"], color="#4c72b0", label="trial")
+    axes.step(finished["trial"], finished["holdout_rmse"].cummin(), where="post", color="#dd8452", label="best so far")
+    axes.set(title="Optimisation history", xlabel="trial", ylabel="hold-out RMSE (minutes)")
+    axes.legend()
+    return figure
+
+
+def parameter_importance_bar(importances: pd.Series) -> Figure:
+    """Share of the hold-out RMSE's variation each searched parameter explains (Optuna's fANOVA)."""
+    figure, axes = _figure(height=max(2.5, 0.4 * len(importances)))
+    axes.barh(importances.index, importances.to_numpy(), color="#8172b2")
+    axes.invert_yaxis()
+    axes.set(title="Which parameters mattered", xlabel="importance (share)")
+    return figure
+
+
+def best_against_recipe_bar(scores: pd.Series) -> Figure:
+    """Hold-out RMSE of the recipe's values and of the best trial."""
+    figure, axes = _figure(width=5, height=2.5)
+    axes.barh(scores.index, scores.to_numpy(), color=["#4c72b0", "#55a868"][: len(scores)])
+    axes.invert_yaxis()
+    axes.set(title="Best trial against the recipe", xlabel="hold-out RMSE (minutes)")
+    return figure

@@ -127,9 +127,14 @@ def compare_runs(a: PastRun, b: PastRun, cross_score: bool = True) -> Comparison
 
 
 def compared_stages(older: PastRun, newer: PastRun) -> tuple[str, ...]:
-    """The training pipeline's declared stages, then any other stage either run recorded (in name order)."""
-    declared = [stage.name for stage in declarations.pipeline("training")]
+    """The training pipeline's declared stages, then any other stage either run recorded (in name order).
+
+    A stage declared with `when` (in a run only when asked for) counts only if either run recorded it.
+    """
     recorded = {name for run in (older, newer) for name in run.record.get("notebooks") or {}}
+    declared = [
+        stage.name for stage in declarations.pipeline("training") if stage.when is None or stage.name in recorded
+    ]
     return (*declared, *sorted(recorded - set(declared)))
 
 
