@@ -350,10 +350,14 @@ stopping.install()
 kernel = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
 record = folder / "kernel.json"
 record.write_text(json.dumps({"pid": kernel.pid, "create_time": processes.create_time(kernel.pid)}))
+ignoring = folder / "runner-ignores-sigterm"
 runner = processes.start_runner_process(
-    [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"],
+    [sys.executable, "-c", "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+     "open(sys.argv[1], 'w').close(); time.sleep(600)", str(ignoring)],
     folder / "runner.log", record)
 (folder / "pids.json").write_text(json.dumps({"runner": runner.pid, "kernel": kernel.pid}))
+while not ignoring.exists():  # a loaded machine may not have run the runner's first line yet
+    time.sleep(0.01)
 
 class Mapped:
     pass
